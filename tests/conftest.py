@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny causal LMs built from configs and random SFT / trust data in the library's
+conventions (dicts of 1-D ``input_ids`` / ``labels`` with -100 on prompt tokens)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder of the real datasets (read-only, never copied into the repository)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def make_tiny_neox(seed=0, hidden=32, layers=2, heads=4, intermediate=64, vocab=97, dtype=torch.float64):
+    """A random-init GPT-NeoX (Pythia architecture) small enough for float64 brute-force references."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=128, rotary_pct=0.25,
+        attn_implementation="eager",
+    )
+    return GPTNeoXForCausalLM(cfg).to(dtype).eval()
+
+
+def make_tiny_llama(seed=0, hidden=32, layers=2, heads=4, intermediate=48, vocab=97, dtype=torch.float64):
+    """A random-init Llama (SmolLM2 architecture) small enough for float64 brute-force references."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=2, intermediate_size=intermediate, max_position_embeddings=128,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def make_examples(n, vocab=97, min_len=3, max_len=12, seed=0):
+    """Random SFT examples of awkward lengths: the first ~half of each sequence is prompt (label -100)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g)
+        labels = ids.clone()
+        labels[: max(1, length // 2)] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def make_queries(n, vocab=97, prompt_len=4, resp_len=3, seed=1):
+    """Random trust queries: proponent and opponent share a prompt and differ in the response."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g)
+        pair = {}
+        for side in ("proponent", "opponent"):
+            resp = torch.randint(0, vocab, (resp_len,), generator=g)
+            ids = torch.cat([prompt, resp])
+            labels = ids.clone()
+            labels[:prompt_len] = -100
+            pair[side] = {"input_ids": ids, "labels": labels}
+        out.append(pair)
+    return out
+
+
+@pytest.fixture
+def tiny_neox():
+    return make_tiny_neox()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()

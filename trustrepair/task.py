@@ -1,0 +1,135 @@
+"""What the model computes for trustrepair: the training loss and the trust measurement.
+
+Data conventions (Hugging Face style, so other stacks can feed trustrepair directly):
+
+* A training example is a dict of 1-D integer tensors ``input_ids`` and ``labels`` (``-100`` on tokens
+  that carry no loss: prompt and padding) and optionally ``attention_mask``. Batches are right-padded.
+* A trust query is ``{"proponent": example, "opponent": example}``; both start with the same prompt m,
+  labelled -100, and continue with the trustworthy response p or the untrustworthy response o.
+* Training loss of an example z: L(z) = sum over labelled tokens of the next-token cross-entropy.
+* Measurement of a query: log P(o | m) - log P(p | m), each log-probability summed over the response's
+  tokens (phrase level). Lower is better. The aspect's metric F^j is the mean over its queries (Eq. 3).
+
+A :class:`Task` turns a model and a padded batch into these quantities, the way kronfluence's ``Task``
+does, so any ``torch.nn.Module`` works; :class:`CausalLMTask` is the ready one for causal LMs.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+Example = Mapping[str, torch.Tensor]
+Batch = dict
+
+
+def pad_batch(examples: Sequence[Example], pad_token_id: int = 0) -> Batch:
+    """Right-pad examples into a batch.
+
+    Returns ``input_ids`` (B, T) long, ``labels`` (B, T) long with -100 on padding and
+    ``attention_mask`` (B, T) long (1 on real tokens), T the longest example.
+    """
+    if len(examples) == 0:
+        raise ValueError("pad_batch got no examples; pass at least one example dict")
+    lengths = [int(ex["input_ids"].shape[0]) for ex in examples]
+    width = max(lengths)
+    batch_size = len(examples)
+    input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for row, (ex, n) in enumerate(zip(examples, lengths)):
+        input_ids[row, :n] = ex["input_ids"]
+        labels[row, :n] = ex.get("labels", ex["input_ids"])
+        mask = ex.get("attention_mask")
+        attention_mask[row, :n] = 1 if mask is None else mask
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def stack_queries(queries: Sequence[Mapping[str, Example]], pad_token_id: int = 0) -> Batch:
+    """One padded batch of 2Q rows: proponents in rows [0, Q), opponents in rows [Q, 2Q).
+
+    Stacking both sides into one batch makes every hooked module run once per measurement (a two-pass
+    measurement silently breaks per-module gradient capture in hook-based influence tools).
+    """
+    if len(queries) == 0:
+        raise ValueError("no trust queries given; each aspect needs at least one {'proponent', 'opponent'} pair")
+    for i, q in enumerate(queries):
+        missing = {"proponent", "opponent"} - set(q)
+        if missing:
+            raise ValueError(f"trust query {i} lacks {sorted(missing)}; a query is {{'proponent': ex, 'opponent': ex}}")
+    rows = [q["proponent"] for q in queries] + [q["opponent"] for q in queries]
+    return pad_batch(rows, pad_token_id)
+
+
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of the labelled tokens of each row.
+
+    Args:
+        logits: (B, T, V) next-token logits (position t predicts token t+1).
+        labels: (B, T) target ids, -100 where no loss is taken.
+    Returns:
+        (B,) sum over t of log softmax(logits[:, t])[labels[:, t+1]], in the logits' dtype promoted to
+        at least float32.
+    """
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    if shift_logits.dtype in (torch.float16, torch.bfloat16):
+        shift_logits = shift_logits.float()
+    token_nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    return -token_nll.sum(dim=1)
+
+
+class Task:
+    """How to compute a model's training loss and trust measurement on a padded batch.
+
+    Subclass it for models that are not Hugging Face causal LMs. Both methods return one value per row
+    (per example, per query) so that per-example quantities can be read from one batched pass.
+    """
+
+    def train_loss(self, model: torch.nn.Module, batch: Batch, sample: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) summed training loss per example; ``sample=True`` draws the targets from the model's own
+        predictive distribution at the labelled positions (true Fisher) instead of using the labels."""
+        raise NotImplementedError
+
+    def measurement(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """(Q,) log P(o|m) - log P(p|m) per query for a batch built by :func:`stack_queries`."""
+        raise NotImplementedError
+
+    def token_mask(self, batch: Batch) -> torch.Tensor:
+        """(B, T) bool, True on positions whose activations enter the covariances (non-padding)."""
+        return batch["attention_mask"].bool()
+
+
+class CausalLMTask(Task):
+    """Task for Hugging Face causal LMs (``model(input_ids, attention_mask).logits``)."""
+
+    def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        device = next(model.parameters()).device
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        return out.logits if hasattr(out, "logits") else out
+
+    def train_loss(self, model, batch, sample=False, generator=None):
+        logits = self.logits(model, batch)
+        labels = batch["labels"].to(logits.device)
+        if sample:
+            with torch.no_grad():
+                probs = torch.softmax(logits[:, :-1, :].detach().float(), dim=-1)
+                drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+                drawn = drawn.view(probs.shape[:2])
+                keep = labels[:, 1:] != IGNORE_INDEX
+                labels = labels.clone()
+                labels[:, 1:] = torch.where(keep, drawn, torch.full_like(drawn, IGNORE_INDEX))
+        return -sequence_log_probs(logits, labels)
+
+    def measurement(self, model, batch):
+        logits = self.logits(model, batch)
+        log_probs = sequence_log_probs(logits, batch["labels"].to(logits.device))
+        n_queries = log_probs.shape[0] // 2
+        return log_probs[n_queries:] - log_probs[:n_queries]
