@@ -48,8 +48,10 @@ def pad_batch(examples: Sequence[Example], pad_token_id: int = 0) -> Batch:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def stack_queries(queries: Sequence[Mapping[str, Example]], pad_token_id: int = 0) -> Batch:
+def stack_queries(queries: Sequence[Mapping[str, Example]], pad_token_id: int = 0, collate=None) -> Batch:
     """One padded batch of 2Q rows: proponents in rows [0, Q), opponents in rows [Q, 2Q).
+
+    ``collate`` (default :func:`pad_batch`) turns the list of 2Q example dicts into the batch.
 
     Stacking both sides into one batch makes every hooked module run once per measurement (a two-pass
     measurement silently breaks per-module gradient capture in hook-based influence tools).
@@ -61,7 +63,7 @@ def stack_queries(queries: Sequence[Mapping[str, Example]], pad_token_id: int = 
         if missing:
             raise ValueError(f"trust query {i} lacks {sorted(missing)}; a query is {{'proponent': ex, 'opponent': ex}}")
     rows = [q["proponent"] for q in queries] + [q["opponent"] for q in queries]
-    return pad_batch(rows, pad_token_id)
+    return collate(rows) if collate is not None else pad_batch(rows, pad_token_id)
 
 
 def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,7 +92,18 @@ class Task:
 
     Subclass it for models that are not Hugging Face causal LMs. Both methods return one value per row
     (per example, per query) so that per-example quantities can be read from one batched pass.
+    Batches are built with :meth:`collate` (examples) and :meth:`collate_queries` (trust queries).
     """
+
+    pad_token_id: int = 0
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Right-padded batch of examples (see :func:`pad_batch`)."""
+        return pad_batch(examples, self.pad_token_id)
+
+    def collate_queries(self, queries: Sequence[Mapping[str, Example]]) -> Batch:
+        """Stacked proponent/opponent batch of 2Q rows (see :func:`stack_queries`)."""
+        return stack_queries(queries, collate=self.collate)
 
     def train_loss(self, model: torch.nn.Module, batch: Batch, sample: bool = False,
                    generator: torch.Generator | None = None) -> torch.Tensor:
