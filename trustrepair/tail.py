@@ -176,6 +176,11 @@ class TailTask(CausalLMTask):
         hidden = self.final_hidden(model, batch)
         return -labelled_log_probs(hidden, model.head, batch["labels"], sample=sample, generator=generator)
 
+    def token_logits(self, model, batch):
+        hidden = self.final_hidden(model, batch)
+        rows, cols = (batch["labels"][:, 1:].to(hidden.device) != IGNORE_INDEX).nonzero(as_tuple=True)
+        return model.head(hidden[rows, cols])
+
     def measurement(self, model, batch):
         log_probs = labelled_log_probs(self.final_hidden(model, batch), model.head, batch["labels"])
         n_queries = log_probs.shape[0] // 2

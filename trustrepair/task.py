@@ -115,6 +115,10 @@ class Task:
         """(Q,) log P(o|m) - log P(p|m) per query for a batch built by :func:`stack_queries`."""
         raise NotImplementedError
 
+    def token_logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """(N, V) next-token logits at the N labelled positions, in row-major (row, position) order."""
+        raise NotImplementedError
+
     def token_mask(self, batch: Batch) -> torch.Tensor:
         """(B, T) bool, True on positions whose activations enter the covariances (non-padding)."""
         return batch["attention_mask"].bool()
@@ -140,6 +144,11 @@ class CausalLMTask(Task):
                 labels = labels.clone()
                 labels[:, 1:] = torch.where(keep, drawn, torch.full_like(drawn, IGNORE_INDEX))
         return -sequence_log_probs(logits, labels)
+
+    def token_logits(self, model, batch):
+        logits = self.logits(model, batch)
+        keep = batch["labels"][:, 1:].to(logits.device) != IGNORE_INDEX
+        return logits[:, :-1][keep]
 
     def measurement(self, model, batch):
         logits = self.logits(model, batch)

