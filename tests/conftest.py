@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -90,3 +93,25 @@ def tiny_neox():
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+def make_byte_tokenizer():
+    """An offline byte-level tokenizer (no merges: one token per UTF-8 byte) with the Hugging Face call
+    interface. Ids: 0 <pad>, 1 <s> (BOS), 2 </s> (EOS), then the 256 bytes (vocab 259). Like SmolLM2's
+    tokenizer under transformers 4.x it prepends BOS when ``add_special_tokens=True``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_tokenizer()
