@@ -1,0 +1,317 @@
+"""Each Triton kernel against its PyTorch reference: median time (p20, p80), TFLOP/s, peak memory.
+
+Operations, on one batch of B examples of T tokens through one layer (d_out, d_in), with the FLOP count
+used for the rates (2 per multiply-add):
+
+* ``squares``       projected_gradient_squares: 2 B T (d_in^2 + d_out^2 + d_out d_in)  (projections included)
+* ``squares_tiles`` the tile kernel alone on pre-projected tokens: 2 B T d_out d_in; its rate against the
+                    card's matmul rate is the issue's ">= 50 % of TF32" goal
+* ``scores``        projected_gradient_scores with Q queries: squares' count + 2 B Q d_out d_in
+* ``ghost``         ghost_dots with K = Q matrices (pairwise scoring): 2 B T d_out d_in + 2 B K d_out d_in
+* ``ghost_k1``      ghost_dots with one matrix (aggregated influence of one aspect)
+* ``low_rank``      low_rank_ghost_dots, K = Q rank-r factor pairs: 2 B T K r (d_out + d_in)
+
+Providers: ``reference`` (``trustrepair.contractions``: the ``*_reference`` functions and the PyTorch
+``low_rank_ghost_dots``; for ``squares_tiles`` the same tokens-first algebra, ``bmm`` then square-sum) and
+``trustrepair`` (``trustrepair.kernels``). Precisions: ``fp32`` (exact float32 products,
+``torch.set_float32_matmul_precision("highest")``), ``tf32`` (``"high"``), ``bf16`` (activations and
+gradients in bfloat16; accumulation float32 in both providers). Rates are compared with the card's own
+``torch.matmul`` rate for the same precision, measured in the same run (8192^3 products).
+
+On CUDA, times are ``triton.testing.do_bench`` medians (L2 flushed before each call). Without CUDA only
+the reference runs, on the CPU, timed with ``time.perf_counter`` after a warm-up, and the script says so;
+with ``TRITON_INTERPRET=1`` in the environment the kernels run too, in Triton's interpreter, which checks
+the code path (its times mean nothing).
+
+    python benchmarks/benchmark_kernels.py                  # Pythia-160M layer shapes, B = 16, T = 512, Q = 32
+    python benchmarks/benchmark_kernels.py --quick          # small shapes (a CPU smoke run)
+    python benchmarks/benchmark_kernels.py --json out.json  # also write every number
+    python benchmarks/benchmark_kernels.py --resources      # no GPU needed: compile every autotuning
+                                                            # configuration for sm_90, print registers,
+                                                            # spills and whether wgmma was emitted
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trustrepair import contractions
+
+# Pythia-160M's block linears (d_out, d_in), the bias folded in as an input column.
+PYTHIA_LAYERS = {"query_key_value": (2304, 769), "dense": (768, 769), "dense_h_to_4h": (3072, 769),
+                 "dense_4h_to_h": (768, 3073)}
+QUICK_LAYERS = {"odd": (130, 97), "wide": (96, 257)}
+OPS = ("squares", "squares_tiles", "scores", "ghost", "ghost_k1", "low_rank")
+PRECISIONS = ("fp32", "tf32", "bf16")
+MATMUL_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
+
+
+def flops(op: str, batch: int, tokens: int, d_out: int, d_in: int, n_queries: int, rank: int) -> int:
+    """FLOP (2 per multiply-add) of one call, by the formulas in the module docstring."""
+    tiles = 2 * batch * tokens * d_out * d_in
+    projections = 2 * batch * tokens * (d_in * d_in + d_out * d_out)
+    return {
+        "squares": projections + tiles,
+        "squares_tiles": tiles,
+        "scores": projections + tiles + 2 * batch * n_queries * d_out * d_in,
+        "ghost": tiles + 2 * batch * n_queries * d_out * d_in,
+        "ghost_k1": tiles + 2 * batch * d_out * d_in,
+        "low_rank": 2 * batch * tokens * n_queries * rank * (d_out + d_in),
+    }[op]
+
+
+def make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device, seed=0):
+    """Random operands (every fifth token masked to zero, as padding would be) in the precision's dtype."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    keep = (torch.arange(tokens, device=device) % 5 != 4).view(1, tokens, 1)
+    ops = {
+        "a": torch.randn(batch, tokens, d_in, generator=gen, device=device) * keep,
+        "g": torch.randn(batch, tokens, d_out, generator=gen, device=device) * keep,
+        "q_a": torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, device=device))[0],
+        "q_s": torch.linalg.qr(torch.randn(d_out, d_out, generator=gen, device=device))[0],
+        "mats": torch.randn(n_queries, d_out, d_in, generator=gen, device=device),
+        "left": torch.randn(n_queries, d_out, rank, generator=gen, device=device),
+        "right": torch.randn(n_queries, rank, d_in, generator=gen, device=device),
+    }
+    ops["a"], ops["g"] = ops["a"].to(dtype), ops["g"].to(dtype)
+    ops["gt"] = ops["g"].transpose(1, 2).contiguous()
+    ops["at"] = ops["a"].transpose(1, 2).contiguous()
+    return ops
+
+
+def providers(op: str, o: dict) -> dict:
+    """name -> zero-argument callable computing ``op`` on the operands ``o``."""
+    ref = {
+        "squares": lambda: contractions.projected_gradient_squares_reference(o["a"], o["g"], o["q_a"], o["q_s"]),
+        "squares_tiles": lambda: torch.bmm(o["gt"].float(), o["at"].float().transpose(1, 2)).square_().sum(0),
+        "scores": lambda: contractions.projected_gradient_scores_reference(o["a"], o["g"], o["q_a"], o["q_s"],
+                                                                           o["mats"]),
+        "ghost": lambda: contractions.ghost_dots_reference(o["a"], o["g"], o["mats"]),
+        "ghost_k1": lambda: contractions.ghost_dots_reference(o["a"], o["g"], o["mats"][:1]),
+        "low_rank": lambda: contractions.low_rank_ghost_dots(o["a"], o["g"], o["left"], o["right"]),
+    }[op]
+    out = {"reference": ref}
+    if o["a"].is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from trustrepair.kernels import ghost_dots as gd
+        from trustrepair.kernels import projected_gradients as pg
+
+        out["trustrepair"] = {
+            "squares": lambda: pg.projected_gradient_squares_triton(o["a"], o["g"], o["q_a"], o["q_s"]),
+            "squares_tiles": lambda: pg.contract_example_tiles(o["gt"], o["at"], pg.SQUARES),
+            "scores": lambda: pg.projected_gradient_scores_triton(o["a"], o["g"], o["q_a"], o["q_s"], o["mats"]),
+            "ghost": lambda: gd.ghost_dots_triton(o["a"], o["g"], o["mats"]),
+            "ghost_k1": lambda: gd.ghost_dots_triton(o["a"], o["g"], o["mats"][:1]),
+            "low_rank": lambda: gd.low_rank_ghost_dots_triton(o["a"], o["g"], o["left"], o["right"]),
+        }[op]
+    return out
+
+
+def time_call(fn, device: torch.device, repeats: int = 5) -> dict:
+    """Median and p20 / p80 milliseconds of ``fn()`` and its peak extra device memory (MiB, CUDA only)."""
+    if device.type == "cuda":
+        import triton
+
+        fn()  # compile / autotune outside the timing
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": median, "p20": p20, "p80": p80, "peak_mib": peak}
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"ms": statistics.median(times), "p20": times[len(times) // 5], "p80": times[(4 * len(times)) // 5],
+            "peak_mib": float("nan")}
+
+
+def matmul_rates(device: torch.device, size: int = 8192) -> dict:
+    """TFLOP/s of torch.matmul on random size^3 products: fp32 (exact), tf32, bf16 (CUDA only)."""
+    import triton
+
+    rates = {}
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision in PRECISIONS:
+            torch.set_float32_matmul_precision(MATMUL_PRECISION[precision])
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            x = torch.randn(size, size, device=device, dtype=dtype)
+            y = torch.randn(size, size, device=device, dtype=dtype)
+            ms = triton.testing.do_bench(lambda: x @ y, warmup=20, rep=200, return_mode="median")
+            rates[precision] = 2 * size**3 / (ms * 1e-3) / 1e12
+            del x, y
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return rates
+
+
+def run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, rates=None) -> dict:
+    """Times every provider of one (op, layer shape, precision); returns one record."""
+    d_out, d_in = shape
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(MATMUL_PRECISION[precision])
+    try:
+        o = make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device)
+        calls = providers(op, o)
+        record = {"op": op, "layer": layer, "d_out": d_out, "d_in": d_in, "precision": precision, "B": batch,
+                  "T": tokens, "Q": n_queries, "rank": rank,
+                  "gflop": flops(op, batch, tokens, d_out, d_in, n_queries, rank) / 1e9}
+        results = {}
+        for name, fn in calls.items():
+            results[name] = fn().double()
+            record[name] = time_call(fn, device)
+            record[name]["tflops"] = record["gflop"] / record[name]["ms"]
+            if rates:
+                record[name]["of_matmul"] = record[name]["tflops"] / rates[precision]
+        if "trustrepair" in results:
+            ref = results["reference"]
+            record["rel_err"] = float((results["trustrepair"] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            record["speedup"] = record["reference"]["ms"] / record["trustrepair"]["ms"]
+        del o, calls, results
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return record
+
+
+def format_table(records: list[dict]) -> str:
+    lines = ["| op | layer | prec | reference ms (p20-p80) | trustrepair ms (p20-p80) | speed-up | TFLOP/s | "
+             "of matmul | peak MiB ref / ours | rel. err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        ref = r["reference"]
+        ours = r.get("trustrepair")
+        ref_cell = f"{ref['ms']:.3f} ({ref['p20']:.3f}-{ref['p80']:.3f})"
+        if ours is None:
+            lines.append(f"| {r['op']} | {r['layer']} | {r['precision']} | {ref_cell} | not run (no CUDA) | | "
+                         f"{ref['tflops']:.4f} (ref) | | | |")
+            continue
+        share = f"{100 * ours['of_matmul']:.0f} %" if "of_matmul" in ours else ""
+        lines.append(f"| {r['op']} | {r['layer']} | {r['precision']} | {ref_cell} | "
+                     f"{ours['ms']:.3f} ({ours['p20']:.3f}-{ours['p80']:.3f}) | {r['speedup']:.2f}x | "
+                     f"{ours['tflops']:.1f} | {share} | {ref['peak_mib']:.0f} / {ours['peak_mib']:.0f} | "
+                     f"{r['rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def run(ops=OPS, precisions=PRECISIONS, layers=None, batch=16, tokens=512, n_queries=32, rank=8, device=None,
+        progress=print) -> dict:
+    """Every (op, layer, precision) record plus the matmul rates; prints one line per record."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers = layers or PYTHIA_LAYERS
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        progress("no CUDA device: the kernels run in Triton's interpreter (a code-path check; times mean nothing)")
+    elif device.type != "cuda":
+        progress("no CUDA device: only the PyTorch reference runs (on the CPU); the Triton kernels need a GPU")
+        precisions = [p for p in precisions if p != "tf32"]  # TF32 does not exist on the CPU
+    rates = matmul_rates(device) if device.type == "cuda" else None
+    if rates:
+        progress("torch.matmul TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    records = []
+    for op in ops:
+        for layer, shape in layers.items():
+            for precision in precisions:
+                record = run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, rates)
+                records.append(record)
+                ours = record.get("trustrepair")
+                progress(f"{op} {layer} {precision}: reference {record['reference']['ms']:.3f} ms"
+                         + (f", trustrepair {ours['ms']:.3f} ms ({ours['tflops']:.1f} TFLOP/s)" if ours else ""))
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "matmul_tflops": rates, "records": records}
+
+
+def resource_report(arch: int = 90) -> list[str]:
+    """Compiles every autotuning configuration of every kernel for sm_<arch> with Triton's bundled ptxas
+    (no GPU needed) and reports registers, stack (spill) bytes and the wgmma / mma.sync instructions in the
+    PTX, per operand precision: what the configuration lists in trustrepair.kernels were chosen from."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from trustrepair.kernels import ghost_dots as gd
+    from trustrepair.kernels import projected_gradients as pg
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--resources compiles real kernels: unset TRITON_INTERPRET")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    kernels = [  # (name, jit function, operand pointers, float32 pointers, 16-aligned ints, ints equal to 1,
+                 #  configurations per mode)
+        ("tiles", pg._example_tiles_kernel.fn, ["gt_ptr", "at_ptr"], ["w_ptr", "out_ptr"],
+         ["stride_gb", "stride_gi", "stride_ab", "stride_aj", "T"], ["stride_gt", "stride_at"],
+         {pg.SQUARES: pg._SQUARES_CONFIGS, pg.SCORES: pg._SCORES_CONFIGS}),
+        ("low_rank", gd._low_rank_kernel.fn, ["g_ptr", "a_ptr", "lt_ptr", "rt_ptr"], ["out_ptr"],
+         ["stride_gb", "stride_gt", "stride_ab", "stride_at", "d_out", "d_in"], ["stride_gi", "stride_aj"],
+         {None: gd._low_rank_kernel.configs}),
+    ]
+    lines = ["| kernel | mode | operands | config | registers | stack bytes | wgmma | mma.sync |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, fn, operand_ptrs, fp32_ptrs, aligned, ones, modes in kernels:
+        for operands, element, precision in [("tf32", "fp32", "tf32"), ("bf16", "bf16", "tf32"),
+                                             ("fp32", "fp32", "ieee")]:
+            for mode, configs in modes.items():
+                for config in configs:
+                    constexprs = {"INPUT_PRECISION": precision, "ACC_DTYPE": tl.float32, **config.kwargs,
+                                  **{n: 1 for n in ones}}
+                    if mode is not None:
+                        constexprs["MODE"] = mode
+                    kinds = {**{n: f"*{element}" for n in operand_ptrs}, **{n: "*fp32" for n in fp32_ptrs}}
+                    signature = {n: "constexpr" if n in constexprs else kinds.get(n, "i32") for n in fn.arg_names}
+                    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+                             for n in operand_ptrs + fp32_ptrs + aligned}
+                    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                                              target=GPUTarget("cuda", arch, 32),
+                                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(compiled.asm["cubin"])
+                        f.flush()
+                        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True,
+                                               text=True).stdout
+                    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+                    ptx = compiled.asm["ptx"]
+                    shape = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+                    lines.append(f"| {name} | {'' if mode is None else ('squares', 'scores')[mode]} | {operands} | "
+                                 f"{shape}, warps={config.num_warps}, stages={config.num_stages} | "
+                                 f"{found.group(1) if found else '?'} | {found.group(2) if found else '?'} | "
+                                 f"{len(re.findall('wgmma.mma_async', ptx))} | {len(re.findall(r'mma[.]sync', ptx))} |")
+                    print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, B = 4, T = 64, Q = 4")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--json", help="write every record to this file")
+    parser.add_argument("--resources", action="store_true",
+                        help="compile every configuration for sm_90 (no GPU needed) and report its resources")
+    args = parser.parse_args(argv)
+    if args.resources:
+        resource_report()
+        return
+    sizes = dict(layers=QUICK_LAYERS, batch=4, tokens=64, n_queries=4, rank=4) if args.quick else {}
+    result = run(ops=args.ops, precisions=args.precisions, **sizes)
+    print(format_table(result["records"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

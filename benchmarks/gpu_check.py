@@ -1,0 +1,631 @@
+"""GPU check of the Triton kernels (issue 5): compiled tests, kernel speed, the pipeline against kronfluence.
+
+Run by a session that has a lent GPU, as ONE device-tool call (about 8 minutes; the script watches its own
+budget and skips what would not fit, saying so):
+
+    run(kind="nvidia-h100-x1", timeout_s=590, carry=[".whl"], command="bash benchmarks/gpu_check.sh")
+
+``.whl/`` (ignored by git) must hold kronfluence 1.0.1 and its one dependency missing on the device image,
+einconv 0.1.0, both pure-Python wheels; fetch them here once with the device README's recipe:
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl kronfluence==1.0.1 einconv==0.1.0
+
+Stages, in order (a stage that raises is reported and the next one runs; the kernel numbers stand alone):
+
+1. environment: card, driver, versions, multiprocessors;
+2. tests: ``pytest tests/test_kernels.py`` on CUDA (every kernel compiled, against its reference, the
+   ``gpu``-marked bfloat16 / TF32 / inductor / dispatch tests included), then the ``gpu``-marked tests of
+   the other test files; logs in ``$OUT/pytest.log``;
+3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below;
+4. kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32);
+5. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
+   50304, random init, seed 0; 512 training sequences of 512 tokens, the first half prompt; 32 queries
+   with 256-token prompts and responses; every linear layer in the blocks; empirical Fisher; damping
+   0.1 x mean(Lambda); batch 16 everywhere). Four training examples are replaced by copies of queries
+   0-3's (prompt, opponent): each must be its query's top pairwise example and the four the top of the
+   aggregated scores. Runs: one forward+backward epoch (fp32, TF32, bf16 autocast; the floor);
+   trustrepair with TF32 matmuls (fit, pairwise, aggregated); kronfluence 1.0.1 in fp32 (fit, pairwise);
+   the PyTorch reference path in exact fp32 (``TRUSTREPAIR_DISABLE_TRITON=1``: fit and pairwise, the
+   "fp32 reference scores"); trustrepair under bf16 autocast; kronfluence's aggregate_query_gradients
+   mode (a speed reference only).
+6. a table last, with the issue's goals and whether each was met; every number in ``$OUT/gpu_check.json``
+   and a ready-to-append section in ``$OUT/RESULTS_section.md`` (for benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+PYTHIA = dict(vocab=50304, hidden=768, layers=12, heads=12, intermediate=3072, n_train=512, seq_len=512,
+              n_queries=32, batch_size=16)
+SMOKE = dict(vocab=97, hidden=32, layers=2, heads=4, intermediate=64, n_train=24, seq_len=12, n_queries=4,
+             batch_size=8)  # --smoke: the script's plumbing on the CPU, in seconds (no meaningful numbers)
+GOALS = {"fit_speedup": 4.0, "pairwise_speedup": 4.0, "aggregated_over_epoch": 1.2, "bf16_fit_speedup": 8.0,
+         "spearman_fp32": 0.99, "spearman_bf16": 0.98, "tiles_of_tf32": 0.5}
+
+
+class Run:
+    """Stage bookkeeping: wall-clock budget, results, and stages that fail without stopping the run."""
+
+    def __init__(self, out: Path, budget_s: float):
+        self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
+        self.results: dict = {"stages": {}}
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start)
+
+    def stage(self, name: str, fn, needs_s: float = 0.0):
+        if self.left() < needs_s:
+            msg = (f"skipped: {self.left():.0f} s of the {self.budget_s:.0f} s budget left, it needs about "
+                   f"{needs_s:.0f} s")
+            print(f"[{name}] {msg}", flush=True)
+            self.results["stages"][name] = {"status": msg}
+            return None
+        print(f"[{name}] start at {time.perf_counter() - self.start:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+            status = "ok"
+        except Exception as exc:  # a failed stage is reported; the run goes on
+            value = None
+            status = f"failed: {type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        seconds = time.perf_counter() - t0
+        print(f"[{name}] {status} ({seconds:.1f} s)", flush=True)
+        self.results["stages"][name] = {"status": status, "seconds": seconds}
+        self.save()
+        return value
+
+    def save(self):
+        (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=1, default=_describe))
+
+
+def _describe(value):
+    """JSON stand-in for what json cannot store (score tensors go to scores.pt instead)."""
+    return f"tensor {tuple(value.shape)}" if isinstance(value, torch.Tensor) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1-3: environment, tests, matmul rates
+# ----------------------------------------------------------------------------------------------------
+
+def environment() -> dict:
+    import triton
+    import transformers
+
+    props = torch.cuda.get_device_properties(0)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "card": torch.cuda.get_device_name(0),
+           "multiprocessors": props.multi_processor_count, "memory_gib": props.total_memory / 2**30,
+           "nvidia_smi": smi, "python": platform.python_version(), "torch": torch.__version__,
+           "triton": triton.__version__, "transformers": transformers.__version__}
+    try:
+        import kronfluence
+        env["kronfluence"] = kronfluence.__version__
+    except ImportError as exc:
+        env["kronfluence"] = f"not importable: {exc}"
+    print(json.dumps(env, indent=1), flush=True)
+    return env
+
+
+def kernels_importable() -> None:
+    """``trustrepair.kernels`` comes from the editable install (package_dir maps kernels/ to it); when that
+    install failed, map it here and, for the pytest subprocesses, through a sitecustomize on PYTHONPATH."""
+    try:
+        import trustrepair.kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    shim = Path(tempfile.mkdtemp()) / "sitecustomize.py"
+    shim.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport trustrepair\n"
+                    f"trustrepair.__path__.append({str(REPO)!r})\n")
+    os.environ["PYTHONPATH"] = f"{shim.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    sys.path.insert(0, str(REPO))
+    import trustrepair
+
+    trustrepair.__path__.append(str(REPO))
+    import trustrepair.kernels  # noqa: F401
+
+    print("trustrepair.kernels mapped from the checkout (the editable install was not there)", flush=True)
+
+
+def tests(out: Path, timeout_s: float) -> dict:
+    summary = {}
+    with open(out / "pytest.log", "w") as log:
+        for label, args in [("kernels", ["tests/test_kernels.py"]),
+                            ("other gpu tests", ["-m", "gpu", "tests", "--ignore=tests/test_kernels.py"])]:
+            cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *args]
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      timeout=timeout_s if label == "kernels" else timeout_s / 4)
+                text = proc.stdout
+                last = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+                summary[label] = f"exit {proc.returncode}: {last[0]}"
+            except subprocess.TimeoutExpired as exc:
+                text = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode()
+                summary[label] = f"timed out after {exc.timeout:.0f} s"
+            log.write(text + f"\n({time.perf_counter() - t0:.0f} s)\n\n")
+            print(f"tests, {label}: {summary[label]}", flush=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5: the pipeline
+# ----------------------------------------------------------------------------------------------------
+
+def planted_positions(n_train: int) -> dict[int, int]:
+    """query -> training index that holds a copy of the query's (prompt, opponent): queries 0-3."""
+    return {q: (2 * q + 1) * n_train // 8 for q in range(4)}
+
+
+def build_pipeline_inputs(cfg: dict, device: torch.device):
+    """The issue's model and data: random-init GPT-NeoX, training sequences with four planted copies of
+    queries' (prompt, opponent), and the queries."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from trustrepair.task import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+                           num_attention_heads=cfg["heads"], intermediate_size=cfg["intermediate"],
+                           max_position_embeddings=2048, rotary_pct=0.25)
+    model = GPTNeoXForCausalLM(config).to(device).eval()
+    gen = torch.Generator().manual_seed(1)
+    half, length = cfg["seq_len"] // 2, cfg["seq_len"]
+
+    def example(prompt, response):
+        ids = torch.cat([prompt, response])
+        labels = ids.clone()
+        labels[:half] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels}
+
+    train = [example(torch.randint(0, cfg["vocab"], (half,), generator=gen),
+                     torch.randint(0, cfg["vocab"], (length - half,), generator=gen)) for _ in range(cfg["n_train"])]
+    queries = []
+    for _ in range(cfg["n_queries"]):
+        prompt = torch.randint(0, cfg["vocab"], (half,), generator=gen)
+        queries.append({side: example(prompt, torch.randint(0, cfg["vocab"], (length - half,), generator=gen))
+                        for side in ("proponent", "opponent")})
+    for q, index in planted_positions(len(train)).items():
+        train[index] = {k: v.clone() for k, v in queries[q]["opponent"].items()}
+    return model, train, queries
+
+
+def timed(fn):
+    """(result, seconds, peak extra GiB) of one call, the device synchronised around it (CPU: no memory)."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        value = fn()
+        return value, time.perf_counter() - t0, float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    value = fn()
+    torch.cuda.synchronize()
+    return value, time.perf_counter() - t0, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+class matmul_precision:
+    """Context manager: torch.set_float32_matmul_precision for the block."""
+
+    def __init__(self, precision: str):
+        self.precision = precision
+
+    def __enter__(self):
+        self.previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.precision)
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.previous)
+
+
+def epoch(model, train, batch_size, autocast: bool) -> None:
+    """One training epoch without the optimizer: forward, summed loss, backward into every weight."""
+    from trustrepair.task import CausalLMTask, pad_batch
+
+    task = CausalLMTask()
+    device_type = next(model.parameters()).device.type
+    for start in range(0, len(train), batch_size):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = task.train_loss(model, pad_batch(train[start:start + batch_size])).sum()
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def floors(model, train, bs) -> dict:
+    epoch(model, train[:bs], bs, autocast=False)  # warm-up
+    epoch(model, train[:bs], bs, autocast=True)
+    out = {}
+    for label, precision, autocast in [("fp32", "highest", False), ("tf32", "high", False), ("bf16", "highest", True)]:
+        with matmul_precision(precision):
+            _, seconds, gib = timed(lambda: epoch(model, train, bs, autocast))
+        out[label] = {"seconds": seconds, "peak_gib": gib}
+        print(f"epoch {label}: {seconds:.2f} s", flush=True)
+    return out
+
+
+def trustrepair_run(model, train, queries, bs, *, precision: str, autocast: bool, aggregated: bool) -> dict:
+    """fit_ekfac, pairwise_influence and (optionally) influence, timed; scores kept for the comparisons."""
+    from trustrepair.ekfac import fit_ekfac
+    from trustrepair.influence import influence, pairwise_influence
+
+    matmul_dtype = torch.bfloat16 if autocast else None
+    device_type = next(model.parameters()).device.type
+    result = {}
+    with matmul_precision(precision), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        factors, seconds, gib = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs,
+                                                                     progress=False, matmul_dtype=matmul_dtype))
+        result["fit"] = {"seconds": seconds, "peak_gib": gib, "stages": dict(factors.timings)}
+        print(f"fit: {seconds:.2f} s {factors.timings}", flush=True)
+        stages = {}
+        scores, seconds, gib = timed(lambda: pairwise_influence(model, factors, train, queries,
+                                                                            batch_size=bs, progress=False,
+                                                                            timings=stages))
+        result["pairwise"] = {"seconds": seconds, "peak_gib": gib, "stages": stages}
+        result["pairwise_scores"] = scores.float().cpu()
+        print(f"pairwise: {seconds:.2f} s {stages}", flush=True)
+        if aggregated:
+            stages = {}
+            scores, seconds, gib = timed(lambda: influence(model, factors, train, {"all": queries},
+                                                                       batch_size=bs, progress=False,
+                                                                       timings=stages)["all"])
+            result["aggregated"] = {"seconds": seconds, "peak_gib": gib, "stages": stages}
+            result["aggregated_scores"] = scores.float().cpu()
+            print(f"aggregated: {seconds:.2f} s {stages}", flush=True)
+    return result
+
+
+class KronfluenceAnchor:
+    """kronfluence 1.0.1 EK-FAC in exact fp32 on the same model and data, its factors kept on disk between
+    stages: :meth:`fit`, then :meth:`pairwise` (one score per query and training example) or
+    :meth:`pairwise` with ``aggregate=True`` (all queries' gradients summed first). Scores are in
+    kronfluence's sign (negative = detrimental). The measurement runs the model twice (opponent,
+    proponent), so ``has_shared_parameters=True``: kronfluence takes one row per query and silently
+    mis-scores the two-pass form without it."""
+
+    def __init__(self, model, train, queries, batch_size):
+        import copy
+
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments
+        from kronfluence.task import Task as KronfluenceTask
+
+        from trustrepair.modules import find_modules
+        from trustrepair.task import pad_batch, sequence_log_probs
+
+        modules = [layer.name for layer in find_modules(model)]
+
+        class LMTask(KronfluenceTask):
+            def compute_train_loss(self, batch, model, sample=False):
+                if sample:
+                    raise NotImplementedError("gpu_check fits the empirical Fisher")
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return -sequence_log_probs(logits, batch["labels"]).sum()
+
+            def compute_measurement(self, batch, model):
+                log_p = {}
+                for side in ("opponent", "proponent"):
+                    logits = model(input_ids=batch[f"{side}_input_ids"],
+                                   attention_mask=batch[f"{side}_attention_mask"]).logits
+                    log_p[side] = sequence_log_probs(logits, batch[f"{side}_labels"])
+                return (log_p["opponent"] - log_p["proponent"]).sum()
+
+            def get_influence_tracked_modules(self):
+                return modules
+
+            def get_attention_mask(self, batch):
+                return batch.get("attention_mask")
+
+        padded = pad_batch(train)
+        self.train_rows = [{k: padded[k][i] for k in padded} for i in range(len(train))]
+        sides = {side: pad_batch([q[side] for q in queries]) for side in ("proponent", "opponent")}
+        self.query_rows = [{f"{side}_{k}": sides[side][k][i] for side in sides for k in sides[side]}
+                           for i in range(len(queries))]
+        self.batch_size = batch_size
+        self.factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True, has_shared_parameters=True)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.analyzer = Analyzer("gpu_check", prepare_model(copy.deepcopy(model), LMTask()), LMTask(),
+                                 cpu=not torch.cuda.is_available(), disable_tqdm=True, output_dir=self.tmp.name)
+
+    def fit(self) -> dict:
+        common = dict(factors_name="ekfac", factor_args=self.factor_args, overwrite_output_dir=True)
+        data = dict(dataset=self.train_rows, per_device_batch_size=self.batch_size)
+        stages = {}
+        with matmul_precision("highest"):
+            for stage, call in [("covariance", lambda: self.analyzer.fit_covariance_matrices(**data, **common)),
+                                ("eigendecomposition", lambda: self.analyzer.perform_eigendecomposition(**common)),
+                                ("lambda", lambda: self.analyzer.fit_lambda_matrices(**data, **common))]:
+                _, stages[stage], _ = timed(call)
+        print(f"kronfluence fit: {stages}", flush=True)
+        return {"seconds": sum(stages.values()), "stages": stages}
+
+    def pairwise(self, aggregate: bool = False) -> dict:
+        from kronfluence.arguments import ScoreArguments
+
+        name = "aggregated" if aggregate else "pairwise"
+        with matmul_precision("highest"):
+            _, seconds, gib = timed(lambda: self.analyzer.compute_pairwise_scores(
+                scores_name=name, factors_name="ekfac", query_dataset=self.query_rows,
+                train_dataset=self.train_rows, per_device_query_batch_size=len(self.query_rows),
+                per_device_train_batch_size=self.batch_size,
+                score_args=ScoreArguments(aggregate_query_gradients=aggregate), overwrite_output_dir=True))
+        print(f"kronfluence {name}: {seconds:.2f} s", flush=True)
+        return {"seconds": seconds, "peak_gib": gib,
+                "scores": self.analyzer.load_pairwise_scores(name)["all_modules"].float().cpu()}
+
+
+def kronfluence_fit_and_pairwise(anchor: KronfluenceAnchor) -> dict:
+    fit = anchor.fit()
+    pairwise = anchor.pairwise()
+    return {"fit": fit, "pairwise": {k: v for k, v in pairwise.items() if k != "scores"},
+            "pairwise_scores": pairwise["scores"]}
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    rank = lambda v: torch.argsort(torch.argsort(v.double().flatten())).double()
+    return float(torch.corrcoef(torch.stack([rank(x), rank(y)]))[0, 1])
+
+
+def planted_recovery(pairwise: torch.Tensor, aggregated: torch.Tensor | None) -> dict:
+    planted = planted_positions(pairwise.shape[1])
+    out = {"planted": planted, "pairwise_top": {q: int(pairwise[q].argmax()) for q in planted}}
+    out["pairwise_ok"] = all(out["pairwise_top"][q] == i for q, i in planted.items())
+    if aggregated is not None:
+        top = sorted(int(i) for i in aggregated.topk(len(planted)).indices)
+        out["aggregated_top"] = top
+        out["aggregated_ok"] = top == sorted(planted.values())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6: report
+# ----------------------------------------------------------------------------------------------------
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def fmt(value, spec=".2f", missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def verdict(value, goal, higher_is_better=True):
+    if value is None:
+        return "not measured"
+    ok = value >= goal if higher_is_better else value <= goal
+    return "met" if ok else "NOT met"
+
+
+def pipeline_table(res: dict) -> list[str]:
+    ours, ref, bf16, kron, kagg, floor = (res.get(k) or {} for k in
+                                          ("trustrepair_tf32", "reference_fp32", "trustrepair_bf16",
+                                           "kronfluence_fp32", "kronfluence_aggregated", "floors"))
+    sec = lambda run, key: (run.get(key) or {}).get("seconds")
+    epoch_fp32 = (floor.get("fp32") or {}).get("seconds")
+    rows = [("one fwd+bwd epoch fp32 / tf32 / bf16",
+             " / ".join(fmt((floor.get(k) or {}).get("seconds")) for k in ("fp32", "tf32", "bf16")), "-", "-", "-")]
+    stages = [("EK-FAC fit, trustrepair TF32", ours, "fit"),
+              ("EK-FAC fit, trustrepair bf16 autocast", bf16, "fit"),
+              ("EK-FAC fit, reference path fp32", ref, "fit"),
+              ("pairwise 32 queries, trustrepair TF32", ours, "pairwise"),
+              ("pairwise, trustrepair bf16 autocast", bf16, "pairwise"),
+              ("pairwise, reference path fp32", ref, "pairwise"),
+              ("aggregated (all 32 queries), trustrepair TF32", ours, "aggregated"),
+              ("aggregated, trustrepair bf16 autocast", bf16, "aggregated")]
+    for label, run, key in stages:
+        k = sec(kron, "fit" if key == "fit" else "pairwise")
+        rows.append((label, fmt(sec(run, key)), fmt(k), fmt(ratio(k, sec(run, key))),
+                     fmt(ratio(sec(run, key), epoch_fp32))))
+    rows.append(("kronfluence aggregate_query_gradients (speed reference)", fmt(sec(kagg, "pairwise")), "-", "-",
+                 fmt(ratio(sec(kagg, "pairwise"), epoch_fp32))))
+    lines = ["| stage | trustrepair s | kronfluence fp32 s | kronfluence / ours | / fp32 epoch |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    return lines
+
+
+def goals_table(res: dict) -> list[str]:
+    ours, bf16, kron, floor = (res.get(k) or {} for k in ("trustrepair_tf32", "trustrepair_bf16",
+                                                          "kronfluence_fp32", "floors"))
+    sec = lambda run, key: (run.get(key) or {}).get("seconds")
+    kernel_share = res.get("tiles_of_tf32")
+    epoch_fp32 = (floor.get("fp32") or {}).get("seconds")
+    checks = [  # (goal, measured, threshold, higher is better)
+        ("EK-FAC fit >= 4x faster than kronfluence (TF32)", ratio(sec(kron, "fit"), sec(ours, "fit")),
+         GOALS["fit_speedup"], True),
+        ("pairwise >= 4x faster than kronfluence (TF32)", ratio(sec(kron, "pairwise"), sec(ours, "pairwise")),
+         GOALS["pairwise_speedup"], True),
+        ("aggregated <= 1.2x one fp32 epoch", ratio(sec(ours, "aggregated"), epoch_fp32),
+         GOALS["aggregated_over_epoch"], False),
+        ("bf16 fit >= 8x faster than kronfluence", ratio(sec(kron, "fit"), sec(bf16, "fit")),
+         GOALS["bf16_fit_speedup"], True),
+        ("Spearman TF32 pairwise vs fp32 reference >= 0.99", res.get("spearman_tf32_vs_reference"),
+         GOALS["spearman_fp32"], True),
+        ("Spearman bf16 pairwise vs fp32 reference >= 0.98", res.get("spearman_bf16_vs_reference"),
+         GOALS["spearman_bf16"], True),
+        ("tile kernel >= 50 % of TF32 matmul (worst layer)", kernel_share, GOALS["tiles_of_tf32"], True),
+    ]
+    lines = ["| goal | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {name} | {fmt(value, '.3f')} | {verdict(value, goal, hib)} |" for name, value, goal, hib in checks]
+    planted = res.get("planted")
+    if planted:
+        lines.append(f"| planted examples recovered (pairwise top-1 per query; aggregated top-4) | "
+                     f"{planted.get('pairwise_top')} / {planted.get('aggregated_top')} | "
+                     f"{'met' if planted.get('pairwise_ok') and planted.get('aggregated_ok') else 'NOT met'} |")
+    return lines
+
+
+def kernel_summary(kernels: dict | None) -> list[str]:
+    if not kernels:
+        return ["(kernel benchmarks not run)"]
+    lines = ["| op | layer | prec | ours ms | reference ms | speed-up | TFLOP/s | of matmul |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in kernels["records"]:
+        o = r.get("trustrepair") or {}
+        lines.append(f"| {r['op']} | {r['layer']} | {r['precision']} | {fmt(o.get('ms'), '.3f')} | "
+                     f"{r['reference']['ms']:.3f} | {fmt(r.get('speedup'))}x | {fmt(o.get('tflops'), '.1f')} | "
+                     f"{fmt(100 * o['of_matmul'] if 'of_matmul' in o else None, '.0f')} % |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(tempfile.gettempdir(), "gpu_check_out")),
+                        help="folder for logs and JSON (the device tool sets $OUT)")
+    parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of the whole script")
+    parser.add_argument("--test-timeout-s", type=float, default=180, help="limit of the kernel test run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script's plumbing on the CPU: a tiny model, pipeline stages only")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("gpu_check needs a CUDA device; on the CPU run `python -m pytest tests/test_kernels.py` "
+                 "(Triton interpreter), `python benchmarks/benchmark_kernels.py --quick`, or this script with --smoke")
+    run = Run(out, args.budget_s)
+    res = run.results
+    if args.smoke:
+        pipeline(run, SMOKE, torch.device("cpu"))
+        report(res, out)
+        return
+    res["environment"] = run.stage("environment", environment)
+    run.stage("import", kernels_importable)
+    res["tests"] = run.stage("tests", lambda: tests(out, args.test_timeout_s), needs_s=60)
+
+    import benchmark_kernels as bk
+
+    res["matmul_tflops"] = run.stage("matmul rates", lambda: bk.matmul_rates(torch.device("cuda")), needs_s=20)
+    plan = [(("squares_tiles", "squares", "ghost", "ghost_k1"), ("tf32", "bf16", "fp32")),
+            (("scores", "low_rank"), ("tf32",))]
+
+    def kernels():
+        records = []
+        for ops, precisions in plan:
+            for op in ops:
+                for layer, shape in bk.PYTHIA_LAYERS.items():
+                    for precision in precisions:
+                        if run.left() < 200:  # keep time for the pipeline
+                            print(f"kernel benchmarks cut short at {op} {layer} {precision}", flush=True)
+                            return {"records": records, "cut_short": True}
+                        r = bk.run_op(op, layer, shape, precision, 16, 512, 32, 8, torch.device("cuda"),
+                                      res.get("matmul_tflops"))
+                        records.append(r)
+                        o = r["trustrepair"]
+                        print(f"{op} {layer} {precision}: ours {o['ms']:.3f} ms ({o['tflops']:.1f} TFLOP/s), "
+                              f"reference {r['reference']['ms']:.3f} ms, rel err {r['rel_err']:.1e}", flush=True)
+        return {"records": records}
+
+    res["kernels"] = run.stage("kernels", kernels, needs_s=240)
+    tiles = [r["trustrepair"].get("of_matmul") for r in (res.get("kernels") or {}).get("records", [])
+             if r["op"] == "squares_tiles" and r["precision"] == "tf32"]
+    res["tiles_of_tf32"] = min(tiles) if tiles and None not in tiles else None
+
+    pipeline(run, PYTHIA, torch.device("cuda"))
+    report(res, out)
+
+
+def pipeline(run: Run, cfg: dict, device: torch.device) -> None:
+    """Stage 5 (see the module docstring); results into ``run.results``."""
+    res = run.results
+    inputs = run.stage("pipeline inputs", lambda: build_pipeline_inputs(cfg, device), needs_s=150)
+    if inputs is not None:
+        model, train, queries = inputs
+        bs = cfg["batch_size"]
+        res["floors"] = run.stage("epoch floors", lambda: floors(model, train, bs), needs_s=120)
+        res["trustrepair_tf32"] = run.stage("trustrepair TF32", lambda: trustrepair_run(
+            model, train, queries, bs, precision="high", autocast=False, aggregated=True), needs_s=100)
+        anchor = run.stage("kronfluence setup", lambda: KronfluenceAnchor(model, train, queries, bs), needs_s=90)
+        if anchor is not None:
+            res["kronfluence_fp32"] = run.stage("kronfluence fp32", lambda: kronfluence_fit_and_pairwise(anchor),
+                                                needs_s=90)
+
+        def reference():
+            os.environ["TRUSTREPAIR_DISABLE_TRITON"] = "1"
+            try:
+                return trustrepair_run(model, train, queries, bs, precision="highest", autocast=False, aggregated=False)
+            finally:
+                del os.environ["TRUSTREPAIR_DISABLE_TRITON"]
+
+        res["reference_fp32"] = run.stage("reference path fp32", reference, needs_s=50)
+        res["trustrepair_bf16"] = run.stage("trustrepair bf16 autocast", lambda: trustrepair_run(
+            model, train, queries, bs, precision="high", autocast=True, aggregated=True), needs_s=35)
+        if res.get("kronfluence_fp32"):
+            res["kronfluence_aggregated"] = run.stage("kronfluence aggregated", lambda: {
+                "pairwise": {k: v for k, v in anchor.pairwise(aggregate=True).items() if k != "scores"}}, needs_s=20)
+        if anchor is not None:
+            anchor.tmp.cleanup()
+        compare(res)
+
+
+def compare(res: dict) -> None:
+    """Spearman correlations and planted-example recovery from the stored scores."""
+    ours, ref, bf16, kron = (res.get(k) or {} for k in ("trustrepair_tf32", "reference_fp32", "trustrepair_bf16",
+                                                        "kronfluence_fp32"))
+    if "pairwise_scores" in ref:
+        if "pairwise_scores" in ours:
+            res["spearman_tf32_vs_reference"] = spearman(ours["pairwise_scores"], ref["pairwise_scores"])
+        if "pairwise_scores" in bf16:
+            res["spearman_bf16_vs_reference"] = spearman(bf16["pairwise_scores"], ref["pairwise_scores"])
+        if "pairwise_scores" in kron:
+            res["spearman_kronfluence_vs_reference"] = spearman(-kron["pairwise_scores"], ref["pairwise_scores"])
+    if "pairwise_scores" in ours and "pairwise_scores" in kron:
+        res["spearman_tf32_vs_kronfluence"] = spearman(ours["pairwise_scores"], -kron["pairwise_scores"])
+    if "pairwise_scores" in ours:
+        res["planted"] = planted_recovery(ours["pairwise_scores"], ours.get("aggregated_scores"))
+    if "pairwise_scores" in bf16:
+        res["planted_bf16"] = planted_recovery(bf16["pairwise_scores"], bf16.get("aggregated_scores"))
+
+
+def report(res: dict, out: Path) -> None:
+    env = res.get("environment") or {}
+    rates = res.get("matmul_tflops") or {}
+    head = [f"{env.get('date', '?')}; {env.get('card', '?')} ({env.get('multiprocessors', '?')} SMs; "
+            f"{env.get('nvidia_smi', '')}); python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
+            f"triton {env.get('triton', '?')}, transformers {env.get('transformers', '?')}, kronfluence "
+            f"{env.get('kronfluence', '?')}.",
+            "torch.matmul TFLOP/s (8192^3, same run): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()),
+            f"Tests: {res.get('tests')}",
+            "Correlations: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("spearman")),
+            f"Planted (TF32): {res.get('planted')}; planted (bf16): {res.get('planted_bf16')}",
+            "Stages: " + "; ".join(f"{k}: {v.get('status')}" for k, v in res["stages"].items())]
+    kernels = kernel_summary(res.get("kernels"))
+    pipeline = pipeline_table(res)
+    goals = goals_table(res)
+    section = ["## Triton kernels on a GPU (issue 5)", "", *head, "",
+               "Kernels: B = 16 examples x T = 512 tokens per call, Pythia-160M layer shapes (d_out, d_in incl. bias), "
+               "Q = 32, rank 8; do_bench medians; FLOP formulas in benchmarks/benchmark_kernels.py.", "", *kernels, "",
+               "Pipeline (Pythia-160M-shaped GPT-NeoX, 512 x 512 tokens, 32 queries, batch 16, empirical Fisher; "
+               "kronfluence 1.0.1 in exact fp32, as its anchors):", "", *pipeline, "", *goals, "",
+               "Command: `bash benchmarks/gpu_check.sh` (one device call; see benchmarks/gpu_check.py)."]
+    (out / "RESULTS_section.md").write_text("\n".join(section) + "\n")
+    (out / "gpu_check.json").write_text(json.dumps(res, indent=1, default=_describe))
+    scores = {f"{run}/{key}": res[run][key] for run in res if isinstance(res[run], dict)
+              for key in ("pairwise_scores", "aggregated_scores") if isinstance(res[run].get(key), torch.Tensor)}
+    torch.save(scores, out / "scores.pt")
+    print("\n".join(["", "=" * 100, *head, "", *kernels, "", *pipeline, "", *goals]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

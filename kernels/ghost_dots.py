@@ -1,0 +1,203 @@
+"""Ghost dot products: per-example inner products of a layer's gradient with K matrices, on Triton.
+
+``scores[b, k] = sum_t g_bt^T U_k a_bt = <G_b, U_k>_F`` with ``G_b = g_b^T a_b`` (d_out, d_in), from the
+output gradients ``g`` (B, T, d_out) (zero at masked tokens) and inputs ``a`` (B, T, d_in) that a layer's
+hooks see inside one ordinary backward pass; ``U_k`` are, e.g., the preconditioned gradients of K trust
+aspects, so one pass scores a whole training batch for every aspect.
+
+Two kernels:
+
+* full matrices ``u`` (K, d_out, d_in): the scores mode of the per-example tile kernel of
+  :mod:`trustrepair.kernels.projected_gradients` with identity bases. Each program builds a tile of G_b
+  over the tokens in registers (tensor cores) and dots it with the K matrices' tiles:
+  ``T d_out d_in + K d_out d_in`` multiply-adds per example instead of the per-token order's
+  ``K T d_out d_in``, and no G_b is written to memory.
+* rank-r factors ``U_k = L_k R_k``: ``scores[b, k] = sum_t sum_s (g_b L_k)[t, s] (a_b R_k^T)[t, s]``.
+  A program owns one example and a block of the K r factor columns; per token block it forms both
+  (tokens x columns) products in registers and reduces their elementwise product over tokens:
+  ``T K r (d_out + d_in)`` multiply-adds per example, neither product written to memory.
+
+Precision and devices: see :mod:`trustrepair.kernels._launch`; outputs are float32 (float64 for float64
+operands), partial sums reduced in a fixed order (deterministic). References:
+:func:`trustrepair.contractions.ghost_dots_reference` and
+:func:`trustrepair.contractions.low_rank_ghost_dots` (whose own twin is the full reference).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from trustrepair.kernels import _launch
+from trustrepair.kernels.projected_gradients import SCORES, contract_example_tiles
+
+
+def _low_rank_configs() -> list[triton.Config]:
+    if _launch.INTERPRET:  # one small configuration (no tuning runs): the interpreter runs programs in Python
+        return [triton.Config({"BLOCK_T": 32, "BLOCK_C": 16, "BLOCK_K": 16})]
+    # (BLOCK_T, BLOCK_C, BLOCK_K, num_warps, num_stages); none spills registers on sm_90 (Triton 3.6)
+    # for TF32 or bfloat16 operands.
+    shapes = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 64, 64, 8, 3)]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_C": c, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for t, c, k, w, s in shapes]
+
+
+@triton.autotune(configs=_low_rank_configs(), key=["d_out", "d_in", "C", "INPUT_PRECISION"])
+@triton.jit(do_not_specialize=["C"])  # fewer recompilations
+def _low_rank_kernel(
+    g_ptr, a_ptr, lt_ptr, rt_ptr, out_ptr,
+    T, d_out, d_in, C,
+    stride_gb, stride_gt, stride_gi,
+    stride_ab, stride_at, stride_aj,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (column blocks, examples): out[b, c] = sum_t (g_b lt^T)[t, c] (a_b rt^T)[t, c], with the K r
+    factor columns as the rows of lt (C, d_out) and rt (C, d_in), contiguous (K-major tensor-core operands)."""
+    pid_c = tl.program_id(0)
+    b = tl.program_id(1)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rk = tl.arange(0, BLOCK_K)
+    mask_c = rc < C
+    g_example = g_ptr + tl.cast(b, tl.int64) * stride_gb
+    a_example = a_ptr + tl.cast(b, tl.int64) * stride_ab
+    column_sums = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        mask_t = rt < T
+        g_left = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
+        for k0 in range(0, d_out, BLOCK_K):
+            rkk = k0 + rk
+            mask_k = rkk < d_out
+            x = tl.load(g_example + rt[:, None] * stride_gt + rkk[None, :] * stride_gi,
+                        mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(lt_ptr + rc[:, None] * d_out + rkk[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+            g_left = tl.dot(x, tl.trans(w), g_left, input_precision=INPUT_PRECISION)
+        a_right = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
+        for k0 in range(0, d_in, BLOCK_K):
+            rkk = k0 + rk
+            mask_k = rkk < d_in
+            x = tl.load(a_example + rt[:, None] * stride_at + rkk[None, :] * stride_aj,
+                        mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(rt_ptr + rc[:, None] * d_in + rkk[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+            a_right = tl.dot(x, tl.trans(w), a_right, input_precision=INPUT_PRECISION)
+        column_sums += tl.sum(g_left * a_right, axis=0)
+    tl.store(out_ptr + tl.cast(b, tl.int64) * C + rc, column_sums, mask=mask_c)
+
+
+def _check_tokens(a: torch.Tensor, g: torch.Tensor) -> None:
+    if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
+        raise ValueError(f"a and g must be (B, T, d_in) and (B, T, d_out) with the same B and T; got "
+                         f"{tuple(a.shape)} and {tuple(g.shape)}")
+
+
+def _check_full(a, g, u) -> torch.dtype:
+    _check_tokens(a, g)
+    d_in, d_out = a.shape[2], g.shape[2]
+    if u.dim() != 3 or tuple(u.shape[1:]) != (d_out, d_in):
+        raise ValueError(f"u must be (K, {d_out}, {d_in}) = (K, d_out, d_in) for a {tuple(a.shape)} and "
+                         f"g {tuple(g.shape)}; got {tuple(u.shape)}")
+    _launch.check_floating(a=a, g=g, u=u)
+    return _launch.operand_dtype(a, g, u)
+
+
+def _check_low_rank(a, g, left, right) -> torch.dtype:
+    _check_tokens(a, g)
+    d_in, d_out = a.shape[2], g.shape[2]
+    if (left.dim() != 3 or right.dim() != 3 or left.shape[0] != right.shape[0] or left.shape[2] != right.shape[1]
+            or left.shape[1] != d_out or right.shape[2] != d_in):
+        raise ValueError(f"low-rank factors must be left (K, {d_out}, r) and right (K, r, {d_in}) for a "
+                         f"{tuple(a.shape)} and g {tuple(g.shape)}; got {tuple(left.shape)} and {tuple(right.shape)}")
+    _launch.check_floating(a=a, g=g, left=left, right=right)
+    return _launch.operand_dtype(a, g, left, right)
+
+
+def _ghost_dots(a, g, u) -> torch.Tensor:
+    dtype = _check_full(a, g, u)
+    _launch.check_device(a=a, g=g, u=u)
+    gt = g.to(dtype).transpose(1, 2).contiguous()
+    at = a.to(dtype).transpose(1, 2).contiguous()
+    return contract_example_tiles(gt, at, SCORES, u)
+
+
+def _low_rank_ghost_dots(a, g, left, right) -> torch.Tensor:
+    dtype = _check_low_rank(a, g, left, right)
+    _launch.check_device(a=a, g=g, left=left, right=right)
+    batch, tokens, d_in = a.shape
+    n_mats, d_out, rank = left.shape
+    acc = _launch.accumulator_dtype(dtype)
+    if batch == 0 or tokens == 0 or rank == 0:
+        return torch.zeros(batch, n_mats, dtype=acc, device=a.device)
+    a, g = a.to(dtype), g.to(dtype)
+    columns = n_mats * rank
+    lt = left.to(dtype).transpose(1, 2).reshape(columns, d_out).contiguous()
+    rt = right.to(dtype).reshape(columns, d_in).contiguous()
+    out = torch.empty(batch, columns, dtype=acc, device=a.device)
+
+    def grid(meta):
+        return triton.cdiv(columns, meta["BLOCK_C"]), batch
+
+    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        _low_rank_kernel[grid](
+            g, a, lt, rt, out, tokens, d_out, d_in, columns,
+            g.stride(0), g.stride(1), g.stride(2),
+            a.stride(0), a.stride(1), a.stride(2),
+            INPUT_PRECISION=_launch.input_precision(dtype), ACC_DTYPE=_launch.tl_dtype(acc),
+        )
+    return out.view(batch, n_mats, rank).sum(dim=2)
+
+
+@torch.library.custom_op("trustrepair::ghost_dots", mutates_args=())
+def _ghost_dots_op(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return _ghost_dots(a, g, u)
+
+
+@_ghost_dots_op.register_fake
+def _ghost_dots_fake(a, g, u):
+    dtype = _check_full(a, g, u)
+    return a.new_empty((a.shape[0], u.shape[0]), dtype=_launch.accumulator_dtype(dtype))
+
+
+@torch.library.custom_op("trustrepair::low_rank_ghost_dots", mutates_args=())
+def _low_rank_op(a: torch.Tensor, g: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    return _low_rank_ghost_dots(a, g, left, right)
+
+
+@_low_rank_op.register_fake
+def _low_rank_fake(a, g, left, right):
+    dtype = _check_low_rank(a, g, left, right)
+    return a.new_empty((a.shape[0], left.shape[0]), dtype=_launch.accumulator_dtype(dtype))
+
+
+def ghost_dots_triton(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``scores[b, k] = sum_t g_bt^T U_k a_bt`` for every example b and matrix k, on Triton.
+
+    Args:
+        a: (B, T, d_in) layer inputs, zero at masked tokens.
+        g: (B, T, d_out) output gradients, zero at masked tokens.
+        u: (K, d_out, d_in) matrices in the layer's own basis (read in the accumulator dtype).
+    Returns:
+        (B, K), float32 (float64 for float64 operands). Custom op ``trustrepair::ghost_dots``; twin of
+        :func:`trustrepair.contractions.ghost_dots_reference`.
+    """
+    return _ghost_dots_op(a, g, u)
+
+
+def low_rank_ghost_dots_triton(a: torch.Tensor, g: torch.Tensor, left: torch.Tensor,
+                               right: torch.Tensor) -> torch.Tensor:
+    """Ghost dot products with rank-r matrices ``U_k = L_k R_k``, fused, on Triton.
+
+    ``scores[b, k] = sum_t (g_bt^T L_k) . (R_k a_bt)``.
+
+    Args:
+        a: (B, T, d_in) layer inputs, zero at masked tokens.
+        g: (B, T, d_out) output gradients, zero at masked tokens.
+        left: (K, d_out, r) and right: (K, r, d_in) factors (cast to the operand dtype).
+    Returns:
+        (B, K), float32 (float64 for float64 operands). Custom op ``trustrepair::low_rank_ghost_dots``;
+        twin of :func:`trustrepair.contractions.low_rank_ghost_dots`, and equal to
+        ``ghost_dots_reference(a, g, left @ right)``.
+    """
+    return _low_rank_op(a, g, left, right)

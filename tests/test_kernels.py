@@ -1,0 +1,370 @@
+"""Triton kernels of trustrepair.kernels against their PyTorch twins in trustrepair.contractions.
+
+Where the kernels run: on a CUDA device when there is one (compiled), otherwise on CPU tensors in Triton's
+interpreter; tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA before anything imports
+triton (the interpreter is chosen when a kernel is defined, so setting it later has no effect).
+
+Tolerance (flash-attention's rule, STYLE.md): against a float64 "truth" (the reference run on the same
+inputs in float64), a kernel's largest error may be at most twice that of the plain PyTorch version in the
+kernel's dtype, plus a small absolute slack of 2^-20 times the largest truth entry. For float32 the plain
+version is the reference itself (it computes in float32); for bfloat16 (GPU only) it is the same algebra
+run in bfloat16 without upcasting, as flash-attention compares. Inputs are fresh random draws of awkward
+sizes (1, 17, 65: not multiples of any block), with random masked tokens, an all-masked example, one token
+and a batch of one. Launchers allocate their buffers with torch.empty; the tests poison those allocations
+with NaN, so any element a kernel fails to write shows up.
+"""
+import math
+import zlib
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from trustrepair import contractions  # noqa: E402
+from trustrepair.kernels import _launch  # noqa: E402
+from trustrepair.kernels import ghost_dots as gd  # noqa: E402
+from trustrepair.kernels import projected_gradients as pg  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _launch.INTERPRET:
+    raise RuntimeError("no CUDA device and the Triton kernels were defined without TRITON_INTERPRET=1: set it "
+                       "in the environment before triton is imported (tests/conftest.py does so)")
+
+# (B, T, d_in, d_out, Q or K, rank of the low-rank factors)
+CASES = [
+    (1, 1, 1, 1, 1, 1),     # one of everything
+    (1, 17, 65, 17, 3, 5),  # batch of one, a layer wider than a tile
+    (3, 1, 17, 65, 1, 17),  # one token per example
+    (5, 65, 17, 1, 3, 1),   # d_out = 1, tokens over several blocks, several examples per program
+    (2, 17, 65, 65, 3, 17),
+]
+IDS = ["ones", "batch1", "token1", "dout1", "square65"]
+
+
+def _random_orthogonal(n, gen):
+    return torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+
+
+def _draw(case, seed, dtype=torch.float32):
+    """Fresh operands: activations and gradients zero at masked tokens (example 0 fully masked when B > 1),
+    eigenbases, query / aspect matrices and low-rank factors."""
+    batch, tokens, d_in, d_out, n_mats, rank = case
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(batch, tokens, 1, generator=gen) > 0.3
+    keep[-1, 0] = True  # at least one live token
+    if batch > 1:
+        keep[0] = False
+    ops = {
+        "a": torch.randn(batch, tokens, d_in, generator=gen, dtype=torch.float64) * keep,
+        "g": torch.randn(batch, tokens, d_out, generator=gen, dtype=torch.float64) * keep,
+        "q_a": _random_orthogonal(d_in, gen),
+        "q_s": _random_orthogonal(d_out, gen),
+        "mats": torch.randn(n_mats, d_out, d_in, generator=gen, dtype=torch.float64),
+        "left": torch.randn(n_mats, d_out, rank, generator=gen, dtype=torch.float64),
+        "right": torch.randn(n_mats, rank, d_in, generator=gen, dtype=torch.float64),
+    }
+    return {k: v.to(dtype=dtype, device=DEVICE) for k, v in ops.items()}
+
+
+def _f64(ops):
+    return {k: v.double() for k, v in ops.items()}
+
+
+# One entry per kernel: (kernel, its reference twin, the plain same-dtype algebra), each taking the
+# operand dict.
+def _plain_squares(o):
+    q_a, q_s = o["q_a"].to(o["a"].dtype), o["q_s"].to(o["a"].dtype)
+    p = torch.bmm((o["g"] @ q_s).transpose(1, 2), o["a"] @ q_a)
+    return (p * p).sum(0)
+
+
+def _plain_scores(o):
+    q_a, q_s = o["q_a"].to(o["a"].dtype), o["q_s"].to(o["a"].dtype)
+    p = torch.bmm((o["g"] @ q_s).transpose(1, 2), o["a"] @ q_a)
+    return p.flatten(1) @ o["mats"].to(p.dtype).flatten(1).T
+
+
+def _plain_ghost(o):
+    p = torch.bmm(o["g"].transpose(1, 2), o["a"])
+    return p.flatten(1) @ o["mats"].to(p.dtype).flatten(1).T
+
+
+def _plain_low_rank(o):
+    u = (o["left"] @ o["right"]).to(o["a"].dtype)
+    return _plain_ghost({**o, "mats": u})
+
+
+OPS = {
+    "squares": (lambda o: pg.projected_gradient_squares_triton(o["a"], o["g"], o["q_a"], o["q_s"]),
+                lambda o: contractions.projected_gradient_squares_reference(o["a"], o["g"], o["q_a"], o["q_s"]),
+                _plain_squares),
+    "scores": (lambda o: pg.projected_gradient_scores_triton(o["a"], o["g"], o["q_a"], o["q_s"], o["mats"]),
+               lambda o: contractions.projected_gradient_scores_reference(o["a"], o["g"], o["q_a"], o["q_s"],
+                                                                          o["mats"]),
+               _plain_scores),
+    "ghost": (lambda o: gd.ghost_dots_triton(o["a"], o["g"], o["mats"]),
+              lambda o: contractions.ghost_dots_reference(o["a"], o["g"], o["mats"]),
+              _plain_ghost),
+    "low_rank": (lambda o: gd.low_rank_ghost_dots_triton(o["a"], o["g"], o["left"], o["right"]),
+                 lambda o: contractions.low_rank_ghost_dots(o["a"], o["g"], o["left"], o["right"]),
+                 _plain_low_rank),
+}
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """torch.empty returns NaN-filled floating tensors while the test runs."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(math.nan) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def assert_within_rule(name, out, truth, baseline):
+    """``max|out - truth| <= 2 max|baseline - truth| + 2^-20 max|truth|``, with a report of where it fails."""
+    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    out, truth, baseline = out.double().cpu(), truth.double().cpu(), baseline.double().cpu()
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    allowed = 2 * (baseline - truth).abs().max().item() + 2.0 ** -20 * scale if truth.numel() else 0.0
+    err = (out - truth).abs()
+    bad = ~(err <= allowed)  # NaN counts as bad
+    if bad.any():
+        worst = torch.nan_to_num(err, nan=math.inf).argmax()
+        idx = tuple(int(i) for i in torch.unravel_index(worst, err.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {err.numel()} entries off by more than {allowed:.3g} (largest truth "
+            f"entry {scale:.3g}); worst at {idx}: kernel {out[idx].item():.8g}, truth {truth[idx].item():.8g}, "
+            f"plain PyTorch {baseline[idx].item():.8g}; NaN entries: {int(out.isnan().sum())}")
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kernel_matches_reference_float32(op, case, poison_empty):
+    kernel, reference, _ = OPS[op]
+    ops = _draw(case, seed=zlib.crc32(f"{op}{case}".encode()))
+    truth = reference(_f64(ops))
+    assert_within_rule(op, kernel(ops), truth, reference(ops))
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_kernel_float64_is_exact_to_rounding(op, poison_empty):
+    kernel, reference, _ = OPS[op]
+    ops = _f64(_draw((3, 17, 17, 65, 3, 5), seed=7))
+    out = kernel(ops)
+    truth = reference(ops)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, truth, rtol=1e-11, atol=1e-11 * truth.abs().max().item())
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_all_tokens_masked_gives_zeros(op, poison_empty):
+    ops = _draw((2, 17, 17, 17, 3, 2), seed=11)
+    ops["a"].zero_()
+    ops["g"].zero_()
+    out = OPS[op][0](ops)
+    assert torch.equal(out, torch.zeros_like(out)), f"{op}: nonzero output for an all-masked batch"
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_no_tokens_or_examples(op):
+    for batch, tokens in ((2, 0), (0, 5)):
+        ops = _draw((2, 5, 17, 3, 2, 2), seed=3)
+        ops["a"] = ops["a"].new_zeros(batch, tokens, 17)
+        ops["g"] = ops["g"].new_zeros(batch, tokens, 3)
+        out = OPS[op][0](ops)
+        assert out.shape == ((3, 17) if op == "squares" else (batch, 2)) and not out.any()
+
+
+def test_split_over_examples_covers_every_example():
+    """Batches large enough to give each program several examples agree with the reference."""
+    ranges, per_range = pg.example_ranges(7, 17, 17, 32 * 32, torch.device(DEVICE))
+    if DEVICE == "cpu":  # interpreter: 2 units, 1 tile -> 4 programs wanted
+        assert (ranges, per_range) == (4, 2)
+    ops = _draw((7, 5, 17, 17, 2, 1), seed=5)
+    for op in ("squares", "scores"):
+        kernel, reference, _ = OPS[op]
+        assert_within_rule(op, kernel(ops), reference(_f64(ops)), reference(ops))
+
+
+def _forced_configs(mode):
+    """Every configuration the autotuner may pick on a GPU; both example steppings in the interpreter."""
+    if _launch.INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PAIRS": pairs}) for pairs in (False, True)]
+    return pg._SCORES_CONFIGS if mode == pg.SCORES else pg._SQUARES_CONFIGS
+
+
+@pytest.mark.parametrize("mode", [pg.SQUARES, pg.SCORES], ids=["squares", "scores"])
+def test_every_configuration_matches_reference(mode, poison_empty):
+    ops = _draw((5, 37, 45, 70, 3, 1), seed=13)
+    at, gt = ops["a"].transpose(1, 2).contiguous(), ops["g"].transpose(1, 2).contiguous()
+    eye_a, eye_s = torch.eye(45, device=DEVICE), torch.eye(70, device=DEVICE)
+    operands = {"a": ops["a"], "g": ops["g"], "q_a": eye_a, "q_s": eye_s, "mats": ops["mats"]}
+    reference = OPS["squares" if mode == pg.SQUARES else "scores"][1]
+    truth, baseline = reference(_f64(operands)), reference(operands)
+    for config in _forced_configs(mode):
+        out = pg.contract_example_tiles(gt, at, mode, ops["mats"], config=config)
+        assert_within_rule(f"{config}", out, truth, baseline)
+
+
+def test_scores_mode_refuses_another_tile():
+    ops = _draw((2, 5, 17, 3, 2, 2), seed=1)
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "PAIRS": False})
+    with pytest.raises(ValueError, match="scores mode runs"):
+        pg.contract_example_tiles(ops["g"].transpose(1, 2), ops["a"].transpose(1, 2), pg.SCORES, ops["mats"],
+                                  config=config)
+
+
+def test_mixed_operand_dtypes_promote():
+    """float32 activations with float64 bases compute in float64, as the reference does."""
+    ops = _draw((2, 5, 17, 3, 2, 2), seed=9)
+    ops["q_a"] = ops["q_a"].double()
+    out = OPS["squares"][0](ops)
+    assert out.dtype == torch.float64
+    assert_within_rule("squares", out, OPS["squares"][1](_f64(ops)), OPS["squares"][1](ops))
+
+
+BAD_INPUTS = [
+    ("squares", {"a": torch.zeros(2, 3)}, "must be \\(B, T, d_in\\)"),
+    ("squares", {"g": torch.zeros(3, 5, 3)}, "same B and T"),
+    ("squares", {"q_a": torch.zeros(16, 16)}, "q_a must be \\(17, 17\\)"),
+    ("squares", {"a": torch.zeros(2, 5, 17, dtype=torch.int64)}, "a has dtype torch.int64"),
+    ("scores", {"mats": torch.zeros(2, 17, 3)}, "queries must be \\(Q, 3, 17\\)"),
+    ("ghost", {"mats": torch.zeros(2, 3)}, "u must be \\(K, 3, 17\\)"),
+    ("low_rank", {"right": torch.zeros(2, 3, 17)}, "low-rank factors"),
+]
+
+
+@pytest.mark.parametrize("op,replace,message", BAD_INPUTS)
+def test_bad_inputs_raise(op, replace, message):
+    ops = _draw((2, 5, 17, 3, 2, 2), seed=1)
+    ops.update({k: v.to(DEVICE) for k, v in replace.items()})
+    with pytest.raises(ValueError, match=message):
+        OPS[op][0](ops)
+
+
+def test_operands_on_two_devices_raise():
+    with pytest.raises(ValueError, match="a on cpu, q_s on meta"):
+        _launch.check_device(a=torch.zeros(1), q_s=torch.zeros(1, device="meta"))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter runs only without CUDA here")
+def test_interpreter_refuses_bfloat16():
+    ops = _draw((2, 5, 17, 3, 2, 2), seed=1)
+    with pytest.raises(ValueError, match="interpreter does not compute bfloat16"):
+        pg.projected_gradient_squares_triton(ops["a"].bfloat16(), ops["g"], ops["q_a"], ops["q_s"])
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    ops = _draw((2, 5, 17, 3, 2, 2), seed=1)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        pg.projected_gradient_squares_triton(*(ops[k].cpu() for k in ("a", "g", "q_a", "q_s")))
+
+
+def test_fake_implementations_on_meta_tensors():
+    meta = {k: v.to("meta") for k, v in _draw((4, 6, 17, 3, 5, 2), seed=2).items()}
+    a, g, q_a, q_s, mats = meta["a"], meta["g"], meta["q_a"], meta["q_s"], meta["mats"]
+    ops = torch.ops.trustrepair
+    assert ops.projected_gradient_squares(a, g, q_a, q_s).shape == (3, 17)
+    assert ops.projected_gradient_scores(a, g, q_a, q_s, mats).shape == (4, 5)
+    assert ops.ghost_dots(a, g, mats).shape == (4, 5)
+    out = ops.low_rank_ghost_dots(a.to(torch.bfloat16), g.to(torch.bfloat16), meta["left"], meta["right"])
+    assert out.shape == (4, 5) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="q_a must be"):
+        ops.projected_gradient_squares(a, g, q_s, q_s)
+
+
+def test_custom_ops_pass_opcheck():
+    ops = _draw((2, 3, 17, 3, 2, 2), seed=4)
+    a, g, q_a, q_s, mats = ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"]
+    checks = [
+        (torch.ops.trustrepair.projected_gradient_squares.default, (a, g, q_a, q_s)),
+        (torch.ops.trustrepair.projected_gradient_scores.default, (a, g, q_a, q_s, mats)),
+        (torch.ops.trustrepair.ghost_dots.default, (a, g, mats)),
+        (torch.ops.trustrepair.low_rank_ghost_dots.default, (a, g, ops["left"], ops["right"])),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args)
+
+
+def test_traces_under_torch_compile():
+    ops = _draw((2, 5, 17, 3, 2, 2), seed=6)
+
+    def fit_and_score(a, g, q_a, q_s, mats):
+        return pg.projected_gradient_squares_triton(a, g, q_a, q_s).sum() + gd.ghost_dots_triton(a, g, mats)
+
+    args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"])
+    compiled = torch.compile(fit_and_score, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), fit_and_score(*args))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA only: 16-bit and TF32 operands, sizes of real layers, inductor, the dispatcher.
+# ---------------------------------------------------------------------------------------------------
+
+GPU_CASES = [(3, 300, 200, 333, 4, 8), (2, 129, 769, 130, 32, 3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("case", GPU_CASES, ids=["odd", "wide"])
+def test_bfloat16_within_rule(op, case, poison_empty):
+    kernel, reference, plain = OPS[op]
+    ops = _draw(case, seed=21)
+    ops16 = {k: v.to(torch.bfloat16) if k in ("a", "g") else v for k, v in ops.items()}
+    truth = reference(_f64(ops16))
+    out = kernel(ops16)
+    assert out.dtype == torch.float32
+    assert_within_rule(op, out, truth, plain(ops16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("case", GPU_CASES, ids=["odd", "wide"])
+def test_tf32_within_rule(op, case, poison_empty):
+    kernel, reference, _ = OPS[op]
+    ops = _draw(case, seed=22)
+    truth = reference(_f64(ops))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        out, baseline = kernel(ops), reference(ops)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert_within_rule(op, out, truth, baseline)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_float32_larger_sizes(op, poison_empty):
+    kernel, reference, _ = OPS[op]
+    ops = _draw(GPU_CASES[0], seed=23)
+    assert_within_rule(op, kernel(ops), reference(_f64(ops)), reference(ops))
+
+
+@pytest.mark.gpu
+def test_inductor_compiles_around_the_ops():
+    ops = _draw(GPU_CASES[0], seed=24)
+
+    def fit_and_score(a, g, q_a, q_s, mats):
+        return pg.projected_gradient_squares_triton(a * 2, g, q_a, q_s).sum() + gd.ghost_dots_triton(a, g, mats)
+
+    args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"])
+    torch.testing.assert_close(torch.compile(fit_and_score, fullgraph=True)(*args), fit_and_score(*args))
+
+
+@pytest.mark.gpu
+def test_dispatch_uses_triton_and_agrees_with_reference(monkeypatch):
+    ops = _draw(GPU_CASES[0], seed=25)
+    args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"])
+    assert contractions.triton_enabled(ops["a"])
+    fast = contractions.projected_gradient_squares(*args)
+    monkeypatch.setenv("TRUSTREPAIR_DISABLE_TRITON", "1")
+    assert not contractions.triton_enabled(ops["a"])
+    slow = contractions.projected_gradient_squares(*args)
+    assert_within_rule("dispatch", fast, contractions.projected_gradient_squares_reference(
+        *(x.double() for x in args)), slow)
