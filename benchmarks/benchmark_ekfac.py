@@ -1,0 +1,449 @@
+"""EK-FAC influence on the CPU: trustrepair against kronfluence 1.0.1, and both against the floor.
+
+The floor is one forward + backward pass over the training set with every weight frozen and gradients
+taken to the analysed layers' outputs only: no EK-FAC fit or score can do less. Every phase is printed
+in seconds (median over ``--repeats`` runs for trustrepair and the floor; kronfluence runs once, it is
+the slow anchor) and as a multiple of the floor measured in the same run, with the peak extra resident
+memory during the phase (sampled every 5 ms above the level at the phase's start).
+
+Configuration (the issue's): GPT-NeoX (Pythia architecture) hidden 512, 8 layers, 8 heads,
+intermediate 2048, vocab 1024, random init (seed 0); 256 training sequences of 64 tokens, the first
+half prompt; 16 trust queries (32-token prompt, 32-token responses); every Linear in the blocks;
+empirical Fisher on both sides (deterministic, so the scores are comparable); damping 0.1 x mean(Lambda)
+per module on both sides; batch 16 on both sides (and for the floor). ``--quick`` shrinks everything
+for a smoke run. ``--bf16`` adds one fit in bf16 matmul mode (``matmul_dtype=torch.bfloat16``).
+
+Also measured: on tiny float64 models, how well EK-FAC pairwise scores correlate with exact
+damped-Fisher influence computed from explicit per-example gradients (full Fisher and its per-layer
+blocks, inverted through the Woodbury identity).
+
+    python benchmarks/benchmark_ekfac.py --quick
+    python benchmarks/benchmark_ekfac.py --write-results        # the full run (kronfluence takes minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import trustrepair
+from trustrepair import fit_ekfac, influence, pairwise_influence
+from trustrepair.modules import find_modules
+from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch, sequence_log_probs
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADING = "## EK-FAC influence engine vs kronfluence (issue 3)"
+
+FULL = dict(hidden=512, layers=8, heads=8, intermediate=2048, vocab=1024, n_train=256, seq_len=64, n_queries=16,
+            batch_size=16)
+QUICK = dict(hidden=128, layers=2, heads=4, intermediate=512, vocab=256, n_train=32, seq_len=32, n_queries=4,
+             batch_size=8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------
+
+def make_model(cfg, dtype=torch.float32):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+                           num_attention_heads=cfg["heads"], intermediate_size=cfg["intermediate"],
+                           max_position_embeddings=2 * cfg["seq_len"], attn_implementation="eager")
+    return GPTNeoXForCausalLM(config).to(dtype).eval()
+
+
+def make_data(cfg, seed=1):
+    """Training sequences (first half prompt, labelled -100) and queries sharing a prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    half = cfg["seq_len"] // 2
+    train = []
+    for _ in range(cfg["n_train"]):
+        ids = torch.randint(0, cfg["vocab"], (cfg["seq_len"],), generator=gen)
+        labels = ids.clone()
+        labels[:half] = IGNORE_INDEX
+        train.append({"input_ids": ids, "labels": labels})
+    queries = []
+    for _ in range(cfg["n_queries"]):
+        prompt = torch.randint(0, cfg["vocab"], (half,), generator=gen)
+        pair = {}
+        for side in ("proponent", "opponent"):
+            ids = torch.cat([prompt, torch.randint(0, cfg["vocab"], (cfg["seq_len"] - half,), generator=gen)])
+            labels = ids.clone()
+            labels[:half] = IGNORE_INDEX
+            pair[side] = {"input_ids": ids, "labels": labels}
+        queries.append(pair)
+    return train, queries
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Context manager: peak resident memory above the level at entry, sampled every 5 ms (MiB)."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        self.mib = (self.peak - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn):
+    """(result, seconds, peak extra MiB) of one call."""
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+    return out, seconds, mem.mib
+
+
+def floor_pass(model, train, batch_size):
+    """One forward + backward over the training set, weights frozen, gradients to the analysed layers'
+    outputs only (the graph starts at the first analysed outputs), nothing else computed."""
+    layers = find_modules(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    leaves = []
+
+    def mark(module, inputs, output):
+        if not output.requires_grad:
+            output.requires_grad_(True)
+            leaves.append(output)
+
+    handles = [layer.module.register_forward_hook(mark) for layer in layers]
+    task = CausalLMTask()
+    try:
+        for start in range(0, len(train), batch_size):
+            leaves.clear()
+            loss = task.train_loss(model, pad_batch(train[start:start + batch_size]))
+            torch.autograd.grad(loss.sum(), leaves)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    rank = lambda v: torch.argsort(torch.argsort(v.double().flatten())).double()
+    return pearson(rank(x), rank(y))
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([x.double().flatten(), y.double().flatten()]))[0, 1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# kronfluence 1.0.1 (the anchor); also used by tests/test_kronfluence_agreement.py
+# ----------------------------------------------------------------------------------------------------
+
+def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_size=8, fisher="empirical",
+                         dtype=torch.float32, output_dir=None):
+    """kronfluence's EK-FAC pairwise scores (n_query, n_train) in *kronfluence's* sign (negative =
+    detrimental) and its per-phase seconds. The measurement runs the model twice (opponent, proponent),
+    so ``has_shared_parameters=True`` (without it kronfluence silently mis-scores). ``model`` is deep-copied
+    (kronfluence wraps the modules in place). ``dtype`` sets every kronfluence accumulation dtype."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task as KronfluenceTask
+
+    class LMTask(KronfluenceTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"]
+            if sample:
+                with torch.no_grad():
+                    probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
+                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
+                labels = labels.clone()
+                labels[:, 1:] = torch.where(labels[:, 1:] != IGNORE_INDEX, drawn, labels[:, 1:])
+            return -sequence_log_probs(logits, labels).sum()
+
+        def compute_measurement(self, batch, model):
+            log_p = {}
+            for side in ("opponent", "proponent"):
+                logits = model(input_ids=batch[f"{side}_input_ids"],
+                               attention_mask=batch[f"{side}_attention_mask"]).logits
+                log_p[side] = sequence_log_probs(logits, batch[f"{side}_labels"])
+            return (log_p["opponent"] - log_p["proponent"]).sum()
+
+        def get_influence_tracked_modules(self):
+            return list(modules)
+
+        def get_attention_mask(self, batch):
+            return batch.get("attention_mask")
+
+    train_rows = _padded_rows(train)
+    query_rows = []
+    padded = {side: _padded_rows([q[side] for q in queries]) for side in ("proponent", "opponent")}
+    for i in range(len(queries)):
+        query_rows.append({f"{side}_{key}": padded[side][i][key] for side in padded for key in padded[side][i]})
+
+    kmodel = prepare_model(copy.deepcopy(model), LMTask())
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=fisher == "empirical",
+                                  has_shared_parameters=True, activation_covariance_dtype=dtype,
+                                  gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype,
+                                  lambda_dtype=dtype)
+    score_args = ScoreArguments(damping_factor=damping, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
+                                score_dtype=dtype)
+    timings = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        analyzer = Analyzer("bench", kmodel, LMTask(), cpu=True, disable_tqdm=True, output_dir=output_dir or tmp)
+        common = dict(factors_name="ekfac", factor_args=factor_args, overwrite_output_dir=True)
+        start = time.perf_counter()
+        analyzer.fit_covariance_matrices(dataset=train_rows, per_device_batch_size=batch_size, **common)
+        timings["covariance"] = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.perform_eigendecomposition(**common)
+        timings["eigendecomposition"] = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.fit_lambda_matrices(dataset=train_rows, per_device_batch_size=batch_size, **common)
+        timings["lambda"] = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac", query_dataset=query_rows,
+                                         train_dataset=train_rows, per_device_query_batch_size=len(queries),
+                                         per_device_train_batch_size=batch_size, score_args=score_args,
+                                         overwrite_output_dir=True)
+        timings["pairwise"] = time.perf_counter() - start
+        scores = analyzer.load_pairwise_scores("pairwise")["all_modules"].clone()
+    return scores, timings
+
+
+def _padded_rows(examples):
+    batch = pad_batch(examples)
+    return [{key: batch[key][i] for key in batch} for i in range(len(examples))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# EK-FAC against exact damped-Fisher influence (tiny float64 models)
+# ----------------------------------------------------------------------------------------------------
+
+def exact_influence_agreement(hidden=32, layers=2, n_train=48, n_queries=6, seed=0):
+    """Pearson / Spearman of EK-FAC pairwise scores against exact damped empirical-Fisher influence
+    -grad m^T (F + D)^{-1} grad L(z), F = (1/n) sum_z grad L(z) grad L(z)^T over all analysed parameters,
+    D the same per-layer damping (0.1 x mean Lambda) EK-FAC uses; inverted via Woodbury:
+    (D + J^T J / n)^{-1} = D^{-1} - D^{-1} J^T (n I + J D^{-1} J^T)^{-1} J D^{-1}, J (n, d) the gradients.
+    Both the full Fisher and its per-layer blocks (what EK-FAC approximates) are reported."""
+    cfg = dict(hidden=hidden, layers=layers, heads=4, intermediate=4 * hidden, vocab=97, n_train=n_train,
+               seq_len=16, n_queries=n_queries)
+    model = make_model(cfg, torch.float64)
+    train, queries = make_data(cfg, seed=seed + 7)
+    factors = fit_ekfac(model, train, fisher="empirical", progress=False)
+    ekfac_scores = pairwise_influence(model, factors, train, queries, progress=False)
+    layers_ = find_modules(model)
+    task = CausalLMTask()
+
+    def flat_grad(objective):
+        model.zero_grad()
+        objective().backward()
+        parts = []
+        for layer in layers_:
+            w = layer.module.weight.grad
+            parts.append(torch.cat([w, layer.module.bias.grad[:, None]], 1) if layer.has_bias else w)
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    jac = torch.stack([flat_grad(lambda ex=ex: task.train_loss(model, pad_batch([ex]))[0]) for ex in train])
+    query_grads = torch.stack([flat_grad(lambda q=q: task.measurement(model, pad_batch([q["proponent"], q["opponent"]]))[0])
+                               for q in queries])
+    damp = torch.cat([torch.full((l.d_out * l.folded_in,), factors.damping(l.name), dtype=torch.float64)
+                      for l in layers_])
+    sizes = [l.d_out * l.folded_in for l in layers_]
+
+    def woodbury(j, d, v):
+        n = j.shape[0]
+        inner = n * torch.eye(n, dtype=torch.float64) + (j / d) @ j.T
+        return v / d - ((torch.linalg.solve(inner, (j / d) @ v.T)).T @ j) / d
+
+    full = -woodbury(jac, damp, query_grads) @ jac.T
+    block = torch.zeros_like(full)
+    offset = 0
+    for size in sizes:
+        sl = slice(offset, offset + size)
+        block += -woodbury(jac[:, sl], damp[sl], query_grads[:, sl]) @ jac[:, sl].T
+        offset += size
+    model.zero_grad()
+    return {"config": f"GPT-NeoX hidden {hidden}, {layers} layers, {n_train} examples, {n_queries} queries, float64",
+            "full": (pearson(ekfac_scores, full), spearman(ekfac_scores, full)),
+            "block": (pearson(ekfac_scores, block), spearman(ekfac_scores, block))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------
+
+def run(args):
+    torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else FULL
+    model = make_model(cfg)
+    train, queries = make_data(cfg)
+    modules = [layer.name for layer in find_modules(model)]
+    bs = cfg["batch_size"]
+    print(f"config: {cfg}, threads {torch.get_num_threads()}, {len(modules)} modules", flush=True)
+
+    floor_pass(model, train[:bs], bs)  # warm-up
+    rows = {}
+
+    def record(name, seconds, mib):
+        rows.setdefault(name, {"s": [], "mib": []})
+        rows[name]["s"].append(seconds)
+        rows[name]["mib"].append(mib)
+
+    factors = ekfac_scores = aggregated = None
+    for repeat in range(args.repeats):
+        _, s, m = timed(lambda: floor_pass(model, train, bs))
+        record("floor", s, m)
+        factors, s, m = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs, progress=False))
+        record("fit", s, m)
+        for stage, seconds in factors.timings.items():
+            record(stage, seconds, float("nan"))
+        pair_timings = {}
+        ekfac_scores, s, m = timed(lambda: pairwise_influence(model, factors, train, queries, batch_size=bs,
+                                                              progress=False, timings=pair_timings))
+        record("pairwise", s, m)
+        for stage, seconds in pair_timings.items():
+            record(f"pairwise: {stage}", seconds, float("nan"))
+        agg_timings = {}
+        aggregated, s, m = timed(lambda: influence(model, factors, train, {"all": queries}, batch_size=bs,
+                                                   progress=False, timings=agg_timings)["all"])
+        record("aggregated", s, m)
+        for stage, seconds in agg_timings.items():
+            record(f"aggregated: {stage}", seconds, float("nan"))
+        print(f"repeat {repeat}: " + ", ".join(f"{k} {v['s'][-1]:.1f}s" for k, v in rows.items()), flush=True)
+    if args.bf16:  # one run: on a CPU without bf16 hardware it is not expected to be faster
+        bf16_factors, s, m = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs,
+                                                     progress=False, matmul_dtype=torch.bfloat16))
+        record("fit (bf16 matmul mode)", s, m)
+        bf16_scores = pairwise_influence(model, bf16_factors, train, queries, batch_size=bs, progress=False)
+        print(f"bf16 fit {s:.1f}s", flush=True)
+
+    kron = None
+    if not args.no_kronfluence:
+        (kron_scores, kron_times), s, m = timed(lambda: kronfluence_pairwise(model, train, queries, modules=modules,
+                                                                             batch_size=bs))
+        kron = {"scores": kron_scores, "times": kron_times, "total": s, "mib": m}
+        print(f"kronfluence: {kron_times}", flush=True)
+
+    floor = statistics.median(rows["floor"]["s"])
+    med = {k: statistics.median(v["s"]) for k, v in rows.items()}
+    peak = {k: max(v["mib"]) for k, v in rows.items()}
+    lines = [f"| phase | trustrepair s | x floor | peak MiB | kronfluence s | x floor | kronfluence / trustrepair |",
+             "|---|---|---|---|---|---|---|"]
+    kron_phase = {}
+    if kron:
+        kt = kron["times"]
+        kron_phase = {"covariance": kt["covariance"], "eigendecomposition": kt["eigendecomposition"],
+                      "lambda": kt["lambda"], "fit": kt["covariance"] + kt["eigendecomposition"] + kt["lambda"],
+                      "pairwise": kt["pairwise"], "aggregated": kt["pairwise"],
+                      "fit (bf16 matmul mode)": kt["covariance"] + kt["eigendecomposition"] + kt["lambda"]}
+    stages = ["query_gradients", "precondition", "scores"]
+    for name in (["floor", "covariance", "eigendecomposition", "lambda", "fit", "fit (bf16 matmul mode)", "pairwise"]
+                 + [f"pairwise: {s}" for s in stages] + ["aggregated"] + [f"aggregated: {s}" for s in stages]):
+        if name not in med:
+            continue
+        mem = "" if peak[name] != peak[name] else f"{peak[name]:.0f}"
+        k = kron_phase.get(name)
+        kcols = (f"{k:.1f} | {k / floor:.2f} | {k / med[name]:.2f}x" if k is not None else " | | ")
+        label = name + (" (vs kronfluence pairwise)" if name == "aggregated" else "")
+        lines.append(f"| {label} | {med[name]:.2f} | {med[name] / floor:.2f} | {mem} | {kcols} |")
+    summary = []
+    if kron:
+        ours, theirs = ekfac_scores, -kron["scores"]
+        per_query = [spearman(ours[q], theirs[q]) for q in range(ours.shape[0])]
+        summary.append(f"Spearman vs kronfluence pairwise (all {ours.numel()} scores): {spearman(ours, theirs):.5f}; "
+                       f"per query min {min(per_query):.5f}; Pearson {pearson(ours, theirs):.5f}")
+        summary.append(f"Spearman of aggregated scores vs the mean of kronfluence's pairwise scores: "
+                       f"{spearman(aggregated, theirs.mean(0)):.5f}")
+        summary.append(f"kronfluence peak extra memory (whole run): {kron['mib']:.0f} MiB; its total {kron['total']:.1f} s")
+    if args.bf16:
+        summary.append(f"bf16 matmul mode (one run): Spearman of its pairwise scores vs the float32 fit's "
+                       f"{spearman(bf16_scores, ekfac_scores):.5f}"
+                       + (f", vs kronfluence {spearman(bf16_scores, -kron['scores']):.5f}" if kron else ""))
+    summary.append(f"aggregated vs mean of our pairwise, max relative difference: "
+                   f"{float((aggregated - ekfac_scores.mean(0)).abs().max() / ekfac_scores.mean(0).abs().max()):.2e}")
+    exact = [exact_influence_agreement(), exact_influence_agreement(hidden=64, layers=3, n_train=64)]
+    for e in exact:
+        summary.append(f"EK-FAC vs exact damped-Fisher influence ({e['config']}): full Fisher Pearson "
+                       f"{e['full'][0]:.4f} / Spearman {e['full'][1]:.4f}; per-layer blocks Pearson {e['block'][0]:.4f} "
+                       f"/ Spearman {e['block'][1]:.4f}")
+    report = "\n".join(lines + [""] + [f"- {s}" for s in summary])
+    print(report)
+    if args.write_results:
+        write_results(cfg, args, report)
+
+
+def write_results(cfg, args, report):
+    import transformers
+
+    try:
+        import kronfluence
+        kron_version = kronfluence.__version__
+    except ImportError:
+        kron_version = "not installed"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    section = "\n".join([
+        HEADING, "",
+        f"{datetime.date.today().isoformat()}; {cpu}, {args.threads} threads (a shared 2-core machine: other jobs ran "
+        f"alongside, so absolute seconds are noisy; ratios are within one run); python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, kronfluence {kron_version}, "
+        f"trustrepair {trustrepair.__version__}.",
+        f"Config: GPT-NeoX hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['heads']} heads, intermediate "
+        f"{cfg['intermediate']}, vocab {cfg['vocab']}, float32; {cfg['n_train']} x {cfg['seq_len']} tokens (half prompt), "
+        f"{cfg['n_queries']} queries, batch {cfg['batch_size']}, all block linears, empirical Fisher, damping "
+        f"0.1 x mean(Lambda). trustrepair and floor: median of {args.repeats}; kronfluence: one run. "
+        f"Command: `python benchmarks/benchmark_ekfac.py {' '.join(sys.argv[1:])}`.", "",
+        report, ""])
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if HEADING in text:
+        start = text.index(HEADING)
+        end = text.find("\n## ", start + len(HEADING))
+        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small configuration for a smoke run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each trustrepair phase and the floor")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--bf16", action="store_true", help="also time the fit with bf16 matmul mode")
+    parser.add_argument("--no-kronfluence", action="store_true", help="skip the kronfluence anchor")
+    parser.add_argument("--write-results", action="store_true", help=f"write the table into {RESULTS.name}")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Influence of training examples on trust metrics, with fitted EK-FAC factors.
+
+**Definition, sign and scale.** For an aspect j with metric F^j (the mean over its trust queries of
+log P(o|m) - log P(p|m); lower is better) and a training example z with summed loss L(z),
+
+    gamma^j(z) = - grad F^j^T (G + lambda I)^{-1} grad L(z),
+
+over the analysed layers' parameters, G the EK-FAC Fisher (:mod:`trustrepair.ekfac`). It is the
+first-order *decrease* of F^j per unit beta of the repair step theta <- theta + beta (G + lambda I)^{-1}
+grad L(z) (the paper's Eq. 5-6). **Positive = detrimental**: raising this example's loss improves the
+aspect. Its units are those of F^j (nats of log-odds) per unit step, and it grows with the example's
+gradient norm (longer responses tend to score larger). Read as a classical influence function (model
+trained on the mean loss over n examples, Hessian ~ G), removing z changes F^j by about
+-gamma^j(z) / n. :func:`normalize_scores` maps scores to [0, 1] (the selection step's convention) when
+only their order and relative size matter.
+
+**Aggregated scores** (:func:`influence`, what subset selection needs) never form a per-example
+gradient: per layer, U_j = (G + lambda I)^{-1} grad F^j (d_out, d_in [+ 1]) is formed once per aspect,
+and in one batched backward pass over the training set every layer adds its ghost dot products
+<U_j, G_z> = sum_t g_t^T U_j a_t for all aspects at once (:func:`trustrepair.contractions.ghost_dots`).
+Scoring the whole set costs one forward + backward pass without weight gradients plus, per aspect,
+T d_out d_in multiply-adds per example and layer (as much as one more weight-gradient product).
+
+**Pairwise scores** (:func:`pairwise_influence`, explanations per query) use the same identity with
+one U_q per query: since Q_A and Q_S are orthogonal, <(G + lambda I)^{-1} V_q, G_z> is an inner product
+in the original basis, so no training example's gradient is rotated into the eigenbasis. Each query's
+gradient has rank at most its 2T tokens, so it is projected into the eigenbasis token by token
+(:func:`trustrepair.contractions.projected_gradients`), divided by Lambda + lambda there, and rotated
+back once. The contraction with the training set either forms G_z once and multiplies it with all
+U_q, or (``query_rank=r``) contracts rank-r factors of U_q through the tokens; it reads every U_q once
+per batch, so on a CPU larger batches make it cheaper.
+
+**Distributed.** Under ``torch.distributed`` (see :mod:`trustrepair.distributed`) both functions are
+collective calls: every rank computes the (few) query gradients itself, each layer's preconditioning
+runs on one rank and is broadcast, every rank scores its contiguous shard of the training set, and the
+scores are all-gathered back into the original order, so every rank returns the full result. A failure
+while preconditioning or scoring on any rank raises on every rank.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trustrepair.capture import TokenCapture, as_examples, describe_rows, padded_batches, unlabelled
+from trustrepair.contractions import ghost_dots, low_rank_ghost_dots, projected_gradients
+from trustrepair.distributed import fail_together, gather_rows, map_once, progress_enabled, shard_range
+from trustrepair.ekfac import EKFACFactors, factor_dtype
+from trustrepair.modules import ModuleSelection, TrackedLayer, find_modules
+from trustrepair.task import Batch, CausalLMTask, Task
+
+
+def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str, Sequence[Mapping]], *,
+              damping: float | None = None, batch_size: int = 8, task: Task | None = None,
+              progress: bool = True, timings: dict | None = None) -> dict[str, torch.Tensor]:
+    """Aggregated influence gamma^j(z) of every training example on every aspect's metric.
+
+    Args:
+        model: the model the factors were fitted on (layer names and shapes are checked).
+        factors: from :func:`trustrepair.fit_ekfac`.
+        train: sequence or map-style dataset of training examples.
+        trust: aspect name -> list of trust queries ``{"proponent": ex, "opponent": ex}``.
+        damping: ``None`` for 0.1 * mean(Lambda) per module, or an absolute float.
+        batch_size: training examples (or queries) per pass.
+        task: defaults to :class:`CausalLMTask`.
+        progress: tqdm bars (on rank 0 only under ``torch.distributed``).
+        timings: if a dict is given, it receives seconds per stage: ``query_gradients``,
+            ``precondition``, ``scores``.
+    Returns:
+        aspect -> (n_train,) scores, float32 (float64 for a float64 model); positive = detrimental (see
+        the module docstring for sign and scale). Equals the mean over the aspect's queries of
+        :func:`pairwise_influence`.
+    """
+    if not isinstance(trust, Mapping) or not trust:
+        raise ValueError("trust must map each aspect name to a non-empty list of trust queries, e.g. "
+                         "{'truthfulness': [{'proponent': ex, 'opponent': ex}, ...]}")
+    task = task or CausalLMTask()
+    progress = progress_enabled(progress)
+    factors.check_model(model, weights=False)
+    layers = find_modules(model, list(factors.modules))
+    factors = factors.to(layers[0].module.weight.device)
+    examples = as_examples(train, "training set")
+    _warn_unlabelled(examples)
+    clock = _Clock(timings)
+
+    aspect_grads = []
+    for aspect, queries in trust.items():
+        if len(queries) == 0:
+            raise ValueError(f"aspect {aspect!r} has no trust queries")
+        aspect_grads.append(measurement_gradient(model, queries, modules=[l.name for l in layers], task=task,
+                                                 batch_size=batch_size, progress=progress))
+    clock.lap("query_gradients")
+    stacked = _precondition_shared(factors.precondition, factors,
+                                   {l.name: torch.stack([g[l.name] for g in aspect_grads]) for l in layers},
+                                   damping, progress)
+    clock.lap("precondition")
+
+    scores = _score_pass(model, layers, examples, task, batch_size, progress, len(aspect_grads),
+                         lambda i, a, g: ghost_dots(a, g, stacked[layers[i].name]), factor_dtype(layers))
+    clock.lap("scores")
+    return {aspect: -scores[:, j] for j, aspect in enumerate(trust)}
+
+
+def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: Sequence[Mapping], *,
+                       damping: float | None = None, query_rank: int | None = None, batch_size: int = 8,
+                       task: Task | None = None, progress: bool = True,
+                       timings: dict | None = None) -> torch.Tensor:
+    """Influence of every training example on every query's measurement.
+
+    scores[q, z] = - grad m_q^T (G + lambda I)^{-1} grad L(z), m_q = log P(o_q|m_q) - log P(p_q|m_q).
+
+    Args:
+        queries: trust queries ``{"proponent": ex, "opponent": ex}``.
+        query_rank: if given, each layer's preconditioned query gradient is replaced by its best rank-r
+            approximation (truncated SVD) and scores are contracted through the tokens, cutting memory
+            from Q d_out d_in to Q r (d_out + d_in) per layer; layers narrower than r stay exact.
+        Other arguments as in :func:`influence`.
+    Returns:
+        (n_query, n_train), float32 (float64 for a float64 model); positive = detrimental.
+    """
+    if query_rank is not None and query_rank < 1:
+        raise ValueError(f"query_rank must be a positive rank or None; got {query_rank}")
+    task = task or CausalLMTask()
+    progress = progress_enabled(progress)
+    factors.check_model(model, weights=False)
+    layers = find_modules(model, list(factors.modules))
+    factors = factors.to(layers[0].module.weight.device)
+    examples = as_examples(train, "training set")
+    queries = as_queries(queries)
+    _warn_unlabelled(examples)
+    clock = _Clock(timings)
+
+    per_query = per_query_projected_gradients(model, factors, layers, queries, task, batch_size, progress)
+    clock.lap("query_gradients")
+    directions = _precondition_shared(factors.precondition_projected, factors, per_query, damping, progress)
+    del per_query
+    contract = {}
+    for layer in layers:
+        u = directions.pop(layer.name)
+        if query_rank is not None and query_rank < min(layer.shape):
+            left, right = low_rank_factors(u, query_rank)
+            contract[layer.name] = (lambda a, g, left=left, right=right: low_rank_ghost_dots(a, g, left, right))
+        else:
+            contract[layer.name] = (lambda a, g, u=u: ghost_dots(a, g, u))
+    clock.lap("precondition")
+
+    scores = _score_pass(model, layers, examples, task, batch_size, progress, len(queries),
+                         lambda i, a, g: contract[layers[i].name](a, g), factor_dtype(layers))
+    clock.lap("scores")
+    return -scores.T.contiguous()
+
+
+def measurement_gradient(model: nn.Module, queries: Sequence[Mapping], *, modules: ModuleSelection = None,
+                         task: Task | None = None, batch_size: int = 8,
+                         progress: bool = False) -> dict[str, torch.Tensor]:
+    """grad F of the mean measurement F = (1/Q) sum_q [log P(o_q|m_q) - log P(p_q|m_q)], per layer.
+
+    Each chunk of queries runs as one stacked batch (proponents in the first half of the rows, opponents
+    in the second), so every layer runs once per measurement.
+
+    Returns:
+        module name -> (d_out, d_in [+ 1]) in the folded layout, float32 (float64 for a float64 model).
+    """
+    queries = as_queries(queries)
+    task = task or CausalLMTask()
+    layers = find_modules(model, modules)
+    batches = ((f"batch {n} of the trust queries", task.collate_queries(queries[start:start + batch_size]))
+               for n, start in enumerate(range(0, len(queries), batch_size)))
+    sums = _gradient_sums(model, layers, batches, task.measurement, task, progress)
+    return {name: grad / len(queries) for name, grad in sums.items()}
+
+
+def summed_gradient(model: nn.Module, examples, *, modules: ModuleSelection = None, task: Task | None = None,
+                    batch_size: int = 8, progress: bool = False) -> dict[str, torch.Tensor]:
+    """sum_{z in examples} grad L(z) per layer (data labels), e.g. the repair step's direction before
+    preconditioning: ``factors.precondition(summed_gradient(model, subset, modules=list(factors.modules)))``
+    then :func:`trustrepair.modules.apply_deltas` with ``alpha=beta``.
+
+    Returns:
+        module name -> (d_out, d_in [+ 1]) in the folded layout (bias last), float32 (float64 for a
+        float64 model).
+    """
+    task = task or CausalLMTask()
+    layers = find_modules(model, modules)
+    examples = as_examples(examples, "example subset")
+    batches = ((describe_rows("example subset", n, rows), batch)
+               for n, (rows, batch) in enumerate(padded_batches(examples, batch_size, collate=task.collate)))
+    return _gradient_sums(model, layers, batches, task.train_loss, task, progress)
+
+
+def per_query_projected_gradients(model: nn.Module, factors: EKFACFactors, layers: list[TrackedLayer], queries: list,
+                                  task: Task, batch_size: int, progress: bool = False) -> dict[str, torch.Tensor]:
+    """grad m_q per query and layer, in the layer's eigenbasis: name -> (Q, d_out, d_in [+ 1]) holding
+    Q_S^T grad m_q Q_A.
+
+    In a stacked batch, rows q (proponent) and Q + q (opponent) both feed m_q alone, so the query's
+    gradient is g^T a over the tokens of both rows; concatenating the two rows along the token axis gives
+    it as one "example" of 2T tokens, projected token by token (T << width), far cheaper than rotating a
+    dense (d_out, d_in) gradient per query.
+    """
+    dtype = factor_dtype(layers)
+    device = layers[0].module.weight.device
+    out = {l.name: torch.zeros(len(queries), *l.shape, dtype=dtype, device=device) for l in layers}
+    with TokenCapture(model, layers) as capture:
+        for number, start in enumerate(tqdm(range(0, len(queries), batch_size), desc="query gradients",
+                                            unit="batch", disable=not progress)):
+            chunk = queries[start:start + batch_size]
+            batch = task.collate_queries(chunk)
+            n = len(chunk)
+
+            def on_layer(i, a, g):
+                f = factors.modules[layers[i].name]
+                pairs_a = torch.cat([a[:n], a[n:]], dim=1)
+                pairs_g = torch.cat([g[:n], g[n:]], dim=1)
+                out[layers[i].name][start:start + n] = projected_gradients(pairs_a, pairs_g, f.q_a, f.q_s)
+
+            capture.run(lambda: task.measurement(model, batch), task.token_mask(batch),
+                        describe_rows("trust queries", number, list(range(start, start + n))), on_layer)
+    return out
+
+
+def low_rank_factors(u: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors of each matrix (truncated SVD): u (K, m, n) ~ left (K, m, r) @ right (K, r, n),
+    singular values folded into ``left``."""
+    left, singular, right = torch.linalg.svd(u, full_matrices=False)
+    return (left[..., :rank] * singular[..., None, :rank]).contiguous(), right[..., :rank, :].contiguous()
+
+
+def normalize_scores(scores):
+    """Min-max normalise scores to [0, 1] (the selection step's convention), per aspect for a dict.
+
+    (s - min s) / (max s - min s); a constant vector maps to all ones (every example equally
+    influential) rather than dividing by zero. Order and sign convention are kept: 1 = most detrimental.
+    """
+    if isinstance(scores, Mapping):
+        return {aspect: normalize_scores(s) for aspect, s in scores.items()}
+    low, high = scores.min(), scores.max()
+    if not bool(high > low):
+        return torch.ones_like(scores)
+    return (scores - low) / (high - low)
+
+
+def as_queries(queries) -> list:
+    """The trust queries as a list, each checked to have a proponent and an opponent."""
+    queries = list(queries)
+    if not queries:
+        raise ValueError("no trust queries given; pass a list of {'proponent': ex, 'opponent': ex}")
+    for i, q in enumerate(queries):
+        if not isinstance(q, Mapping) or {"proponent", "opponent"} - set(q):
+            raise ValueError(f"trust query {i} must be a dict with 'proponent' and 'opponent' examples")
+    return queries
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def _precondition_shared(precondition: Callable, factors: EKFACFactors, grads: dict[str, torch.Tensor],
+                         damping: float | None, progress: bool) -> dict[str, torch.Tensor]:
+    """``precondition(grads, damping)`` (a method of ``factors``) with each layer computed by one rank and
+    broadcast (:func:`trustrepair.distributed.map_once`, balanced by the rotations' cost
+    K d_out d_in (d_out + d_in) for (K, d_out, d_in) inputs): the work is split and every rank gets the
+    same directions. In a single process it is ``precondition`` layer by layer."""
+    names = list(grads)
+
+    def like(name):
+        reference = factors.modules[name].q_a
+        return torch.empty(grads[name].shape, dtype=reference.dtype, device=reference.device)
+
+    done = map_once(lambda name: precondition({name: grads[name]}, damping)[name], names, like,
+                    cost=lambda name: grads[name].numel() * (grads[name].shape[-2] + grads[name].shape[-1]),
+                    desc="preconditioning", progress=progress)
+    return dict(zip(names, done))
+
+
+def _score_pass(model, layers, examples, task, batch_size, progress, n_cols, contract, dtype) -> torch.Tensor:
+    """(n_train, n_cols): sum over layers of contract(layer_index, a, g) for every training example
+    (this rank's shard computed here, the others gathered in the original order)."""
+    device = layers[0].module.weight.device
+    shard = shard_range(len(examples))
+    scores = torch.zeros(len(shard), n_cols, dtype=dtype, device=device)
+    with fail_together("influence scoring"), TokenCapture(model, layers) as capture:
+        for number, (rows, batch) in enumerate(padded_batches(examples[shard.start:shard.stop], batch_size,
+                                                               "influence scores", progress, task.collate)):
+            index = torch.tensor(rows, device=device)
+            rows = [shard.start + row for row in rows]
+
+            def on_layer(i, a, g):
+                scores.index_add_(0, index, contract(i, a, g).to(dtype))
+
+            capture.run(lambda: task.train_loss(model, batch), task.token_mask(batch),
+                        describe_rows("training set", number, rows), on_layer)
+    return gather_rows(scores, len(examples)).cpu()
+
+
+def _gradient_sums(model: nn.Module, layers: list[TrackedLayer], batches: Iterable[tuple[str, Batch]],
+                   objective: Callable[[nn.Module, Batch], torch.Tensor], task: Task, progress: bool) -> dict:
+    """sum over every row of every (label, batch) of g_r^T a_r per layer: the gradient of the summed
+    objective, one (d_out, tokens) x (tokens, d_in) product per layer and batch."""
+    dtype = factor_dtype(layers)
+    device = layers[0].module.weight.device
+    sums = {l.name: torch.zeros(*l.shape, dtype=dtype, device=device) for l in layers}
+    with TokenCapture(model, layers) as capture:
+        for label, batch in tqdm(batches, desc="gradients", unit="batch", disable=not progress):
+            def on_layer(i, a, g):
+                a = a.reshape(-1, a.shape[-1]).to(dtype)
+                g = g.reshape(-1, g.shape[-1]).to(dtype)
+                sums[layers[i].name].addmm_(g.T, a)
+
+            capture.run(lambda: objective(model, batch), task.token_mask(batch), label, on_layer)
+    return sums
+
+
+def _warn_unlabelled(examples) -> None:
+    empty = unlabelled(examples)
+    if empty:
+        warnings.warn(f"{len(empty)} of {len(examples)} training examples have no labelled token (indices "
+                      f"{empty[:10]}{' ...' if len(empty) > 10 else ''}): their gradient is zero and they score 0",
+                      stacklevel=3)
+
+
+class _Clock:
+    """Fills ``timings[stage]`` with the seconds since the previous lap (no-op without a dict)."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[stage] = now - self.last
+        self.last = now
