@@ -189,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or an argument error (2, already reported on one line)
         return int(exc.code or 0)
     _configure_logging(args.log_level)
+    from .distributed import init_from_env, is_distributed
+
+    launched = not is_distributed() and init_from_env()  # under torchrun: one group for the whole command
     try:
         output = run_command(args)
     except USER_ERRORS as exc:
@@ -200,5 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trustrepair {args.command}: interrupted; completed stages in {args.out} are reused next time",
               file=sys.stderr)
         return 130
+    finally:
+        if launched:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     print(f"trustrepair {args.command}: done; output in {output}")
     return 0

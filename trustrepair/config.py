@@ -29,18 +29,21 @@ class DemoConfig:
     max_length: int = field(default=128, metadata={"help": "token budget per sequence (left-truncated)"})
     trained_blocks: int = field(default=2, metadata={"help": "last blocks fine-tuned, analysed and repaired"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT epochs (AdamW)"})
-    sft_lr: float = field(default=2e-5, metadata={"help": "SFT learning rate"})
+    sft_lr: float = field(default=1e-4, metadata={"help": "SFT learning rate (AdamW)"})
     fisher: str = field(default="empirical", metadata={"help": "'empirical' or 'sampled' Fisher for EK-FAC"})
     damping: float | None = field(default=None, metadata={"help": "absolute damping; None = 0.1 x mean(Lambda)"})
     subset_size: int = field(default=32, metadata={"help": "training examples per repair subset"})
     eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
     tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
+    beta_probes: int = field(default=4, metadata={"help": "evaluations per beta search (each: query-half "
+                                                          "log-odds and held-out perplexity)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per batch"})
     seed: int = field(default=0, metadata={"help": "seed of the splits, the SFT order and the random subsets"})
 
     def __post_init__(self):
         self.aspects = tuple(self.aspects)
-        positive = ("n_sft", "n_pairs", "max_length", "trained_blocks", "sft_epochs", "subset_size", "batch_size")
+        positive = ("n_sft", "n_pairs", "max_length", "trained_blocks", "sft_epochs", "subset_size", "batch_size",
+                "beta_probes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -11,6 +11,7 @@ Everything runs under ``torch.no_grad`` in the model's dtype, in length-sorted b
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -55,7 +56,7 @@ def perplexity(model: torch.nn.Module, examples: Sequence[Mapping], *, task: Tas
         total_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     if total_tokens == 0:
         raise ValueError("the perplexity set has no labelled tokens; every example's labels are -100")
-    return float(torch.tensor(total_nll / total_tokens).exp())
+    return math.exp(total_nll / total_tokens)
 
 
 def relative_change_pct(post: float, repaired: float) -> float:

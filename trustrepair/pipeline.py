@@ -6,9 +6,11 @@ crash leaves every completed stage reusable; a changed configuration is refused,
     sft       fine-tune the last ``trained_blocks`` blocks on the SFT split     -> sft/params.safetensors
     fit       EK-FAC factors on exactly those blocks' linear layers             -> factors/
     score     aggregated influence per aspect (query halves) + embeddings       -> scores.safetensors
-    select    subsets per aspect and strategy (dpp, topk, random) + common      -> selection.json
+    select    subsets per aspect and strategy (dpp, topk, random); one common   -> selection.json
+              DPP subset for all aspects (sum of normalised scores, Table 2)
     repair    Newton step per subset, beta searched under the perplexity bound  -> repairs/*.safetensors
-    evaluate  pre / post / repaired on query and held-out halves                 -> evaluation.json
+    evaluate  pre / post on every aspect; each repair on the aspect it targets  -> evaluation.json
+              (the common repair on every aspect), query and held-out halves
     report    tables, plots, top detrimental examples                          -> report.md/.json, *.png
 
 Only the last blocks are trained, analysed and repaired, so the hidden states entering them are the
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from .config import STRATEGIES, DemoConfig, write_json
+from .distributed import fail_together, is_main_process, progress_enabled
 from .evaluate import perplexity, query_log_odds
 
 logger = logging.getLogger(__name__)
@@ -40,12 +43,21 @@ class Run:
     def __init__(self, out_dir: str | os.PathLike, config: DemoConfig, *, progress: bool = True):
         self.dir = Path(out_dir)
         self.config = config
-        self.progress = progress
+        self.progress = progress_enabled(progress)
         self.timings: dict[str, float] = {}
         self._check_config()
         self._model = None
 
     # -- bookkeeping ---------------------------------------------------------------------------------
+    @staticmethod
+    def _publish(write) -> None:
+        """Run a write into the run directory on rank 0 only. Under ``torchrun`` every rank computes the
+        same stage result (fit and score share their work through the library); the other ranks wait
+        here, and an error on rank 0 is raised on every rank."""
+        with fail_together("writing the run directory"):
+            if is_main_process():
+                write()
+
     def _check_config(self) -> None:
         path = self.dir / "config.json"
         wanted = self.config.to_json()
@@ -57,7 +69,7 @@ class Run:
                     f"run directory {self.dir} was made with other settings {changed} (saved, requested); "
                     "use a new --out directory or delete that one")
         else:
-            write_json(path, wanted)
+            self._publish(lambda: write_json(path, wanted))
         timings = self.dir / "timings.json"
         if timings.is_file():
             self.timings = json.loads(timings.read_text())
@@ -67,7 +79,7 @@ class Run:
         start = time.perf_counter()
         yield
         self.timings[stage] = round(time.perf_counter() - start, 2)
-        write_json(self.dir / "timings.json", self.timings)
+        self._publish(lambda: write_json(self.dir / "timings.json", self.timings))
         logger.info("%s: %.1f s", stage, self.timings[stage])
 
     # -- model and data ------------------------------------------------------------------------------
@@ -76,7 +88,7 @@ class Run:
         if self._model is not None:
             return
         from .data import load_aspect, load_hh_sft
-        from .models import block_linear_names, freeze_all_but_last_blocks, load_causal_lm, transformer_blocks
+        from .models import block_layer_names, freeze_all_but_last_blocks, load_causal_lm, transformer_blocks
         from .tail import TailLM, TailTask, cache_prefix_hidden
 
         cfg = self.config
@@ -88,7 +100,7 @@ class Run:
         if cfg.trained_blocks > n_blocks:
             raise ValueError(f"trained_blocks={cfg.trained_blocks} but the model has {n_blocks} blocks")
         self.first_block = n_blocks - cfg.trained_blocks
-        self.module_names = block_linear_names(model, cfg.trained_blocks)
+        self.module_names = block_layer_names(model, cfg.trained_blocks)
         self.trained_params = freeze_all_but_last_blocks(model, cfg.trained_blocks)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -124,10 +136,13 @@ class Run:
                     for half_name, queries in zip(("query", "heldout"), halves):
                         flat = [q[side] for q in queries for side in ("proponent", "opponent")]
                         hidden[f"{aspect}/{half_name}"] = prefix(flat, f"hidden: {aspect} {half_name}")
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(".tmp")
-                torch.save(hidden, tmp)
-                os.replace(tmp, cache)
+                def save_cache():
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cache.with_suffix(".tmp")
+                    torch.save(hidden, tmp)
+                    os.replace(tmp, cache)
+
+                self._publish(save_cache)
 
         def attach(examples, states):
             return [{**ex, "hidden": h} for ex, h in zip(examples, states)]
@@ -152,10 +167,10 @@ class Run:
                                 batch_size=self.config.batch_size)
         return float(values.mean())
 
-    def evaluation(self) -> dict:
-        """Both halves of every aspect and the held-out perplexity for the model as it is now."""
+    def evaluation(self, aspects: Sequence[str] | None = None) -> dict:
+        """Both halves of ``aspects`` (default: all) and the held-out perplexity, for the model as it is."""
         return {"aspects": {a: {half: self.log_odds(a, half) for half in ("query", "heldout")}
-                            for a in self.config.aspects},
+                            for a in (aspects or self.config.aspects)},
                 "perplexity": self.perplexity()}
 
     # -- stages --------------------------------------------------------------------------------------
@@ -179,19 +194,24 @@ class Run:
         with self.timed("sft"):
             for name in self.trained_params:
                 params[name].requires_grad_(True)
-            history = supervised_finetune(self.tail, self.train, task=self.task, epochs=self.config.sft_epochs,
-                                          lr=self.config.sft_lr, batch_size=8, seed=self.config.seed,
-                                          progress=self.progress)
+            _, history = supervised_finetune(self.tail, self.train, task=self.task, epochs=self.config.sft_epochs,
+                                             lr=self.config.sft_lr, batch_size=self.config.batch_size, grad_accum=1,
+                                             trainable=self.config.trained_blocks, seed=self.config.seed,
+                                             progress=self.progress)
             for name in self.trained_params:
                 params[name].requires_grad_(False)
         with self.timed("evaluate_post"):
             post = self.evaluation()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({n: params[n].detach().contiguous() for n in self.trained_params}, str(tmp))
-        os.replace(tmp, path)
-        evals = {"pre": pre, "post": post, "sft_loss": [float(x) for x in history]}
-        write_json(evals_path, evals)
+        evals = {"pre": pre, "post": post, "sft_epoch_loss": [float(x) for x in history.epoch_losses]}
+
+        def save_sft():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({n: params[n].detach().contiguous() for n in self.trained_params}, str(tmp))
+            os.replace(tmp, path)
+            write_json(evals_path, evals)
+
+        self._publish(save_sft)
         return evals
 
     def stage_fit(self):
@@ -231,9 +251,12 @@ class Run:
             out = {f"score/{a}": scores[a].double().cpu().numpy() for a in self.config.aspects}
         with self.timed("embeddings"):
             out["embeddings"] = self.response_embeddings(self.train)
-        tmp = path.with_suffix(".tmp")
-        save_file(out, str(tmp))
-        os.replace(tmp, path)
+        def save_scores():
+            tmp = path.with_suffix(".tmp")
+            save_file(out, str(tmp))
+            os.replace(tmp, path)
+
+        self._publish(save_scores)
         return out
 
     @torch.no_grad()
@@ -262,11 +285,13 @@ class Run:
         selection = {}
         with self.timed("select"):
             for target, values in targets.items():
+                strategies = ("dpp",) if target == "common" else STRATEGIES
                 selection[target] = {
-                    strategy: [int(i) for i in select(strategy, values, scores["embeddings"], cfg.subset_size,
-                                                      eta=cfg.eta, seed=cfg.seed)]
-                    for strategy in STRATEGIES}
-        write_json(path, selection)
+                    strategy: [int(i) for i in select(strategy, values, cfg.subset_size,
+                                                      embeddings=scores["embeddings"], eta=cfg.eta,
+                                                      seed=cfg.seed)]
+                    for strategy in strategies}
+        self._publish(lambda: write_json(path, selection))
         return selection
 
     def _objective(self, target: str, post_eval: dict):
@@ -283,7 +308,7 @@ class Run:
 
     def stage_repair(self) -> dict:
         """For every target and strategy: the Newton direction, the beta search, the saved delta."""
-        from .repair import RepairDelta, newton_direction, search_beta
+        from .repair import BetaPoint, RepairDelta, newton_direction, search_beta
 
         selection = self.stage_select()
         factors = self.stage_fit()
@@ -295,29 +320,33 @@ class Run:
         with self.timed("repair"):
             for target, by_strategy in selection.items():
                 measure = self._objective(target, evals["post"])
+                baseline = BetaPoint(0.0, *measure(self.tail))
                 results[target] = {}
                 for strategy, subset in by_strategy.items():
                     direction = newton_direction(self.tail, factors, self.train, subset, task=self.task,
-                                                 damping=self.config.damping, batch_size=self.config.batch_size)
+                                                 damping=self.config.damping, batch_size=self.config.batch_size,
+                                                 progress=self.progress)
                     beta0 = self._initial_beta(direction)
                     best, points, base = search_beta(direction.scaled, self.tail, measure,
                                                      tolerance=self.config.tolerance, beta0=beta0,
-                                                     progress=self.progress)
+                                                     max_probes=self.config.beta_probes,
+                                                     baseline=baseline, progress=self.progress)
                     delta: RepairDelta = direction.scaled(best.beta)
                     delta.metadata.update(target=target, strategy=strategy, beta=best.beta)
-                    delta.save(self.dir / "repairs" / f"{target}_{strategy}.safetensors")
+                    self._publish(lambda: delta.save(self.dir / "repairs" / f"{target}_{strategy}.safetensors"))
                     results[target][strategy] = {
                         "beta": best.beta, "subset": subset,
                         "points": [dataclasses.asdict(p) for p in [base] + points]}
-        write_json(path, results)
+        self._publish(lambda: write_json(path, results))
         return results
 
     def _initial_beta(self, direction) -> float:
-        """The beta at which the step's norm is 1e-4 of the analysed weights' norm: a safe first probe."""
+        """The beta at which the step's norm is 1e-3 of the analysed weights' norm: a first probe that is
+        in the quadratic regime of the perplexity yet large enough to measure its rise."""
         modules = dict(self.tail.named_modules())
         weight_sq = sum(float(modules[n].weight.detach().double().pow(2).sum()) for n in direction.deltas)
         step_sq = sum(float(d.double().pow(2).sum()) for d in direction.deltas.values())
-        return 1e-4 * (weight_sq / max(step_sq, 1e-300)) ** 0.5
+        return 1e-3 * (weight_sq / max(step_sq, 1e-300)) ** 0.5
 
     def stage_evaluate(self) -> dict:
         from .repair import RepairDelta
@@ -335,11 +364,11 @@ class Run:
                     delta = RepairDelta.load(self.dir / "repairs" / f"{target}_{strategy}.safetensors")
                     delta.apply(self.tail)
                     try:
-                        repaired[target][strategy] = self.evaluation()
+                        repaired[target][strategy] = self.evaluation(None if target == "common" else (target,))
                     finally:
                         delta.revert(self.tail)
         result = {"pre": evals["pre"], "post": evals["post"], "repaired": repaired}
-        write_json(path, result)
+        self._publish(lambda: write_json(path, result))
         return result
 
     def stage_report(self) -> Path:
@@ -362,7 +391,8 @@ class Run:
             "top_examples": top,
             "timings_s": self.timings,
         }
-        return write_report(results, self.dir)
+        self._publish(lambda: write_report(results, self.dir))
+        return self.dir / "report.md"
 
     def sizes(self) -> dict:
         self.load()

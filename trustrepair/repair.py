@@ -6,7 +6,7 @@ Two methods, both anchored at the post-SFT parameters theta_post (paper Sec. 3.4
       theta = theta_post + beta * sum_{z in S} (G + lambda I)^{-1} grad L(z),
   reusing the fitted factors. The step is linear in beta, so a beta search evaluates one direction at
   many scales without recomputing anything.
-* ``"pbrf"`` (Eq. 4): a few Adam steps on the Proximal Bregman Response Function
+* ``"pbrf"`` (Eq. 4): a few gradient-descent steps on the Proximal Bregman Response Function
       mean_tokens KL(p_post || p_theta) - beta * sum_{z in S} L(z) + lambda/2 ||theta - theta_post||^2,
   where the KL over a sample of SFT tokens is the Bregman divergence of the cross-entropy in function
   space: it holds the model's predictions on ordinary data in place while the subset's loss rises.
@@ -100,16 +100,17 @@ def _batches(items: Sequence, batch_size: int):
 
 def newton_direction(model: torch.nn.Module, factors, train: Sequence, subset: Sequence[int], *,
                      task: Task | None = None, damping: float | None = None,
-                     batch_size: int = 8) -> RepairDelta:
+                     batch_size: int = 8, progress: bool = False) -> RepairDelta:
     """sum_{z in S} (G + lambda I)^{-1} grad L(z) as a :class:`RepairDelta` at beta = 1 (Eq. 5).
 
     The summed gradient of the subset's loss is taken per analysed layer in the folded (d_out, d_in [+1])
     layout and preconditioned by ``factors.precondition`` (EK-FAC eigenbasis, damping as given).
     """
-    from .influence import summed_gradients
+    from .influence import summed_gradient
 
     subset = _check_subset(train, subset)
-    grads = summed_gradients(model, factors, [train[i] for i in subset], task=task, batch_size=batch_size)
+    grads = summed_gradient(model, [train[i] for i in subset], modules=list(factors.modules), task=task,
+                            batch_size=batch_size, progress=progress)
     deltas = factors.precondition(grads, damping=damping)
     return RepairDelta(deltas, {"method": "newton", "beta": 1.0, "subset_size": len(subset),
                                 "damping": damping})
@@ -133,7 +134,11 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
                 layers: Sequence[TrackedLayer], kl_examples: Sequence, proximal: float = 1e-3,
                 steps: int = 10, lr: float = 1e-4, task: Task | None = None, batch_size: int = 8,
                 init: RepairDelta | None = None, progress: bool = False) -> RepairDelta:
-    """Minimise the PBRF objective (Eq. 4) over the ``layers``' parameters for ``steps`` Adam steps.
+    """Minimise the PBRF objective (Eq. 4) over the ``layers``' parameters for ``steps`` gradient steps.
+
+    Plain gradient descent, not Adam: the objective's gradient at theta_post is exactly the ascent term
+    (the KL and proximal terms are stationary there), and Adam's per-coordinate normalisation would
+    blow rounding noise up to full-size steps when beta is small.
 
     The model is restored to theta_post before returning: apply the returned delta to use the repair.
 
@@ -163,7 +168,7 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
         p.requires_grad_(True)
     if init is not None:
         init.apply(model)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.SGD(params, lr=lr)
     try:
         for _ in tqdm(range(steps), desc=f"PBRF beta={beta:.3g}", disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
@@ -198,28 +203,43 @@ class BetaPoint:
 
 def search_beta(make_delta: Callable[[float], RepairDelta], model: torch.nn.Module,
                 measure: Callable[[torch.nn.Module], tuple[float, float]], *, tolerance: float = 0.01,
-                beta0: float, grow: float = 2.0, max_grow: int = 12, refine: int = 3,
+                beta0: float, max_probes: int = 5, baseline: BetaPoint | None = None,
                 progress: bool = False) -> tuple[BetaPoint, list[BetaPoint], BetaPoint]:
-    """Largest trust gain whose perplexity stays within ``tolerance`` of the post-SFT model (Eq. 1).
+    """Largest step whose perplexity stays within ``tolerance`` of the post-SFT model (Eq. 1).
 
-    Betas grow geometrically from ``beta0`` until the perplexity leaves the tolerance, then ``refine``
-    bisection steps (on a log scale) sharpen the boundary. Among the admissible points the one with the
-    lowest metric wins. ``measure(model) -> (metric, perplexity)`` is called with the delta applied; the
-    model is always restored.
+    Each probe applies ``make_delta(beta)``, calls ``measure(model) -> (metric, perplexity)`` and
+    restores the model. Near theta_post the log-perplexity grows about quadratically in beta (the
+    post-SFT optimum makes the first-order term small), so from the largest admissible probe
+    (beta_lo, d_lo = log(ppl / ppl_post) > 0) the next probe aims at the boundary with
+    beta = 0.95 * beta_lo * sqrt(log(1 + tolerance) / d_lo), kept inside the bracket by a geometric
+    bisection once an inadmissible probe is known, and grows 4x while the perplexity does not rise.
+    Probing stops after ``max_probes`` or when the bracket is within 10%.
+
+    The chosen point is the admissible probe with the lowest metric (the metric falls with beta in the
+    first-order regime, so this is normally the largest admissible beta); beta = 0 (no repair) when no
+    probe improves the metric.
+
+    ``baseline`` (the post-SFT point, beta = 0) is measured unless given, so searches along several
+    directions from the same model can share it.
 
     Returns:
-        (best point, every evaluated point in beta order, the post-SFT point at beta = 0).
+        (chosen point, every probe in beta order, the post-SFT point at beta = 0).
     """
-    if not 0 <= tolerance:
+    if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 (a relative perplexity increase), got {tolerance}")
     if beta0 <= 0:
         raise ValueError(f"beta0 must be positive, got {beta0}")
-    metric0, ppl0 = measure(model)
-    baseline = BetaPoint(0.0, metric0, ppl0)
-    limit = ppl0 * (1.0 + tolerance)
+    if max_probes < 1:
+        raise ValueError(f"max_probes must be >= 1, got {max_probes}")
+    if baseline is None:
+        baseline = BetaPoint(0.0, *measure(model))
+    ppl0 = baseline.perplexity
+    target = math.log1p(tolerance)
     points: list[BetaPoint] = []
-
-    def evaluate_at(beta: float) -> BetaPoint:
+    low: BetaPoint | None = None
+    high: float | None = None
+    beta = beta0
+    for _ in tqdm(range(max_probes), desc="beta search", disable=not progress, leave=False):
         delta = make_delta(beta)
         delta.apply(model)
         try:
@@ -228,32 +248,27 @@ def search_beta(make_delta: Callable[[float], RepairDelta], model: torch.nn.Modu
             delta.revert(model)
         point = BetaPoint(beta, metric, ppl)
         points.append(point)
-        return point
-
-    bar = tqdm(total=max_grow + refine, desc="beta search", disable=not progress, leave=False)
-    good, bad = 0.0, None
-    beta = beta0
-    for _ in range(max_grow):
-        point = evaluate_at(beta)
-        bar.update()
-        if not math.isfinite(point.perplexity) or point.perplexity > limit:
-            bad = beta
+        rise = math.log(ppl / ppl0) if math.isfinite(ppl) and ppl > 0 else math.inf
+        if rise <= target:
+            low = point if low is None or beta > low.beta else low
+        else:
+            high = beta if high is None else min(high, beta)
+        low_beta = low.beta if low is not None else 0.0
+        if high is not None and low_beta > 0 and high / low_beta < 1.1:
             break
-        good = beta
-        beta *= grow
-    if bad is not None:
-        low = good if good > 0 else beta0 / grow ** 2
-        for _ in range(refine):
-            mid = math.sqrt(low * bad)
-            point = evaluate_at(mid)
-            bar.update()
-            if math.isfinite(point.perplexity) and point.perplexity <= limit:
-                low = mid
-            else:
-                bad = mid
-    bar.close()
+        low_rise = math.log(low.perplexity / ppl0) if low is not None else 0.0
+        if low is not None and low_rise > 1e-9:
+            guess = 0.95 * low.beta * math.sqrt(target / low_rise)
+        else:
+            guess = max(low_beta, beta) * 4.0
+        if high is not None:
+            bisect = math.sqrt(max(low_beta, beta0 / 16) * high)
+            guess = guess if low_beta < guess < high else bisect
+        if any(abs(guess - p.beta) <= 1e-3 * guess for p in points):
+            break
+        beta = guess
     points.sort(key=lambda p: p.beta)
-    admissible = [p for p in points if math.isfinite(p.perplexity) and p.perplexity <= limit]
+    admissible = [p for p in points if math.isfinite(p.perplexity) and math.log(p.perplexity / ppl0) <= target]
     best = min(admissible, key=lambda p: p.metric) if admissible else baseline
     if best.metric >= baseline.metric:
         best = baseline
@@ -267,15 +282,15 @@ def repair(model: torch.nn.Module, factors, train: Sequence, subset: Sequence[in
     """Repair ``model`` on ``subset`` at step size ``beta``; returns the change (the model is unchanged).
 
     ``method="newton"``: beta * sum_S (G + lambda I)^{-1} grad L(z) with the EK-FAC ``factors`` and
-    ``damping`` (None: 0.1 x mean eigenvalue correction per module). ``method="pbrf"``: ``steps`` Adam
-    steps on the PBRF objective over the analysed modules' parameters, warm-started at the Newton step,
+    ``damping`` (None: 0.1 x mean eigenvalue correction per module). ``method="pbrf"``: ``steps``
+    gradient steps (learning rate ``lr``) on the PBRF objective over the analysed modules' parameters, warm-started at the Newton step,
     with the KL term on ``kl_examples``. Apply the result with ``delta.apply(model)``; undo with
     ``delta.revert(model)``.
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0 (the weight of the loss ascent on the subset), got {beta}")
     direction = newton_direction(model, factors, train, subset, task=task, damping=damping,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, progress=progress)
     newton = direction.scaled(beta)
     newton.metadata.update(method="newton", beta=beta)
     if method == "newton":

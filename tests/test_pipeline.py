@@ -1,0 +1,72 @@
+"""The demo pipeline and the CLI stages end to end on a tiny model with the real (sliced) datasets."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_byte_tokenizer
+from trustrepair.cli import main
+from trustrepair.config import DemoConfig
+from trustrepair.pipeline import Run
+from trustrepair.repair import RepairDelta
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = make_byte_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_config(model_dir, data_dir, **overrides):
+    settings = dict(model=str(model_dir), data_dir=str(data_dir), n_sft=20, n_pairs=10, max_length=48,
+                    trained_blocks=2, subset_size=4, batch_size=8, sft_lr=1e-3)
+    settings.update(overrides)
+    return DemoConfig(**settings)
+
+
+def test_cli_stages_then_demo_reuse_every_stage(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--quiet", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
+            "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--subset-size", "4", "--batch-size", "8",
+            "--sft-lr", "1e-3"]
+    for stage in ("sft", "fit", "score", "select", "repair", "evaluate", "report"):
+        assert main([stage, *args]) == 0, stage
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["aspects"]) == {"truthfulness", "ethics", "bias"}
+    for aspect, entry in report["aspects"].items():
+        for key in ("pre", "post", "repaired"):
+            assert torch.isfinite(torch.tensor(entry[key]["log_odds"])), (aspect, key)
+    ppl = report["perplexity"]
+    assert ppl["repaired"] <= ppl["post"] * 1.01 + 1e-9, "the beta search must respect the 1% tolerance"
+    assert (out / "beta_sweep.png").stat().st_size > 0
+    selection = json.loads((out / "selection.json").read_text())
+    assert set(selection) == {"truthfulness", "ethics", "bias", "common"}
+    assert all(len(s) == 4 for by in selection.values() for s in by.values())
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".json"}
+    assert main(["demo", *args]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.name not in ("report.md", "beta_sweep.png"))
+
+
+def test_saved_repair_reproduces_its_evaluation_and_reverts(tiny_model_dir, shared_data, tmp_path):
+    run = Run(tmp_path / "run", tiny_config(tiny_model_dir, shared_data, aspects=("truthfulness",)), progress=False)
+    evaluation = run.stage_evaluate()
+    before = {n: p.detach().clone() for n, p in run.tail.named_parameters()}
+    delta = RepairDelta.load(tmp_path / "run" / "repairs" / "truthfulness_dpp.safetensors")
+    delta.apply(run.tail)
+    again = run.evaluation()
+    delta.revert(run.tail)
+    want = evaluation["repaired"]["truthfulness"]["dpp"]
+    assert again["aspects"]["truthfulness"]["heldout"] == pytest.approx(want["aspects"]["truthfulness"]["heldout"], rel=1e-5)
+    assert again["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    for name, p in run.tail.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=1e-6)
