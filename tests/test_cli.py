@@ -32,6 +32,7 @@ OTHER_VALUES = {
     "subset_size": ("8", 8),
     "eta": ("2.5", 2.5),
     "tolerance": ("0.02", 0.02),
+    "beta_probes": ("6", 6),
     "batch_size": ("5", 5),
     "seed": ("7", 7),
 }

@@ -89,7 +89,8 @@ def _aspect_summary(evaluation: Mapping, repairs: Mapping, aspects: list[str], h
 
 
 def _strategy_table(evaluation: Mapping, repairs: Mapping, aspects: list[str]) -> dict:
-    """target -> strategy -> beta, |S|, perplexity and its change, both halves of every aspect."""
+    """target -> strategy -> beta, |S|, perplexity and its change, both halves of every aspect the
+    repair was evaluated on (its own aspect; every aspect for the common subset)."""
     post = evaluation["post"]
     table = {}
     for target, by_strategy in evaluation["repaired"].items():
@@ -105,7 +106,7 @@ def _strategy_table(evaluation: Mapping, repairs: Mapping, aspects: list[str]) -
                                        "relative_change_pct": _finite(relative_change_pct(
                                            post["aspects"][a][half], ev["aspects"][a][half]))}
                                 for half in ("heldout", "query")}
-                            for a in aspects},
+                            for a in aspects if a in ev["aspects"]},
             }
     return table
 
