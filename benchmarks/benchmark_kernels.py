@@ -16,7 +16,8 @@ Providers: ``reference`` (``trustrepair.contractions``: the ``*_reference`` func
 ``trustrepair`` (``trustrepair.kernels``). Precisions: ``fp32`` (exact float32 products,
 ``torch.set_float32_matmul_precision("highest")``), ``tf32`` (``"high"``), ``bf16`` (activations and
 gradients in bfloat16; accumulation float32 in both providers). Rates are compared with the card's own
-``torch.matmul`` rate for the same precision, measured in the same run (8192^3 products).
+``torch.matmul`` rate for the same precision, measured in the same run (8192^3 products after a warm-up,
+see :func:`matmul_rates`).
 
 On CUDA, times are ``triton.testing.do_bench`` medians (L2 flushed before each call). Without CUDA only
 the reference runs, on the CPU, timed with ``time.perf_counter`` after a warm-up, and the script says so;
@@ -117,7 +118,9 @@ def providers(op: str, o: dict) -> dict:
 
 
 def time_call(fn, device: torch.device, repeats: int = 5) -> dict:
-    """Median and p20 / p80 milliseconds of ``fn()`` and its peak extra device memory (MiB, CUDA only)."""
+    """Median and p20 / p80 milliseconds of ``fn()`` and its peak extra device memory (MiB, CUDA only).
+    On CUDA the first call compiles / autotunes outside the timing, then :func:`warm_up` brings the clock
+    back up (compilation leaves the card idle) before ``do_bench``."""
     if device.type == "cuda":
         import triton
 
@@ -128,6 +131,7 @@ def time_call(fn, device: torch.device, repeats: int = 5) -> dict:
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        warm_up(device, 0.1)
         median, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
         return {"ms": median, "p20": p20, "p80": p80, "peak_mib": peak}
     fn()
@@ -141,24 +145,100 @@ def time_call(fn, device: torch.device, repeats: int = 5) -> dict:
             "peak_mib": float("nan")}
 
 
-def matmul_rates(device: torch.device, size: int = 8192) -> dict:
-    """TFLOP/s of torch.matmul on random size^3 products: fp32 (exact), tf32, bf16 (CUDA only)."""
-    import triton
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
+
+def _run_for(fn, seconds: float, device: torch.device) -> tuple[int, float]:
+    """Calls ``fn`` back to back, four at a time between synchronisations, until ``seconds`` have passed;
+    returns (calls, seconds taken)."""
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < seconds:
+        for _ in range(4):
+            fn()
+        calls += 4
+        _synchronize(device)
+    return calls, time.perf_counter() - start
+
+
+def warm_up(device: torch.device, seconds: float) -> None:
+    """Keeps ``device`` busy with 4096^3 bfloat16 products for ``seconds``, so that its clock is up when a
+    timing starts (an idle H100 sat at 345 MHz of its 1980)."""
+    x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    _run_for(lambda: x @ x, seconds, device)
+
+
+def sm_clock() -> str:
+    """The SM clock of every GPU as nvidia-smi reports it now, or why it could not be read."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({type(exc).__name__}: {exc})"
+    return proc.stdout.strip().replace("\n", " / ") or f"unavailable (nvidia-smi exit {proc.returncode})"
+
+
+def matmul_rates(device: torch.device, size: int = 8192, warmup_s: float = 1.0, window_s: float = 0.1,
+                 windows: int = 15) -> dict:
+    """TFLOP/s of ``torch.matmul`` on size^3 products (2 size^3 FLOP each): fp32 (exact), tf32 and bf16.
+
+    A GPU idles at a low clock and ramps up only under sustained load: timing a few products straight
+    away measured 22 / 147 / 178 TFLOP/s on an H100 that reaches about 51 / 400 / 765. So, per precision:
+    products back to back for ``warmup_s``; then ``windows`` windows of about ``window_s`` each, every
+    window a run of back-to-back products (``out=`` a fixed buffer, operands rotated over three pairs),
+    timed by synchronising the device around it (the launch overhead hides behind the queued work). The
+    rate is that of the median window, with the p20 / p80 windows' rates beside it, and nvidia-smi's SM
+    clock read while one more window runs, to show whether the card was at speed.
+
+    Returns:
+        {precision: {"tflops", "tflops_p20", "tflops_p80", "products_per_window", "sm_clock"}}.
+    """
     rates = {}
     previous = torch.get_float32_matmul_precision()
     try:
         for precision in PRECISIONS:
             torch.set_float32_matmul_precision(MATMUL_PRECISION[precision])
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-            x = torch.randn(size, size, device=device, dtype=dtype)
-            y = torch.randn(size, size, device=device, dtype=dtype)
-            ms = triton.testing.do_bench(lambda: x @ y, warmup=20, rep=200, return_mode="median")
-            rates[precision] = 2 * size**3 / (ms * 1e-3) / 1e12
-            del x, y
+            pairs = [(torch.randn(size, size, device=device, dtype=dtype),
+                      torch.randn(size, size, device=device, dtype=dtype)) for _ in range(3)]
+            out = torch.empty(size, size, device=device, dtype=dtype)
+            turn = [0]
+
+            def product():
+                x, y = pairs[turn[0] % len(pairs)]
+                turn[0] += 1
+                torch.matmul(x, y, out=out)
+
+            _run_for(product, warmup_s, device)
+            calls, seconds = _run_for(product, window_s / 2, device)  # the per-product time at speed
+            per_window = max(4, round(window_s / (seconds / calls)))
+            times = []
+            for _ in range(windows):
+                start = time.perf_counter()
+                for _ in range(per_window):
+                    product()
+                _synchronize(device)
+                times.append(time.perf_counter() - start)
+            for _ in range(per_window):  # one more window, untimed, under which the clock is read
+                product()
+            clock = sm_clock() if device.type == "cuda" else "n/a (cpu)"
+            _synchronize(device)
+            times.sort()
+            flop = 2 * size**3 * per_window
+            rates[precision] = {"tflops": flop / statistics.median(times) / 1e12,
+                                "tflops_p20": flop / times[(4 * len(times)) // 5] / 1e12,
+                                "tflops_p80": flop / times[len(times) // 5] / 1e12,
+                                "products_per_window": per_window, "sm_clock": clock}
+            del pairs, out
     finally:
         torch.set_float32_matmul_precision(previous)
     return rates
+
+
+def format_rates(rates: dict) -> str:
+    return ", ".join(f"{k} {v['tflops']:.0f} (p20-p80 {v['tflops_p20']:.0f}-{v['tflops_p80']:.0f}; SM clock "
+                     f"{v['sm_clock']})" for k, v in rates.items())
 
 
 def run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, rates=None) -> dict:
@@ -178,7 +258,7 @@ def run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, 
             record[name] = time_call(fn, device)
             record[name]["tflops"] = record["gflop"] / record[name]["ms"]
             if rates:
-                record[name]["of_matmul"] = record[name]["tflops"] / rates[precision]
+                record[name]["of_matmul"] = record[name]["tflops"] / rates[precision]["tflops"]
         if "trustrepair" in results:
             ref = results["reference"]
             record["rel_err"] = float((results["trustrepair"] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -221,7 +301,7 @@ def run(ops=OPS, precisions=PRECISIONS, layers=None, batch=16, tokens=512, n_que
         precisions = [p for p in precisions if p != "tf32"]  # TF32 does not exist on the CPU
     rates = matmul_rates(device) if device.type == "cuda" else None
     if rates:
-        progress("torch.matmul TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+        progress("torch.matmul TFLOP/s: " + format_rates(rates))
     records = []
     for op in ops:
         for layer, shape in layers.items():
@@ -262,8 +342,8 @@ def resource_report(arch: int = 90) -> list[str]:
     lines = ["| kernel | mode | operands | config | registers | stack bytes | wgmma | mma.sync |",
              "|---|---|---|---|---|---|---|---|"]
     for name, fn, operand_ptrs, fp32_ptrs, aligned, ones, modes in kernels:
-        for operands, element, precision in [("tf32", "fp32", "tf32"), ("bf16", "bf16", "tf32"),
-                                             ("fp32", "fp32", "ieee")]:
+        for operands, element, precision in [("tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee"),
+                                             ("fp32", "fp32", "ieee")]:  # as _launch.input_precision decides
             for mode, configs in modes.items():
                 for config in configs:
                     constexprs = {"INPUT_PRECISION": precision, "ACC_DTYPE": tl.float32, **config.kwargs,

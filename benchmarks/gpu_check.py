@@ -15,9 +15,10 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 
 1. environment: card, driver, versions, multiprocessors;
 2. tests: ``pytest tests/test_kernels.py`` on CUDA (every kernel compiled, against its reference, the
-   ``gpu``-marked bfloat16 / TF32 / inductor / dispatch tests included), then the ``gpu``-marked tests of
-   the other test files; logs in ``$OUT/pytest.log``;
-3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below;
+   ``gpu``-marked bfloat16 / TF32 / inductor / dispatch tests included); log in ``$OUT/pytest.log``;
+3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below, each
+   after a second of warm-up and with the SM clock read under load (see
+   :func:`benchmark_kernels.matmul_rates`);
 4. kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32);
 5. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
    50304, random init, seed 0; 512 training sequences of 512 tokens, the first half prompt; 32 queries
@@ -29,7 +30,10 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
    the PyTorch reference path in exact fp32 (``TRUSTREPAIR_DISABLE_TRITON=1``: fit and pairwise, the
    "fp32 reference scores"); trustrepair under bf16 autocast; kronfluence's aggregate_query_gradients
    mode (a speed reference only).
-6. a table last, with the issue's goals and whether each was met; every number in ``$OUT/gpu_check.json``
+6. the ``gpu``-marked tests of the other test files (today the distributed engine on two gloo ranks
+   sharing the GPU: three processes, each compiling and autotuning the kernels), with whatever budget is
+   left (estimated at two minutes, not yet measured; 45 s was not enough), appended to ``$OUT/pytest.log``;
+7. a table last, with the issue's goals and whether each was met; every number in ``$OUT/gpu_check.json``
    and a ready-to-append section in ``$OUT/RESULTS_section.md`` (for benchmarks/RESULTS.md).
 """
 from __future__ import annotations
@@ -145,26 +149,28 @@ def kernels_importable() -> None:
     print("trustrepair.kernels mapped from the checkout (the editable install was not there)", flush=True)
 
 
-def tests(out: Path, timeout_s: float) -> dict:
-    summary = {}
-    with open(out / "pytest.log", "w") as log:
-        for label, args in [("kernels", ["tests/test_kernels.py"]),
-                            ("other gpu tests", ["-m", "gpu", "tests", "--ignore=tests/test_kernels.py"])]:
-            cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *args]
-            log.write(f"$ {' '.join(cmd)}\n")
-            log.flush()
-            t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      timeout=timeout_s if label == "kernels" else timeout_s / 4)
-                text = proc.stdout
-                last = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-                summary[label] = f"exit {proc.returncode}: {last[0]}"
-            except subprocess.TimeoutExpired as exc:
-                text = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode()
-                summary[label] = f"timed out after {exc.timeout:.0f} s"
-            log.write(text + f"\n({time.perf_counter() - t0:.0f} s)\n\n")
-            print(f"tests, {label}: {summary[label]}", flush=True)
+OTHER_GPU_TESTS_S = 120
+"""About what the other files' ``gpu`` tests need (collection, then three processes that each compile and
+autotune the kernels); the stage is skipped below it and otherwise gets every second left."""
+
+
+def pytest_run(out: Path, label: str, args: list[str], timeout_s: float) -> str:
+    """Runs pytest with ``args`` in the repository, appends its output to ``$OUT/pytest.log``; returns a
+    one-line summary (its last line, or the time-out)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *args]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout_s)
+        text = proc.stdout
+        last = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        summary = f"exit {proc.returncode}: {last[0]}"
+    except subprocess.TimeoutExpired as exc:
+        text = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode()
+        summary = f"timed out after {exc.timeout:.0f} s"
+    with open(out / "pytest.log", "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n{text}\n({time.perf_counter() - t0:.0f} s)\n\n")
+    print(f"tests, {label}: {summary}", flush=True)
     return summary
 
 
@@ -398,7 +404,7 @@ def planted_recovery(pairwise: torch.Tensor, aggregated: torch.Tensor | None) ->
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6: report
+# 7: report
 # ----------------------------------------------------------------------------------------------------
 
 def ratio(a, b):
@@ -512,11 +518,15 @@ def main(argv=None):
         return
     res["environment"] = run.stage("environment", environment)
     run.stage("import", kernels_importable)
-    res["tests"] = run.stage("tests", lambda: tests(out, args.test_timeout_s), needs_s=60)
+    (out / "pytest.log").write_text("")
+    res["tests"] = {"kernels": run.stage("tests", lambda: pytest_run(out, "kernels", ["tests/test_kernels.py"],
+                                                                     args.test_timeout_s), needs_s=60)}
 
     import benchmark_kernels as bk
 
     res["matmul_tflops"] = run.stage("matmul rates", lambda: bk.matmul_rates(torch.device("cuda")), needs_s=20)
+    if res["matmul_tflops"]:
+        print("torch.matmul TFLOP/s: " + bk.format_rates(res["matmul_tflops"]), flush=True)
     plan = [(("squares_tiles", "squares", "ghost", "ghost_k1"), ("tf32", "bf16", "fp32")),
             (("scores", "low_rank"), ("tf32",))]
 
@@ -543,6 +553,10 @@ def main(argv=None):
     res["tiles_of_tf32"] = min(tiles) if tiles and None not in tiles else None
 
     pipeline(run, PYTHIA, torch.device("cuda"))
+    res["tests"]["other gpu tests"] = run.stage(
+        "other gpu tests", lambda: pytest_run(out, "other gpu tests", ["-m", "gpu", "tests",
+                                                                       "--ignore=tests/test_kernels.py"],
+                                              run.left() - 10), needs_s=OTHER_GPU_TESTS_S)
     report(res, out)
 
 
@@ -599,13 +613,16 @@ def compare(res: dict) -> None:
 
 
 def report(res: dict, out: Path) -> None:
+    from benchmark_kernels import format_rates
+
     env = res.get("environment") or {}
     rates = res.get("matmul_tflops") or {}
     head = [f"{env.get('date', '?')}; {env.get('card', '?')} ({env.get('multiprocessors', '?')} SMs; "
             f"{env.get('nvidia_smi', '')}); python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
             f"triton {env.get('triton', '?')}, transformers {env.get('transformers', '?')}, kronfluence "
             f"{env.get('kronfluence', '?')}.",
-            "torch.matmul TFLOP/s (8192^3, same run): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()),
+            "torch.matmul TFLOP/s (8192^3 after 1 s of warm-up, median of 15 windows, same run): "
+            + (format_rates(rates) if rates else "not measured"),
             f"Tests: {res.get('tests')}",
             "Correlations: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("spearman")),
             f"Planted (TF32): {res.get('planted')}; planted (bf16): {res.get('planted_bf16')}",

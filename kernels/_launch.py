@@ -5,10 +5,21 @@
 * In what precision: the operands of a kernel's matrix products share one dtype, the promotion of the
   activations' and gradients' dtypes (float32, bfloat16 or float16), or float64 when any operand is
   float64 (as in :func:`trustrepair.contractions.compute_dtype`). Products accumulate in float32, or in
-  float64 for float64 operands, and results are returned in that accumulator dtype. A float32 product
-  uses TF32 tensor cores exactly when PyTorch's own float32 matmuls do
-  (``torch.get_float32_matmul_precision() != "highest"``), so a kernel and the PyTorch path it replaces
-  round the same way.
+  float64 for float64 operands, and results are returned in that accumulator dtype.
+* TF32: a float32 product uses TF32 tensor cores exactly when PyTorch's own float32 matmuls do
+  (``torch.get_float32_matmul_precision() != "highest"``). The kernels then round both operands of
+  every ``tl.dot`` to the nearest TF32 value (:func:`round_to_tf32`) before the product, as cuBLAS does:
+  fed raw float32, the tensor cores drop the 13 low mantissa bits (truncation, Triton's ``tl.dot``
+  documentation), which shrinks every product towards zero. Measured on an H100 (Triton 3.6) before the
+  rounding was added, that bias made the kernels' largest TF32 errors 2.4-4.4x those of PyTorch on the
+  same inputs (1.3-1.8e-3 relative at the worst entries, each one towards zero). With the rounding, a
+  kernel and PyTorch multiply the same TF32 operands and differ only in the order of their float32 sums.
+* float64 on CUDA is not a speed path, only a correctness tool: :func:`runs_reference` sends it to the
+  PyTorch reference, so float64 results on a GPU never depend on how a Triton version lowers a float64
+  ``tl.dot`` (tensor-core DMMA or FMA) and no GPU time goes to autotuning float64 kernels. The kernels
+  themselves are float64-clean (``tl.dot(..., out_dtype=ACC_DTYPE)``; Triton 3.6 refuses a float64
+  accumulator without it) and do run in float64 in the interpreter, which lets the CPU tests check their
+  indexing and masking to rounding (1e-11) rather than to float32 tolerances.
 """
 from __future__ import annotations
 
@@ -16,6 +27,7 @@ import functools
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -68,12 +80,33 @@ def tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
 
 
+def runs_reference(dtype: torch.dtype, device: torch.device) -> bool:
+    """True for float64 operands on a CUDA device: the launcher returns the PyTorch reference instead of
+    running its kernel (see the module docstring). False everywhere else, the interpreter included."""
+    return dtype == torch.float64 and device.type == "cuda"
+
+
 def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: "tf32" for float32 operands when PyTorch allows TF32 matmuls, else
-    "ieee" (exact float32 / float64 products; ignored for 16-bit operands)."""
+    """``tl.dot`` input precision: "tf32" for float32 operands when PyTorch allows TF32 matmuls (the
+    kernels then round their operands with :func:`round_to_tf32`), else "ieee" (exact float32 / float64
+    products; ignored for 16-bit operands)."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+@triton.jit
+def round_to_tf32(x):
+    """float32 ``x`` rounded to the nearest TF32 value (10 mantissa bits; ties to even), still as float32:
+    the 13 low bits of the IEEE pattern are rounded away. Infinities and NaNs pass unchanged; a finite
+    value above the largest TF32 one rounds to infinity, as IEEE rounding does."""
+    tl.static_assert(x.dtype == tl.float32, "round_to_tf32 takes float32 operands (TF32 applies to float32 only)")
+    bits = x.to(tl.uint32, bitcast=True)
+    # Adding 0xFFF plus the last kept bit carries into the kept bits exactly when the dropped ones exceed
+    # half a TF32 unit, or equal it with an odd last kept bit (ties to even).
+    rounded = (bits + (((bits >> 13) & 1) + 0xFFF)) & 0xFFFFE000
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
 
 
 @functools.lru_cache(maxsize=None)

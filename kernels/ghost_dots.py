@@ -17,8 +17,9 @@ Two kernels:
   (tokens x columns) products in registers and reduces their elementwise product over tokens:
   ``T K r (d_out + d_in)`` multiply-adds per example, neither product written to memory.
 
-Precision and devices: see :mod:`trustrepair.kernels._launch`; outputs are float32 (float64 for float64
-operands), partial sums reduced in a fixed order (deterministic). References:
+Precision and devices: see :mod:`trustrepair.kernels._launch` (TF32 operands rounded to nearest before
+each product; float64 on CUDA runs the reference); outputs are float32 (float64 for float64 operands),
+partial sums reduced in a fixed order (deterministic). References:
 :func:`trustrepair.contractions.ghost_dots_reference` and
 :func:`trustrepair.contractions.low_rank_ghost_dots` (whose own twin is the full reference).
 """
@@ -30,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from trustrepair import contractions
 from trustrepair.kernels import _launch
+from trustrepair.kernels._launch import round_to_tf32
 from trustrepair.kernels.projected_gradients import SCORES, contract_example_tiles
 
 
@@ -74,7 +77,9 @@ def _low_rank_kernel(
             x = tl.load(g_example + rt[:, None] * stride_gt + rkk[None, :] * stride_gi,
                         mask=mask_t[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(lt_ptr + rc[:, None] * d_out + rkk[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            g_left = tl.dot(x, tl.trans(w), g_left, input_precision=INPUT_PRECISION)
+            if INPUT_PRECISION == "tf32":
+                x, w = round_to_tf32(x), round_to_tf32(w)
+            g_left = tl.dot(x, tl.trans(w), g_left, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         a_right = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
         for k0 in range(0, d_in, BLOCK_K):
             rkk = k0 + rk
@@ -82,7 +87,9 @@ def _low_rank_kernel(
             x = tl.load(a_example + rt[:, None] * stride_at + rkk[None, :] * stride_aj,
                         mask=mask_t[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(rt_ptr + rc[:, None] * d_in + rkk[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            a_right = tl.dot(x, tl.trans(w), a_right, input_precision=INPUT_PRECISION)
+            if INPUT_PRECISION == "tf32":
+                x, w = round_to_tf32(x), round_to_tf32(w)
+            a_right = tl.dot(x, tl.trans(w), a_right, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         column_sums += tl.sum(g_left * a_right, axis=0)
     tl.store(out_ptr + tl.cast(b, tl.int64) * C + rc, column_sums, mask=mask_c)
 
@@ -116,7 +123,9 @@ def _check_low_rank(a, g, left, right) -> torch.dtype:
 
 def _ghost_dots(a, g, u) -> torch.Tensor:
     dtype = _check_full(a, g, u)
-    _launch.check_device(a=a, g=g, u=u)
+    device = _launch.check_device(a=a, g=g, u=u)
+    if _launch.runs_reference(dtype, device):
+        return contractions.ghost_dots_reference(a, g, u)
     gt = g.to(dtype).transpose(1, 2).contiguous()
     at = a.to(dtype).transpose(1, 2).contiguous()
     return contract_example_tiles(gt, at, SCORES, u)
@@ -124,7 +133,9 @@ def _ghost_dots(a, g, u) -> torch.Tensor:
 
 def _low_rank_ghost_dots(a, g, left, right) -> torch.Tensor:
     dtype = _check_low_rank(a, g, left, right)
-    _launch.check_device(a=a, g=g, left=left, right=right)
+    device = _launch.check_device(a=a, g=g, left=left, right=right)
+    if _launch.runs_reference(dtype, device):
+        return contractions.low_rank_ghost_dots(a, g, left, right)
     batch, tokens, d_in = a.shape
     n_mats, d_out, rank = left.shape
     acc = _launch.accumulator_dtype(dtype)

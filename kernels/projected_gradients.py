@@ -23,8 +23,9 @@ gradients). No P_b is ever written to memory:
 Multiply-adds per example: ``T (d_out^2 + d_in^2)`` for step 1, ``T d_out d_in`` for step 2, plus
 ``Q d_out d_in`` in scores mode, which also reads every query tile once per example, or once per two
 examples with the ``PAIRS`` configurations (two accumulators): for many queries that traffic, not the
-arithmetic, bounds the scores mode. Precision and devices: see :mod:`trustrepair.kernels._launch`; outputs
-are float32 (float64 for float64 operands). References: ``projected_gradient_squares_reference`` and
+arithmetic, bounds the scores mode. Precision and devices: see :mod:`trustrepair.kernels._launch` (TF32
+operands rounded to nearest before each product; float64 on CUDA runs the reference); outputs are float32
+(float64 for float64 operands). References: ``projected_gradient_squares_reference`` and
 ``projected_gradient_scores_reference`` in :mod:`trustrepair.contractions`.
 """
 from __future__ import annotations
@@ -35,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from trustrepair import contractions
 from trustrepair.kernels import _launch
+from trustrepair.kernels._launch import round_to_tf32
 
 SQUARES = 0
 SCORES = 1
@@ -114,13 +117,17 @@ def _example_tiles_kernel(
             mask_t = rt < T
             x = tl.load(g_rows + rt[None, :] * stride_gt, mask=mask_m[:, None] & mask_t[None, :], other=0.0)
             y = tl.load(a_rows + rt[None, :] * stride_at, mask=mask_n[:, None] & mask_t[None, :], other=0.0)
-            tile = tl.dot(x, tl.trans(y), tile, input_precision=INPUT_PRECISION)
+            if INPUT_PRECISION == "tf32":
+                x, y = round_to_tf32(x), round_to_tf32(y)
+            tile = tl.dot(x, tl.trans(y), tile, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             if PAIRS:
                 x2 = tl.load(g_rows + stride_gb + rt[None, :] * stride_gt, mask=mask_m2[:, None] & mask_t[None, :],
                              other=0.0)
                 y2 = tl.load(a_rows + stride_ab + rt[None, :] * stride_at, mask=mask_n2[:, None] & mask_t[None, :],
                              other=0.0)
-                tile2 = tl.dot(x2, tl.trans(y2), tile2, input_precision=INPUT_PRECISION)
+                if INPUT_PRECISION == "tf32":
+                    x2, y2 = round_to_tf32(x2), round_to_tf32(y2)
+                tile2 = tl.dot(x2, tl.trans(y2), tile2, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if MODE == 0:
             squares += tile * tile
             if PAIRS:
@@ -229,14 +236,18 @@ def _project(a, g, q_a, q_s, dtype):
 
 def _squares(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
     dtype = _check(a, g, q_a, q_s)
-    _launch.check_device(a=a, g=g, q_a=q_a, q_s=q_s)
+    device = _launch.check_device(a=a, g=g, q_a=q_a, q_s=q_s)
+    if _launch.runs_reference(dtype, device):
+        return contractions.projected_gradient_squares_reference(a, g, q_a, q_s)
     gt, at = _project(a, g, q_a, q_s, dtype)
     return contract_example_tiles(gt, at, SQUARES)
 
 
 def _scores(a, g, q_a, q_s, queries) -> torch.Tensor:
     dtype = _check(a, g, q_a, q_s, queries)
-    _launch.check_device(a=a, g=g, q_a=q_a, q_s=q_s, queries=queries)
+    device = _launch.check_device(a=a, g=g, q_a=q_a, q_s=q_s, queries=queries)
+    if _launch.runs_reference(dtype, device):
+        return contractions.projected_gradient_scores_reference(a, g, q_a, q_s, queries)
     gt, at = _project(a, g, q_a, q_s, dtype)
     return contract_example_tiles(gt, at, SCORES, queries)
 

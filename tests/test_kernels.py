@@ -6,13 +6,19 @@ triton (the interpreter is chosen when a kernel is defined, so setting it later 
 
 Tolerance (flash-attention's rule, STYLE.md): against a float64 "truth" (the reference run on the same
 inputs in float64), a kernel's largest error may be at most twice that of the plain PyTorch version in the
-kernel's dtype, plus a small absolute slack of 2^-20 times the largest truth entry. For float32 the plain
-version is the reference itself (it computes in float32); for bfloat16 (GPU only) it is the same algebra
-run in bfloat16 without upcasting, as flash-attention compares. Inputs are fresh random draws of awkward
-sizes (1, 17, 65: not multiples of any block), with random masked tokens, an all-masked example, one token
-and a batch of one. Launchers allocate their buffers with torch.empty; the tests poison those allocations
-with NaN, so any element a kernel fails to write shows up.
+kernel's dtype, plus a small absolute slack of 2^-20 times the largest truth entry. For exact float32 the
+plain version is the reference itself (it computes in float32); for TF32 and bfloat16 (GPU only) it is the
+kernel's own chain of products run in PyTorch in that precision (TF32 matmuls; bfloat16 without upcasting,
+as flash-attention compares), so both sides round the same operands. TF32 rounding itself is checked on
+every device: the kernels must round their operands to the nearest TF32 value, as cuBLAS does, and then
+agree with a float64 product of the rounded operands to float32 accumulation. Float64 on CUDA runs the
+reference (see trustrepair.kernels._launch); in the interpreter the kernels run in float64 and must match
+the reference to 1e-11. Inputs are fresh random draws of awkward sizes (1, 17, 65: not multiples of any
+block), with random masked tokens, an all-masked example, one token and a batch of one. Launchers allocate
+their buffers with torch.empty; the tests poison those allocations with NaN, so any element a kernel fails
+to write shows up.
 """
+import contextlib
 import math
 import zlib
 
@@ -20,6 +26,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from trustrepair import contractions  # noqa: E402
 from trustrepair.kernels import _launch  # noqa: E402
@@ -72,7 +79,8 @@ def _f64(ops):
 
 
 # One entry per kernel: (kernel, its reference twin, the plain same-dtype algebra), each taking the
-# operand dict.
+# operand dict. The plain algebra is the kernel's own order of products in the operand dtype, without
+# upcasting: the baseline of the tolerance rule for TF32 and bfloat16.
 def _plain_squares(o):
     q_a, q_s = o["q_a"].to(o["a"].dtype), o["q_s"].to(o["a"].dtype)
     p = torch.bmm((o["g"] @ q_s).transpose(1, 2), o["a"] @ q_a)
@@ -91,8 +99,11 @@ def _plain_ghost(o):
 
 
 def _plain_low_rank(o):
-    u = (o["left"] @ o["right"]).to(o["a"].dtype)
-    return _plain_ghost({**o, "mats": u})
+    n_mats, d_out, rank = o["left"].shape
+    left = o["left"].to(o["a"].dtype).permute(1, 0, 2).reshape(d_out, n_mats * rank)
+    right = o["right"].to(o["a"].dtype).reshape(n_mats * rank, -1)
+    per_token = (o["g"] @ left) * (o["a"] @ right.T)  # (B, T, K r)
+    return per_token.unflatten(2, (n_mats, rank)).sum(dim=(1, 3))
 
 
 OPS = {
@@ -124,6 +135,17 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", nan_empty)
 
 
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """torch.set_float32_matmul_precision for the block ("high": TF32 in PyTorch and in the kernels)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def assert_within_rule(name, out, truth, baseline):
     """``max|out - truth| <= 2 max|baseline - truth| + 2^-20 max|truth|``, with a report of where it fails."""
     assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
@@ -150,6 +172,7 @@ def test_kernel_matches_reference_float32(op, case, poison_empty):
     assert_within_rule(op, kernel(ops), truth, reference(ops))
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 on CUDA runs the reference: see the next test")
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_kernel_float64_is_exact_to_rounding(op, poison_empty):
     kernel, reference, _ = OPS[op]
@@ -158,6 +181,98 @@ def test_kernel_float64_is_exact_to_rounding(op, poison_empty):
     truth = reference(ops)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, truth, rtol=1e-11, atol=1e-11 * truth.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_float64_on_cuda_runs_the_reference(op):
+    kernel, reference, _ = OPS[op]
+    ops = _f64(_draw((3, 17, 17, 65, 3, 5), seed=7))
+    out = kernel(ops)
+    assert out.dtype == torch.float64 and torch.equal(out, reference(ops))
+
+
+def _tf32(x):
+    """float32 -> nearest TF32 value (ties to even) as float64, by significand arithmetic (independent of
+    the kernels' bit manipulation): frexp's significand in [0.5, 1) times 2^11 rounded to an integer."""
+    mantissa, exponent = torch.frexp(x.double().cpu())
+    return torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(11))), exponent - 11)
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n)
+    tl.store(out_ptr + offsets, _launch.round_to_tf32(x), mask=offsets < n)
+
+
+def test_round_to_tf32_is_round_to_nearest_even():
+    gen = torch.Generator().manual_seed(17)
+    values = torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-100, 100, (3000,), generator=gen).float())
+    one = 1.0 + 2.0 ** -10  # a TF32 value with an odd last bit
+    ties = [1 + 2.0 ** -11, -(1 + 2.0 ** -11), one + 2.0 ** -11]  # down to 1, down to -1, up to 1 + 2^-9
+    specials = [math.inf, -math.inf, math.nan, 3.4028235e38, 0.0, -0.0]
+    x = torch.cat([values, torch.tensor(ties + specials)]).to(DEVICE)
+    out = torch.empty_like(x)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    out = out.cpu()
+    n = values.numel()
+    assert torch.equal(out[:n].double(), _tf32(values)), "random values: not the nearest TF32 value"
+    assert out[n:n + 3].tolist() == [1.0, -1.0, 1.0 + 2.0 ** -9], f"ties not to even: {out[n:n + 3].tolist()}"
+    assert out[n + 3:n + 5].tolist() == [math.inf, -math.inf] and out[n + 5].isnan()
+    assert out[n + 6] == math.inf, "the largest float32 lies above the largest TF32 value: rounds to infinity"
+    signs = torch.signbit(out[n + 7:])
+    assert out[n + 7:].tolist() == [0.0, 0.0] and signs.tolist() == [False, True]
+
+
+def _tf32_algebra(kernel_name, g, a, left, right, mats):
+    """What a kernel computes, in float64 on the given operands (B, T, .)."""
+    if kernel_name == "low_rank":
+        n_mats, d_out, rank = left.shape
+        left = left.permute(1, 0, 2).reshape(d_out, n_mats * rank)
+        right = right.reshape(n_mats * rank, -1)
+        return ((g @ left) * (a @ right.T)).unflatten(2, (n_mats, rank)).sum(dim=(1, 3))
+    tiles = torch.bmm(g.transpose(1, 2), a)
+    if kernel_name == "squares":
+        return (tiles * tiles).sum(0)
+    return tiles.flatten(1) @ mats.flatten(1).T
+
+
+def _pairs_config():
+    """A scores-mode configuration that steps through examples two at a time (its own loads and rounding)."""
+    if _launch.INTERPRET:
+        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PAIRS": True})
+    return next(c for c in pg._SCORES_CONFIGS if c.kwargs["PAIRS"])
+
+
+@pytest.mark.parametrize("kernel_name,pairs", [("squares", False), ("scores", False), ("scores", True),
+                                               ("low_rank", False)],
+                         ids=["tiles-squares", "tiles-scores", "tiles-scores-pairs", "low_rank"])
+def test_tf32_operands_are_rounded_to_nearest(kernel_name, pairs, poison_empty):
+    """Under TF32 a kernel must compute its algebra on operands rounded to the nearest TF32 value (as
+    cuBLAS does). Rounding moves the result by about 2^-11 relative per operand; float32 accumulation, even
+    with tensor cores' round-toward-zero additions over these 37-70 term sums, by about 2^-17 or less. So a
+    kernel that rounds sits within 1/8 of the exact value's distance from the rounded-operand result; one
+    that passes its operands unrounded sits as far as the exact value, one that truncates them about 3x as
+    far (measured with a truncating variant in the interpreter)."""
+    ops = _draw((5, 37, 45, 70, 3, 5), seed=19)
+    g, a = ops["g"], ops["a"]
+    with matmul_precision("high"):
+        if kernel_name == "low_rank":
+            out = gd.low_rank_ghost_dots_triton(a, g, ops["left"], ops["right"])
+        else:
+            out = pg.contract_example_tiles(g.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous(),
+                                            pg.SQUARES if kernel_name == "squares" else pg.SCORES, ops["mats"],
+                                            config=_pairs_config() if pairs else None)
+    raw = {k: ops[k].double().cpu() for k in ("g", "a", "left", "right", "mats")}
+    rounded = _tf32_algebra(kernel_name, **{k: _tf32(ops[k]) for k in ("g", "a", "left", "right")}, mats=raw["mats"])
+    exact = _tf32_algebra(kernel_name, **raw)
+    err = (out.double().cpu() - rounded).abs().max().item()
+    rounding = (exact - rounded).abs().max().item()
+    assert rounding > 0, "the inputs cannot tell rounded from unrounded operands"
+    assert err <= rounding / 8, (f"{kernel_name}: {err:.3g} from the product of TF32-rounded operands, against "
+                                  f"{rounding:.3g} for the exact value (largest entry "
+                                  f"{rounded.abs().max().item():.3g}): operands not rounded to nearest")
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -326,15 +441,12 @@ def test_bfloat16_within_rule(op, case, poison_empty):
 @pytest.mark.parametrize("op", sorted(OPS))
 @pytest.mark.parametrize("case", GPU_CASES, ids=["odd", "wide"])
 def test_tf32_within_rule(op, case, poison_empty):
-    kernel, reference, _ = OPS[op]
+    kernel, reference, plain = OPS[op]
     ops = _draw(case, seed=22)
     truth = reference(_f64(ops))
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        out, baseline = kernel(ops), reference(ops)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    with matmul_precision("high"):
+        out, baseline = kernel(ops), plain(ops)
+    assert out.dtype == torch.float32
     assert_within_rule(op, out, truth, baseline)
 
 
