@@ -185,7 +185,10 @@ class TokenCapture:
         if not bool(torch.isfinite(total)):
             self._errors.append(f"non-finite output gradient at module {self.layers[index].name!r} in {self._label}")
             return
-        self._on_layer(index, a, g)
+        # The contractions are the library's own float32/float64 statistics: an enclosing autocast
+        # region (bf16 forward/backward) must not lower their precision.
+        with torch.autocast(a.device.type, enabled=False):
+            self._on_layer(index, a, g)
 
     def _first_non_finite_output(self) -> str | None:
         """Name of the first tracked module (in forward order) whose output has a non-finite entry."""

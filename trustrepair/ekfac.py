@@ -142,13 +142,14 @@ class EKFACFactors:
                                damping: float | None = None) -> dict[str, torch.Tensor]:
         """Like :meth:`precondition` for gradients already in the eigenbasis, P = Q_S^T V Q_A (e.g. from
         :func:`trustrepair.contractions.projected_gradients`): returns Q_S [P / (Lambda + lambda)] Q_A^T,
-        in the original basis."""
+        in the original basis (computed in the factors' dtype even inside an autocast region)."""
         out = {}
         for name, p in projected.items():
             f = self._factors(name)
             self._check_shape(name, p)
             p = p.to(device=f.q_a.device, dtype=f.q_a.dtype)
-            out[name] = f.q_s @ (p / (f.lambda_ + self.damping(name, damping))) @ f.q_a.T
+            with torch.autocast(f.q_a.device.type, enabled=False):
+                out[name] = f.q_s @ (p / (f.lambda_ + self.damping(name, damping))) @ f.q_a.T
         return out
 
     def precondition(self, grads: Mapping[str, torch.Tensor],
@@ -169,7 +170,8 @@ class EKFACFactors:
             f = self._factors(name)
             self._check_shape(name, v)
             v = v.to(device=f.q_a.device, dtype=f.q_a.dtype)
-            projected[name] = f.q_s.T @ v @ f.q_a
+            with torch.autocast(f.q_a.device.type, enabled=False):
+                projected[name] = f.q_s.T @ v @ f.q_a
         return self.precondition_projected(projected, damping)
 
     def _check_shape(self, name: str, v: torch.Tensor) -> None:
