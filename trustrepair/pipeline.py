@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -226,6 +227,7 @@ class Run:
                                 fisher=self.config.fisher, batch_size=self.config.batch_size,
                                 progress=self.progress, checkpoint_dir=self.dir / "factors.partial")
         factors.save(path)
+        self._publish(lambda: shutil.rmtree(self.dir / "factors.partial", ignore_errors=True))
         return factors
 
     def _tail_module_names(self) -> list[str]:
