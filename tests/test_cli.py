@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from trustrepair import cli
 from trustrepair.cli import STAGES, build_config, build_parser, main
 from trustrepair.data import DataError
 from trustrepair.config import DemoConfig

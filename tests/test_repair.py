@@ -10,7 +10,7 @@ from trustrepair.ekfac import fit_ekfac
 from trustrepair.evaluate import perplexity, query_log_odds
 from trustrepair.influence import influence
 from trustrepair.modules import find_modules
-from trustrepair.repair import BetaPoint, RepairDelta, newton_direction, pbrf_repair, repair, search_beta
+from trustrepair.repair import RepairDelta, newton_direction, pbrf_repair, repair, search_beta
 from trustrepair.task import CausalLMTask
 
 
