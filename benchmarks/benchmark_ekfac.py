@@ -92,7 +92,7 @@ def make_data(cfg, seed=1):
 # ----------------------------------------------------------------------------------------------------
 
 class PeakMemory:
-    """Context manager: peak resident memory above the level at entry, sampled every 5 ms (MiB)."""
+    """Context manager: peak resident memory above the level at entry, sampled every 10 ms (MiB)."""
 
     def __enter__(self):
         self.start = self.peak = _rss()
@@ -102,7 +102,7 @@ class PeakMemory:
         return self
 
     def _sample(self):
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.01):
             self.peak = max(self.peak, _rss())
 
     def __exit__(self, *exc):
@@ -118,12 +118,12 @@ def _rss() -> int:
 
 
 def timed(fn):
-    """(result, seconds, peak extra MiB) of one call."""
+    """(result, wall seconds, process CPU seconds, peak extra MiB) of one call."""
     with PeakMemory() as mem:
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         out = fn()
-        seconds = time.perf_counter() - start
-    return out, seconds, mem.mib
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return out, wall, cpu, mem.mib
 
 
 def floor_pass(model, train, batch_size):
@@ -170,7 +170,7 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_size=8, fisher="empirical",
                          dtype=torch.float32, output_dir=None):
     """kronfluence's EK-FAC pairwise scores (n_query, n_train) in *kronfluence's* sign (negative =
-    detrimental) and its per-phase seconds. The measurement runs the model twice (opponent, proponent),
+    detrimental) and, per phase, {"wall", "cpu"} seconds and peak extra "mib". The measurement runs the model twice (opponent, proponent),
     so ``has_shared_parameters=True`` (without it kronfluence silently mis-scores). ``model`` is deep-copied
     (kronfluence wraps the modules in place). ``dtype`` sets every kronfluence accumulation dtype."""
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -217,24 +217,23 @@ def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_
     score_args = ScoreArguments(damping_factor=damping, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
                                 score_dtype=dtype)
     timings = {}
+
+    def phase(name, fn):
+        _, wall, cpu, mib = timed(fn)
+        timings[name] = {"wall": wall, "cpu": cpu, "mib": mib}
+
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("bench", kmodel, LMTask(), cpu=True, disable_tqdm=True, output_dir=output_dir or tmp)
         common = dict(factors_name="ekfac", factor_args=factor_args, overwrite_output_dir=True)
-        start = time.perf_counter()
-        analyzer.fit_covariance_matrices(dataset=train_rows, per_device_batch_size=batch_size, **common)
-        timings["covariance"] = time.perf_counter() - start
-        start = time.perf_counter()
-        analyzer.perform_eigendecomposition(**common)
-        timings["eigendecomposition"] = time.perf_counter() - start
-        start = time.perf_counter()
-        analyzer.fit_lambda_matrices(dataset=train_rows, per_device_batch_size=batch_size, **common)
-        timings["lambda"] = time.perf_counter() - start
-        start = time.perf_counter()
-        analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac", query_dataset=query_rows,
-                                         train_dataset=train_rows, per_device_query_batch_size=len(queries),
-                                         per_device_train_batch_size=batch_size, score_args=score_args,
-                                         overwrite_output_dir=True)
-        timings["pairwise"] = time.perf_counter() - start
+        phase("covariance", lambda: analyzer.fit_covariance_matrices(dataset=train_rows,
+                                                                     per_device_batch_size=batch_size, **common))
+        phase("eigendecomposition", lambda: analyzer.perform_eigendecomposition(**common))
+        phase("lambda", lambda: analyzer.fit_lambda_matrices(dataset=train_rows, per_device_batch_size=batch_size,
+                                                             **common))
+        phase("pairwise", lambda: analyzer.compute_pairwise_scores(
+            scores_name="pairwise", factors_name="ekfac", query_dataset=query_rows, train_dataset=train_rows,
+            per_device_query_batch_size=len(queries), per_device_train_batch_size=batch_size, score_args=score_args,
+            overwrite_output_dir=True))
         scores = analyzer.load_pairwise_scores("pairwise")["all_modules"].clone()
     return scores, timings
 
@@ -308,82 +307,97 @@ def run(args):
     train, queries = make_data(cfg)
     modules = [layer.name for layer in find_modules(model)]
     bs = cfg["batch_size"]
-    print(f"config: {cfg}, threads {torch.get_num_threads()}, {len(modules)} modules", flush=True)
+    # With one thread, process CPU time measures the work done whatever else runs on the machine; with
+    # several, idle threads spinning at barriers inflate it, so wall-clock time is the measure.
+    metric = "cpu" if args.threads == 1 else "wall"
+    print(f"config: {cfg}, threads {torch.get_num_threads()}, {len(modules)} modules, ratios on {metric} time",
+          flush=True)
 
     floor_pass(model, train[:bs], bs)  # warm-up
-    rows = {}
+    totals, stages = {}, {}
 
-    def record(name, seconds, mib):
-        rows.setdefault(name, {"s": [], "mib": []})
-        rows[name]["s"].append(seconds)
-        rows[name]["mib"].append(mib)
+    def record(name, wall, cpu, mib):
+        entry = totals.setdefault(name, {"wall": [], "cpu": [], "mib": []})
+        entry["wall"].append(wall)
+        entry["cpu"].append(cpu)
+        entry["mib"].append(mib)
 
-    factors = ekfac_scores = aggregated = None
+    def record_stages(prefix, timings):
+        for stage, seconds in timings.items():
+            stages.setdefault(f"{prefix}{stage}", []).append(seconds)
+
     for repeat in range(args.repeats):
-        _, s, m = timed(lambda: floor_pass(model, train, bs))
-        record("floor", s, m)
-        factors, s, m = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs, progress=False))
-        record("fit", s, m)
-        for stage, seconds in factors.timings.items():
-            record(stage, seconds, float("nan"))
+        _, *measures = timed(lambda: floor_pass(model, train, bs))
+        record("floor", *measures)
+        factors, *measures = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs, progress=False))
+        record("fit", *measures)
+        record_stages("fit: ", factors.timings)
         pair_timings = {}
-        ekfac_scores, s, m = timed(lambda: pairwise_influence(model, factors, train, queries, batch_size=bs,
-                                                              progress=False, timings=pair_timings))
-        record("pairwise", s, m)
-        for stage, seconds in pair_timings.items():
-            record(f"pairwise: {stage}", seconds, float("nan"))
+        ekfac_scores, *measures = timed(lambda: pairwise_influence(model, factors, train, queries, batch_size=bs,
+                                                                   progress=False, timings=pair_timings))
+        record("pairwise", *measures)
+        record_stages("pairwise: ", pair_timings)
         agg_timings = {}
-        aggregated, s, m = timed(lambda: influence(model, factors, train, {"all": queries}, batch_size=bs,
-                                                   progress=False, timings=agg_timings)["all"])
-        record("aggregated", s, m)
-        for stage, seconds in agg_timings.items():
-            record(f"aggregated: {stage}", seconds, float("nan"))
-        print(f"repeat {repeat}: " + ", ".join(f"{k} {v['s'][-1]:.1f}s" for k, v in rows.items()), flush=True)
+        aggregated, *measures = timed(lambda: influence(model, factors, train, {"all": queries}, batch_size=bs,
+                                                        progress=False, timings=agg_timings)["all"])
+        record("aggregated", *measures)
+        record_stages("aggregated: ", agg_timings)
+        print(f"repeat {repeat}: " + ", ".join(f"{k} {v['wall'][-1]:.1f}s wall / {v['cpu'][-1]:.1f}s CPU"
+                                               for k, v in totals.items()), flush=True)
     if args.bf16:  # one run: on a CPU without bf16 hardware it is not expected to be faster
-        bf16_factors, s, m = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs,
-                                                     progress=False, matmul_dtype=torch.bfloat16))
-        record("fit (bf16 matmul mode)", s, m)
+        bf16_factors, *measures = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs,
+                                                          progress=False, matmul_dtype=torch.bfloat16))
+        record("fit (bf16 matmul mode)", *measures)
         bf16_scores = pairwise_influence(model, bf16_factors, train, queries, batch_size=bs, progress=False)
-        print(f"bf16 fit {s:.1f}s", flush=True)
+        print(f"bf16 fit {measures[0]:.1f}s", flush=True)
 
     kron = None
     if not args.no_kronfluence:
-        (kron_scores, kron_times), s, m = timed(lambda: kronfluence_pairwise(model, train, queries, modules=modules,
-                                                                             batch_size=bs))
-        kron = {"scores": kron_scores, "times": kron_times, "total": s, "mib": m}
+        (kron_scores, kron_times), *measures = timed(lambda: kronfluence_pairwise(model, train, queries,
+                                                                                  modules=modules, batch_size=bs))
+        kron = {"scores": kron_scores, "times": kron_times, "mib": measures[2]}
         print(f"kronfluence: {kron_times}", flush=True)
 
-    floor = statistics.median(rows["floor"]["s"])
-    med = {k: statistics.median(v["s"]) for k, v in rows.items()}
-    peak = {k: max(v["mib"]) for k, v in rows.items()}
-    lines = [f"| phase | trustrepair s | x floor | peak MiB | kronfluence s | x floor | kronfluence / trustrepair |",
-             "|---|---|---|---|---|---|---|"]
-    kron_phase = {}
+    med = {k: {m: statistics.median(v[m]) for m in ("wall", "cpu")} for k, v in totals.items()}
+    peak = {k: max(v["mib"]) for k, v in totals.items()}
+    floor = med["floor"][metric]
+    kron_total = {}
     if kron:
         kt = kron["times"]
-        kron_phase = {"covariance": kt["covariance"], "eigendecomposition": kt["eigendecomposition"],
-                      "lambda": kt["lambda"], "fit": kt["covariance"] + kt["eigendecomposition"] + kt["lambda"],
-                      "pairwise": kt["pairwise"], "aggregated": kt["pairwise"],
-                      "fit (bf16 matmul mode)": kt["covariance"] + kt["eigendecomposition"] + kt["lambda"]}
-    stages = ["query_gradients", "precondition", "scores"]
-    for name in (["floor", "covariance", "eigendecomposition", "lambda", "fit", "fit (bf16 matmul mode)", "pairwise"]
-                 + [f"pairwise: {s}" for s in stages] + ["aggregated"] + [f"aggregated: {s}" for s in stages]):
+        fit_phases = ("covariance", "eigendecomposition", "lambda")
+        kron_fit = {m: sum(kt[p][m] for p in fit_phases) for m in ("wall", "cpu")}
+        kron_total = {"fit": kron_fit, "fit (bf16 matmul mode)": kron_fit, "pairwise": kt["pairwise"],
+                      "aggregated": kt["pairwise"]}
+    lines = [f"| phase | trustrepair wall s | CPU s | x floor | peak MiB | kronfluence wall s | CPU s | x floor | "
+             f"kronfluence / trustrepair |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in ["floor", "fit", "fit (bf16 matmul mode)", "pairwise", "aggregated"]:
         if name not in med:
             continue
-        mem = "" if peak[name] != peak[name] else f"{peak[name]:.0f}"
-        k = kron_phase.get(name)
-        kcols = (f"{k:.1f} | {k / floor:.2f} | {k / med[name]:.2f}x" if k is not None else " | | ")
+        ours = med[name]
         label = name + (" (vs kronfluence pairwise)" if name == "aggregated" else "")
-        lines.append(f"| {label} | {med[name]:.2f} | {med[name] / floor:.2f} | {mem} | {kcols} |")
-    summary = []
+        row = f"| {label} | {ours['wall']:.1f} | {ours['cpu']:.1f} | {ours[metric] / floor:.2f} | {peak[name]:.0f} |"
+        k = kron_total.get(name)
+        row += (f" {k['wall']:.1f} | {k['cpu']:.1f} | {k[metric] / floor:.2f} | {k[metric] / ours[metric]:.2f}x |"
+                if k else " | | | |")
+        lines.append(row)
+    lines += ["", "Stages (wall-clock seconds, median; from the functions' own timings):", "",
+              "| stage | trustrepair | kronfluence |", "|---|---|---|"]
+    kron_stage = {f"fit: {p}": kron["times"][p]["wall"] for p in ("covariance", "eigendecomposition", "lambda")} \
+        if kron else {}
+    for name, values in stages.items():
+        k = kron_stage.get(name)
+        lines.append(f"| {name} | {statistics.median(values):.1f} | {'' if k is None else f'{k:.1f}'} |")
+
+    summary = [f"x floor and kronfluence / trustrepair use {metric} time; floor = one forward + backward over the "
+               f"training set with frozen weights, gradients to the analysed layers' outputs only."]
     if kron:
-        ours, theirs = ekfac_scores, -kron["scores"]
-        per_query = [spearman(ours[q], theirs[q]) for q in range(ours.shape[0])]
-        summary.append(f"Spearman vs kronfluence pairwise (all {ours.numel()} scores): {spearman(ours, theirs):.5f}; "
-                       f"per query min {min(per_query):.5f}; Pearson {pearson(ours, theirs):.5f}")
+        ours_s, theirs = ekfac_scores, -kron["scores"]
+        per_query = [spearman(ours_s[q], theirs[q]) for q in range(ours_s.shape[0])]
+        summary.append(f"Spearman vs kronfluence pairwise (all {ours_s.numel()} scores): {spearman(ours_s, theirs):.5f}; "
+                       f"per query min {min(per_query):.5f}; Pearson {pearson(ours_s, theirs):.5f}")
         summary.append(f"Spearman of aggregated scores vs the mean of kronfluence's pairwise scores: "
                        f"{spearman(aggregated, theirs.mean(0)):.5f}")
-        summary.append(f"kronfluence peak extra memory (whole run): {kron['mib']:.0f} MiB; its total {kron['total']:.1f} s")
+        summary.append(f"kronfluence peak extra memory (whole run): {kron['mib']:.0f} MiB")
     if args.bf16:
         summary.append(f"bf16 matmul mode (one run): Spearman of its pairwise scores vs the float32 fit's "
                        f"{spearman(bf16_scores, ekfac_scores):.5f}"
