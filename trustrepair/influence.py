@@ -78,13 +78,7 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
     if not isinstance(trust, Mapping) or not trust:
         raise ValueError("trust must map each aspect name to a non-empty list of trust queries, e.g. "
                          "{'truthfulness': [{'proponent': ex, 'opponent': ex}, ...]}")
-    task = task or CausalLMTask()
-    progress = progress_enabled(progress)
-    factors.check_model(model, weights=False)
-    layers = find_modules(model, list(factors.modules))
-    factors = factors.to(layers[0].module.weight.device)
-    examples = as_examples(train, "training set")
-    _warn_unlabelled(examples)
+    task, progress, layers, factors, examples = _prepare(model, factors, train, task, progress)
     clock = _Clock(timings)
 
     aspect_grads = []
@@ -124,14 +118,8 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
     """
     if query_rank is not None and query_rank < 1:
         raise ValueError(f"query_rank must be a positive rank or None; got {query_rank}")
-    task = task or CausalLMTask()
-    progress = progress_enabled(progress)
-    factors.check_model(model, weights=False)
-    layers = find_modules(model, list(factors.modules))
-    factors = factors.to(layers[0].module.weight.device)
-    examples = as_examples(train, "training set")
+    task, progress, layers, factors, examples = _prepare(model, factors, train, task, progress)
     queries = as_queries(queries)
-    _warn_unlabelled(examples)
     clock = _Clock(timings)
 
     per_query = per_query_projected_gradients(model, factors, layers, queries, task, batch_size, progress)
@@ -152,6 +140,20 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
                          lambda i, a, g: contract[layers[i].name](a, g), factor_dtype(layers))
     clock.lap("scores")
     return -scores.T.contiguous()
+
+
+def _prepare(model: nn.Module, factors: EKFACFactors, train, task: Task | None, progress: bool):
+    """What both scorers start from: the task (default :class:`CausalLMTask`), the rank-aware progress
+    flag, the analysed layers (checked against the factors), the factors on the model's device and the
+    validated training examples (warning about unlabelled ones)."""
+    task = task or CausalLMTask()
+    progress = progress_enabled(progress)
+    factors.check_model(model, weights=False)
+    layers = find_modules(model, list(factors.modules))
+    factors = factors.to(layers[0].module.weight.device)
+    examples = as_examples(train, "training set")
+    _warn_unlabelled(examples)
+    return task, progress, layers, factors, examples
 
 
 def measurement_gradient(model: nn.Module, queries: Sequence[Mapping], *, modules: ModuleSelection = None,
