@@ -30,13 +30,7 @@ def make_tiny_gpt2(seed=0, dtype=torch.float64):
 MODELS = {"neox": make_tiny_neox, "llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------

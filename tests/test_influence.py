@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from conftest import make_examples, make_queries, make_tiny_llama, make_tiny_neox
-from test_ekfac import assert_rel, one_thread, per_example_gradients  # noqa: F401  (one_thread: autouse)
+from test_ekfac import assert_rel, per_example_gradients
 from trustrepair import fit_ekfac, influence, pairwise_influence
 from trustrepair.influence import low_rank_factors, measurement_gradient, normalize_scores, summed_gradient
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, stack_queries
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def explicit_measurement_gradients(model, names, queries):

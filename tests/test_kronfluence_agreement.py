@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import make_examples, make_queries, make_tiny_neox
-from test_ekfac import one_thread  # noqa: F401  (autouse fixture)
 from trustrepair import fit_ekfac, influence, pairwise_influence
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # kronfluence's torch.cuda.amp calls
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),  # kronfluence's torch.cuda.amp calls
+              pytest.mark.usefixtures("one_thread")]
 pytest.importorskip("kronfluence", reason="kronfluence 1.0.1 is not installed (bash scripts/setup.sh --test)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from benchmark_ekfac import kronfluence_pairwise  # noqa: E402

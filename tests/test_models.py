@@ -23,13 +23,7 @@ from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch
 VOCAB = 259   # make_byte_tokenizer's vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one thread than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed=0, layers=3):
