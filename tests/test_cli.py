@@ -32,6 +32,7 @@ OTHER_VALUES = {
     "eta": ("2.5", 2.5),
     "tolerance": ("0.02", 0.02),
     "beta_probes": ("6", 6),
+    "figure_target": ("bias", "bias"),
     "batch_size": ("5", 5),
     "seed": ("7", 7),
 }
@@ -109,6 +110,7 @@ def test_later_stages_read_the_saved_settings(tmp_path):
     (["fit", "--damping", "abc"], "argument --damping: expected a number or 'none', got 'abc'"),
     (["fit", "--subset-size", "0"], "subset_size must be >= 1, got 0"),
     (["fit", "--fisher", "exact"], "fisher must be 'empirical' or 'sampled'"),
+    (["fit", "--aspects", "bias", "--figure-target", "common"], "figure_target must be one of the repair targets ['bias']"),
     (["fit", "--log-level", "LOUD"], "argument --log-level: invalid choice: 'LOUD'"),
     (["fit", "--aspects"], "argument --aspects: expected at least one argument"),
     (["retrain"], "invalid choice: 'retrain'"),

@@ -10,7 +10,7 @@ from trustrepair.ekfac import fit_ekfac
 from trustrepair.evaluate import perplexity, query_log_odds
 from trustrepair.influence import influence
 from trustrepair.modules import find_modules
-from trustrepair.repair import RepairDelta, newton_direction, pbrf_repair, repair, search_beta
+from trustrepair.repair import BetaPoint, RepairDelta, newton_direction, pbrf_repair, repair, search_beta
 from trustrepair.task import CausalLMTask
 
 
@@ -83,31 +83,76 @@ def test_pbrf_raises_subset_loss_and_keeps_the_rest_close(fitted):
         pbrf_repair(model, train, subset, beta=1.0, layers=layers, kl_examples=[])
 
 
-def _toy_search(tolerance, curvature, gain=-1.0):
-    """A one-weight model whose 'perplexity' is 10 * exp(curvature * w^2) and metric gain * w."""
+def _toy_search(tolerance, curvature, gain=-1.0, trace=False, calls=None, slope=0.0, max_probes=6):
+    """A one-weight model whose 'perplexity' is 10 * exp(slope * w + curvature * w^2) and metric gain * w."""
     model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False))
     torch.nn.init.zeros_(model[0].weight)
     direction = RepairDelta({"0": torch.ones(1, 1)})
+    calls = calls if calls is not None else {}
 
-    def measure(m):
-        w = float(m[0].weight)
-        return gain * w, 10.0 * math.exp(curvature * w * w)
+    def perplexity(m):
+        calls["perplexity"] = calls.get("perplexity", 0) + 1
+        w = float(m[0].weight.detach())
+        return 10.0 * math.exp(slope * w + curvature * w * w)
 
-    return search_beta(direction.scaled, model, measure, tolerance=tolerance, beta0=1e-3, max_probes=6), model
+    def metric(m):
+        calls["metric"] = calls.get("metric", 0) + 1
+        return gain * float(m[0].weight.detach())
+
+    return search_beta(direction.scaled, model, perplexity, metric, tolerance=tolerance, beta0=1e-3,
+                       max_probes=max_probes, trace_metric=trace), model
 
 
 @pytest.mark.parametrize("tolerance,curvature", [(0.01, 1.0), (0.05, 30.0), (0.0, 1.0)])
 def test_beta_search_stays_within_tolerance_and_reaches_the_boundary(tolerance, curvature):
     (best, points, base), model = _toy_search(tolerance, curvature)
-    assert float(model[0].weight) == 0.0, "the search must restore the model"
+    assert float(model[0].weight.detach()) == 0.0, "the search must restore the model"
     assert base.beta == 0.0 and base.perplexity == pytest.approx(10.0)
     assert best.perplexity <= 10.0 * (1 + tolerance) * (1 + 1e-12)
     boundary = math.sqrt(math.log1p(tolerance) / curvature)
     if tolerance > 0:
         assert 0.8 * boundary <= best.beta <= boundary * (1 + 1e-9)
+        assert best.metric == pytest.approx(-best.beta)
     else:
         assert best.beta == 0.0
     assert [p.beta for p in points] == sorted(p.beta for p in points)
+
+
+@pytest.mark.parametrize("slope,curvature", [(1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (0.2, 40.0)])
+def test_beta_search_lands_near_the_boundary_in_four_probes(slope, curvature):
+    """Linear, mixed and quadratic perplexity rises: four probes from beta0 = 1e-3 reach >= 90% of the
+    boundary beta (the first-order rise made a quadratic-only model stop at 65% of the tolerance)."""
+    (best, points, _), _ = _toy_search(0.01, curvature, slope=slope, max_probes=4)
+    target = math.log1p(0.01)
+    boundary = (target / slope if curvature == 0 else
+                (-slope + math.sqrt(slope * slope + 4 * curvature * target)) / (2 * curvature))
+    assert 0.9 * boundary <= best.beta <= boundary * (1 + 1e-9)
+    assert len(points) <= 4
+
+
+def test_beta_search_measures_the_objective_only_where_needed_unless_traced():
+    lazy_calls, traced_calls = {}, {}
+    (lazy, lazy_points, _), _ = _toy_search(0.01, 1.0, calls=lazy_calls)
+    (traced, traced_points, _), _ = _toy_search(0.01, 1.0, trace=True, calls=traced_calls)
+    assert lazy_calls["metric"] == 2, "baseline + the chosen (largest admissible) probe"
+    assert sum(p.metric is not None for p in lazy_points) == 1
+    assert traced_calls["metric"] == 1 + len(traced_points)
+    assert all(p.metric == pytest.approx(-p.beta) for p in traced_points)
+    assert lazy == traced and lazy_calls["perplexity"] == traced_calls["perplexity"]
+
+
+def test_beta_search_falls_back_to_a_smaller_beta_when_the_largest_does_not_improve():
+    """Objective improving up to beta = 0.05 and worsening beyond: the largest admissible improving probe wins."""
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False))
+    torch.nn.init.zeros_(model[0].weight)
+    direction = RepairDelta({"0": torch.ones(1, 1)})
+    best, points, base = search_beta(direction.scaled, model, lambda m: 10.0 * math.exp(float(m[0].weight) ** 2),
+                                     lambda m: -1.0 if 0 < float(m[0].weight) <= 0.05 else 1.0,
+                                     tolerance=0.01, beta0=0.01, max_probes=6)
+    admissible = [p for p in points if p.perplexity <= 10.1]
+    assert max(p.beta for p in admissible) > 0.05
+    assert best.beta == max(p.beta for p in admissible if p.beta <= 0.05) and best.metric == -1.0
+    assert float(model[0].weight.detach()) == 0.0
 
 
 def test_beta_search_keeps_the_post_model_when_nothing_improves():
@@ -117,9 +162,12 @@ def test_beta_search_keeps_the_post_model_when_nothing_improves():
 
 def test_beta_search_validates_arguments():
     with pytest.raises(ValueError, match="tolerance"):
-        search_beta(lambda b: None, None, lambda m: (0.0, 1.0), tolerance=-0.1, beta0=1.0)
+        search_beta(lambda b: None, None, lambda m: 1.0, lambda m: 0.0, tolerance=-0.1, beta0=1.0)
     with pytest.raises(ValueError, match="beta0"):
-        search_beta(lambda b: None, None, lambda m: (0.0, 1.0), beta0=0.0)
+        search_beta(lambda b: None, None, lambda m: 1.0, lambda m: 0.0, beta0=0.0)
+    with pytest.raises(ValueError, match="baseline"):
+        search_beta(lambda b: None, None, lambda m: 1.0, lambda m: 0.0, beta0=1.0,
+                    baseline=BetaPoint(0.0, None, 1.0))
 
 
 def test_delta_save_load_apply_revert_round_trip(fitted, tmp_path):

@@ -176,6 +176,12 @@ def assert_tables_well_formed(md):
 def test_report_without_common_target_and_a_diverged_point(tmp_path):
     results = make_results(4, common=False)
     results["repairs"]["bias"]["random"]["points"].append({"beta": 5.0, "metric": math.nan, "perplexity": math.inf})
+    # As read back from repairs.json: objectives not measured at most probes, a diverged probe all null.
+    for record in results["repairs"]["truthfulness"].values():
+        for point in record["points"][1:]:
+            if point["beta"] != record["beta"]:
+                point["metric"] = None
+        record["points"].append({"beta": 7.0, "metric": None, "perplexity": None})
     path = write_report(results, tmp_path)
     md = path.read_text()
     assert_tables_well_formed(md)

@@ -35,8 +35,14 @@ class DemoConfig:
     subset_size: int = field(default=32, metadata={"help": "training examples per repair subset"})
     eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
     tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
-    beta_probes: int = field(default=4, metadata={"help": "evaluations per beta search (each: query-half "
-                                                          "log-odds and held-out perplexity)"})
+    beta_probes: int = field(default=4, metadata={"help": "held-out perplexity probes per beta search (the "
+                                                          "query-half objective is then measured at the "
+                                                          "chosen beta)"})
+    figure_target: str | None = field(default=None, metadata={"help": "repair target (an aspect or 'common') "
+                                                                      "whose DPP and top-k beta searches "
+                                                                      "measure the trust objective at every "
+                                                                      "probe for Figure 2; default: the "
+                                                                      "first aspect"})
     batch_size: int = field(default=16, metadata={"help": "sequences per batch"})
     seed: int = field(default=0, metadata={"help": "seed of the splits, the SFT order and the random subsets"})
 
@@ -55,6 +61,10 @@ class DemoConfig:
             raise ValueError(f"tolerance is a relative perplexity increase and must be >= 0, got {self.tolerance}")
         if not self.aspects:
             raise ValueError("choose at least one aspect")
+        targets = (*self.aspects, "common") if len(self.aspects) > 1 else self.aspects
+        if self.figure_target is not None and self.figure_target not in targets:
+            raise ValueError(f"figure_target must be one of the repair targets {list(targets)}, "
+                             f"got {self.figure_target!r}")
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -297,16 +297,22 @@ class Run:
         return selection
 
     def _objective(self, target: str, post_eval: dict):
-        """Query-half objective of a repair target: the aspect's log-odds, or for ``common`` the sum of
-        every aspect's log-odds divided by its post-SFT magnitude (so each aspect weighs the same)."""
+        """Query-half objective of a repair target, as ``(measure(model), post-SFT value)``: the aspect's
+        log-odds, or for ``common`` the sum of every aspect's log-odds divided by its post-SFT magnitude
+        (so each aspect weighs the same)."""
         aspects = self.config.aspects if target == "common" else (target,)
-        scale = {a: max(abs(post_eval["aspects"][a]["query"]), 1e-6) for a in aspects}
+        post = {a: post_eval["aspects"][a]["query"] for a in aspects}
+        scale = {a: max(abs(v), 1e-6) if target == "common" else 1.0 for a, v in post.items()}
 
         def measure(_model):
-            metric = sum(self.log_odds(a, "query") / scale[a] for a in aspects)
-            return metric, self.perplexity()
+            return sum(self.log_odds(a, "query") / scale[a] for a in aspects)
 
-        return measure
+        return measure, sum(post[a] / scale[a] for a in aspects)
+
+    def _traced(self, target: str, strategy: str) -> bool:
+        """Whether a beta search measures the objective at every probe: Figure 2 (the sweep with and
+        without DPP) draws the DPP and top-k searches of ``figure_target`` (default: the first aspect)."""
+        return target == (self.config.figure_target or self.config.aspects[0]) and strategy in ("dpp", "topk")
 
     def stage_repair(self) -> dict:
         """For every target and strategy: the Newton direction, the beta search, the saved delta."""
@@ -319,25 +325,27 @@ class Run:
         if path.is_file():
             return json.loads(path.read_text())
         results = {}
+        post = evals["post"]
         with self.timed("repair"):
             for target, by_strategy in selection.items():
-                measure = self._objective(target, evals["post"])
-                baseline = BetaPoint(0.0, *measure(self.tail))
+                measure, post_objective = self._objective(target, post)
+                baseline = BetaPoint(0.0, post_objective, post["perplexity"])
                 results[target] = {}
                 for strategy, subset in by_strategy.items():
                     direction = newton_direction(self.tail, factors, self.train, subset, task=self.task,
                                                  damping=self.config.damping, batch_size=self.config.batch_size,
                                                  progress=self.progress)
                     beta0 = self._initial_beta(direction)
-                    best, points, base = search_beta(direction.scaled, self.tail, measure,
-                                                     tolerance=self.config.tolerance, beta0=beta0,
-                                                     max_probes=self.config.beta_probes,
-                                                     baseline=baseline, progress=self.progress)
+                    best, points, base = search_beta(direction.scaled, self.tail, lambda _m: self.perplexity(),
+                                                     measure, tolerance=self.config.tolerance, beta0=beta0,
+                                                     max_probes=self.config.beta_probes, baseline=baseline,
+                                                     trace_metric=self._traced(target, strategy),
+                                                     progress=self.progress)
                     delta: RepairDelta = direction.scaled(best.beta)
                     delta.metadata.update(target=target, strategy=strategy, beta=best.beta)
                     self._publish(lambda: delta.save(self.dir / "repairs" / f"{target}_{strategy}.safetensors"))
                     results[target][strategy] = {
-                        "beta": best.beta, "subset": subset,
+                        "beta": best.beta, "subset": subset, "metric": best.metric, "perplexity": best.perplexity,
                         "points": [dataclasses.asdict(p) for p in [base] + points]}
         self._publish(lambda: write_json(path, results))
         return results
@@ -362,16 +370,25 @@ class Run:
         with self.timed("evaluate_repaired"):
             for target, by_strategy in repairs.items():
                 repaired[target] = {}
-                for strategy in by_strategy:
+                for strategy, record in by_strategy.items():
                     delta = RepairDelta.load(self.dir / "repairs" / f"{target}_{strategy}.safetensors")
                     delta.apply(self.tail)
                     try:
-                        repaired[target][strategy] = self.evaluation(None if target == "common" else (target,))
+                        repaired[target][strategy] = self._repaired_evaluation(target, record)
                     finally:
                         delta.revert(self.tail)
         result = {"pre": evals["pre"], "post": evals["post"], "repaired": repaired}
         self._publish(lambda: write_json(path, result))
         return result
+
+    def _repaired_evaluation(self, target: str, record: dict) -> dict:
+        """:meth:`evaluation` of the model with ``target``'s repair applied, reusing what its beta search
+        already measured at the chosen beta (the perplexity; for a single aspect its query-half log-odds,
+        which is that target's objective)."""
+        aspects = self.config.aspects if target == "common" else (target,)
+        return {"aspects": {a: {"query": record["metric"] if target != "common" else self.log_odds(a, "query"),
+                                "heldout": self.log_odds(a, "heldout")} for a in aspects},
+                "perplexity": record["perplexity"]}
 
     def stage_report(self) -> Path:
         from .report import write_report

@@ -7,7 +7,8 @@ Input: the ``results`` dict that :meth:`trustrepair.pipeline.Run.stage_report` b
     evaluation   {"pre": EVAL, "post": EVAL, "repaired": {target: {strategy: EVAL}}}
                  EVAL = {"aspects": {aspect: {"query": F, "heldout": F}}, "perplexity": ppl}
     repairs      {target: {strategy: {"beta", "subset", "points": [{"beta", "metric", "perplexity"}, ...]}}}
-                 points[0] is the post-SFT model (beta = 0); "metric" is the query-half objective
+                 points[0] is the post-SFT model (beta = 0); "metric" is the query-half objective, null
+                 at the probes where the search did not measure it
     top_examples {aspect: [{"index", "score", "prompt", "response"}, ...]}   (most detrimental first)
     timings_s    {stage: seconds}
 
@@ -149,11 +150,18 @@ def _gain(row: Mapping, aspect: str) -> float:
 
 # -- beta_sweep.png ------------------------------------------------------------------------------------
 
+def _is_number(value) -> bool:
+    """A finite float (a probe's JSON value is null where it was not measured or not finite)."""
+    return value is not None and math.isfinite(value)
+
+
 def plot_beta_sweep(repairs: Mapping, tolerance: float) -> bytes:
     """Figure 2 analogue as PNG bytes: per target, the query-half objective and the held-out perplexity
     against beta (log axis), one line per strategy; the post-SFT value (beta = 0) and the perplexity
     tolerance post * (1 + tolerance) as horizontal lines; the chosen beta starred; a beta whose model
-    diverged (non-finite perplexity or objective) as a vertical dash-dot line."""
+    diverged (non-finite or missing perplexity: JSON stores non-finite numbers as null) as a vertical
+    dash-dot line. The objective is drawn where it was measured: at every probe of the figure target,
+    at the chosen beta of the others."""
     targets = list(repairs)
     height = 3.6 * len(targets)
     fig = Figure(figsize=(11, height))
@@ -167,14 +175,17 @@ def plot_beta_sweep(repairs: Mapping, tolerance: float) -> bytes:
         base = next(iter(by_strategy.values()))["points"][0]
         for strategy, record in by_strategy.items():
             points = sorted((p for p in record["points"] if p["beta"] > 0), key=lambda p: p["beta"])
-            betas = [p["beta"] for p in points]
             color = _COLORS.get(strategy)
-            ax_metric.plot(betas, [p["metric"] for p in points], "o-", ms=3, color=color, label=strategy)
-            ax_ppl.plot(betas, [p["perplexity"] for p in points], "o-", ms=3, color=color, label=strategy)
-            for beta in (p["beta"] for p in points if not math.isfinite(p["perplexity"] + p["metric"])):
+            measured = [p for p in points if _is_number(p["metric"])]
+            ax_metric.plot([p["beta"] for p in measured], [p["metric"] for p in measured], "o-", ms=3, color=color,
+                           label=strategy)
+            finite = [p for p in points if _is_number(p["perplexity"])]
+            ax_ppl.plot([p["beta"] for p in finite], [p["perplexity"] for p in finite], "o-", ms=3, color=color,
+                        label=strategy)
+            for beta in (p["beta"] for p in points if not _is_number(p["perplexity"])):
                 ax_ppl.axvline(beta, ls="-.", lw=1, color=color, label=f"{strategy}: diverged (non-finite)")
             chosen = [p for p in points if p["beta"] == record["beta"]]
-            if chosen:
+            if chosen and _is_number(chosen[0]["metric"]):
                 ax_metric.plot([chosen[0]["beta"]], [chosen[0]["metric"]], "*", ms=12, color=color)
                 ax_ppl.plot([chosen[0]["beta"]], [chosen[0]["perplexity"]], "*", ms=12, color=color)
         ax_metric.axhline(base["metric"], ls=":", color="black", lw=1, label="post-SFT (beta = 0)")
@@ -327,7 +338,10 @@ def render_markdown(summary: dict, top_examples: Mapping) -> str:
         "## Figure 2: the beta sweep, with and without DPP",
         "",
         "Query-half objective and held-out perplexity against beta for every strategy; the dotted line is the "
-        "post-SFT model, the dashed line the perplexity tolerance, a star the chosen beta. The search grows "
+        "post-SFT model, the dashed line the perplexity tolerance, a star the chosen beta. The beta searches "
+        "probe the perplexity and measure the objective only at the chosen beta, except the DPP and top-k "
+        f"searches of the figure target (`{summary['config'].get('figure_target') or next(iter(summary['aspects']))}`), "
+        "which measure it at every probe. The search grows "
         "beta from a per-subset starting point, so the axes of different strategies are comparable only "
         "through the perplexity they cost.",
         "",
