@@ -169,7 +169,7 @@ def plot_beta_sweep(repairs: Mapping, tolerance: float) -> bytes:
     # Fixed margins: a layout engine would measure every tick label twice and dominate the drawing time.
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.55 / height, top=1 - 0.35 / height, wspace=0.22,
                         hspace=0.45)
-    axes = fig.subplots(len(targets), 2, squeeze=False)
+    axes = fig.subplots(len(targets), 2, squeeze=False, sharex="row")
     for (ax_metric, ax_ppl), target in zip(axes, targets):
         by_strategy = repairs[target]
         base = next(iter(by_strategy.values()))["points"][0]
@@ -211,8 +211,13 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.1f}"
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
+def _ppl_pct(value: float | None) -> str:
+    """A perplexity change, to two decimals: it sits next to a tolerance such as 1%."""
+    return _pct(value, 2)
 
 
 def _snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
@@ -237,7 +242,7 @@ def _table1(summary: dict) -> list[str]:
         rep = row["repaired"]
         rows.append([aspect, _num(row["pre"]["log_odds"]), _num(row["post"]["log_odds"]),
                      _num(rep["log_odds"]), _pct(row["relative_change_pct"]), _num(ppl["pre"], 3),
-                     _num(ppl["post"], 3), _num(rep["perplexity"], 3), _pct(rep["perplexity_change_pct"]),
+                     _num(ppl["post"], 3), _num(rep["perplexity"], 3), _ppl_pct(rep["perplexity_change_pct"]),
                      f"{rep['beta']:.3g}"])
     return [
         "## Table 1: pre-SFT, post-SFT and repaired (held-out half)",
@@ -247,7 +252,7 @@ def _table1(summary: dict) -> list[str]:
         "",
         *_table(header, rows),
         f"Repaired perplexity (worst of the per-aspect DPP repairs, `{ppl['repaired_worst_of']}`): "
-        f"{_num(ppl['repaired'], 3)} vs {_num(ppl['post'], 3)} post-SFT ({_pct(ppl['relative_change_pct'])}%).",
+        f"{_num(ppl['repaired'], 3)} vs {_num(ppl['post'], 3)} post-SFT ({_ppl_pct(ppl['relative_change_pct'])}%).",
         "",
     ]
 
@@ -265,7 +270,7 @@ def _table4(summary: dict) -> list[str]:
             rows.append([aspect, strategy, str(row["subset_size"]), f"{row['beta']:.3g}",
                          _pct(halves["query"]["relative_change_pct"]),
                          f"**{held}**" if strategy == best else held,
-                         _pct(row["perplexity_change_pct"]), _num(row["perplexity"], 3)])
+                         _ppl_pct(row["perplexity_change_pct"]), _num(row["perplexity"], 3)])
     beats = summary["beats_random_heldout"]
     n = len(summary["aspects"])
     verdict = "; ".join(f"{s} beats random on {len(beats[s])} of {n} aspects"
@@ -289,7 +294,7 @@ def _table2(summary: dict) -> list[str]:
     rows = [[aspect] + [_pct(row["aspects"][aspect][h]["relative_change_pct"])
                         for row in by_strategy.values() for h in ("heldout", "query")]
             for aspect in summary["aspects"]]
-    rows.append(["perplexity"] + [_pct(row["perplexity_change_pct"]) for row in by_strategy.values()
+    rows.append(["perplexity"] + [_ppl_pct(row["perplexity_change_pct"]) for row in by_strategy.values()
                                   for _ in ("heldout", "query")])
     betas = ", ".join(f"{s}: beta {row['beta']:.3g}, |S| = {row['subset_size']}" for s, row in by_strategy.items())
     return [
