@@ -6,7 +6,8 @@ import torch
 from conftest import make_examples, make_queries, make_tiny_llama, make_tiny_neox
 from test_ekfac import assert_rel, per_example_gradients
 from trustrepair import fit_ekfac, influence, pairwise_influence
-from trustrepair.influence import low_rank_factors, measurement_gradient, normalize_scores, summed_gradient
+from trustrepair.influence import measurement_gradient, normalize_scores, summed_gradient
+from trustrepair.lowrank import low_rank_factors
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, stack_queries
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,7 +78,12 @@ def test_pairwise_scores_equal_explicit_and_low_rank_equals_truncated_svd(settin
     truncated = torch.zeros_like(exact)
     for q, grads in enumerate(query_grads):
         u = factors.precondition(grads, damping)
-        u_low = {n: (lambda lr: (lr[0] @ lr[1])[0])(low_rank_factors(m[None], 3)) for n, m in u.items()}
+        scaled = factors.divide_projected(factors.project(grads), damping)
+        u_low = {}
+        for n, m in scaled.items():
+            f = factors.modules[n]
+            left, right = low_rank_factors(m[None], 3, column_basis=f.q_a)
+            u_low[n] = f.q_s @ (left @ right)[0] @ f.q_a.T
         for z, g in enumerate(train_grads):
             exact[q, z], truncated[q, z] = -dot(u, g), -dot(u_low, g)
     assert_rel(pairwise, exact, 1e-8, "pairwise")

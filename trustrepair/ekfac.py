@@ -144,12 +144,22 @@ class EKFACFactors:
         :func:`trustrepair.contractions.projected_gradients`): returns Q_S [P / (Lambda + lambda)] Q_A^T,
         in the original basis (computed in the factors' dtype even inside an autocast region)."""
         out = {}
+        for name, scaled in self.divide_projected(projected, damping).items():
+            f = self._factors(name)
+            with torch.autocast(f.q_a.device.type, enabled=False):
+                out[name] = f.q_s @ scaled @ f.q_a.T
+        return out
+
+    def divide_projected(self, projected: Mapping[str, torch.Tensor],
+                         damping: float | None = None) -> dict[str, torch.Tensor]:
+        """P / (Lambda + lambda) for gradients already in the eigenbasis: the damped inverse Fisher in
+        eigenbasis coordinates, before the rotation back (e.g. to factorise it, :mod:`trustrepair.lowrank`).
+        In the factors' dtype and on their device."""
+        out = {}
         for name, p in projected.items():
             f = self._factors(name)
             self._check_shape(name, p)
-            p = p.to(device=f.q_a.device, dtype=f.q_a.dtype)
-            with torch.autocast(f.q_a.device.type, enabled=False):
-                out[name] = f.q_s @ (p / (f.lambda_ + self.damping(name, damping))) @ f.q_a.T
+            out[name] = p.to(device=f.q_a.device, dtype=f.q_a.dtype) / (f.lambda_ + self.damping(name, damping))
         return out
 
     def precondition(self, grads: Mapping[str, torch.Tensor],
@@ -165,6 +175,11 @@ class EKFACFactors:
         Returns:
             module name -> tensor of the same shape, in the factors' dtype and on their device.
         """
+        return self.precondition_projected(self.project(grads), damping)
+
+    def project(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Q_S^T V Q_A: matrices in the folded layout rotated into each module's eigenbasis (leading
+        dimensions batched over), in the factors' dtype even inside an autocast region."""
         projected = {}
         for name, v in grads.items():
             f = self._factors(name)
@@ -172,7 +187,7 @@ class EKFACFactors:
             v = v.to(device=f.q_a.device, dtype=f.q_a.dtype)
             with torch.autocast(f.q_a.device.type, enabled=False):
                 projected[name] = f.q_s.T @ v @ f.q_a
-        return self.precondition_projected(projected, damping)
+        return projected
 
     def _check_shape(self, name: str, v: torch.Tensor) -> None:
         shape = tuple(self._factors(name).lambda_.shape)

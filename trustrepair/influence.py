@@ -26,9 +26,11 @@ one U_q per query: since Q_A and Q_S are orthogonal, <(G + lambda I)^{-1} V_q, G
 in the original basis, so no training example's gradient is rotated into the eigenbasis. Each query's
 gradient has rank at most its 2T tokens, so it is projected into the eigenbasis token by token
 (:func:`trustrepair.contractions.projected_gradients`), divided by Lambda + lambda there, and rotated
-back once. The contraction with the training set either forms G_z once and multiplies it with all
-U_q, or (``query_rank=r``) contracts rank-r factors of U_q through the tokens; it reads every U_q once
-per batch, so on a CPU larger batches make it cheaper.
+back once (Q d_out d_in (d_out + d_in) multiply-adds per layer: for many queries the largest single
+cost). The contraction with the training set forms G_z once and multiplies it with all U_q; it reads
+every U_q once per batch, so on a CPU larger batches make it cheaper. With ``query_rank=r`` the
+division's result is factorised in the eigenbasis, only the rank-r factors are rotated back, and the
+contraction runs through the tokens: the approximate fast path.
 
 **Distributed.** Under ``torch.distributed`` (see :mod:`trustrepair.distributed`) both functions are
 collective calls: every rank computes the (few) query gradients itself, each layer's preconditioning
@@ -50,6 +52,7 @@ from trustrepair.capture import TokenCapture, as_examples, describe_rows, padded
 from trustrepair.contractions import ghost_dots, low_rank_ghost_dots, projected_gradients
 from trustrepair.distributed import fail_together, gather_rows, map_once, progress_enabled, shard_range
 from trustrepair.ekfac import EKFACFactors, factor_dtype
+from trustrepair.lowrank import low_rank_factors, rotate_factors
 from trustrepair.modules import ModuleSelection, TrackedLayer, find_modules
 from trustrepair.task import Batch, CausalLMTask, Task
 
@@ -88,13 +91,12 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
         aspect_grads.append(measurement_gradient(model, queries, modules=[l.name for l in layers], task=task,
                                                  batch_size=batch_size, progress=progress))
     clock.lap("query_gradients")
-    stacked = _precondition_shared(factors.precondition, factors,
-                                   {l.name: torch.stack([g[l.name] for g in aspect_grads]) for l in layers},
-                                   damping, progress)
+    stacked = {l.name: torch.stack([g[l.name] for g in aspect_grads]) for l in layers}
+    contract = _preconditioned_contractions(factors, layers, stacked, damping, None, progress, projected=False)
     clock.lap("precondition")
 
     scores = _score_pass(model, layers, examples, task, batch_size, progress, len(aspect_grads),
-                         lambda i, a, g: ghost_dots(a, g, stacked[layers[i].name]), factor_dtype(layers))
+                         lambda i, a, g: contract[i](a, g), factor_dtype(layers))
     clock.lap("scores")
     return {aspect: -scores[:, j] for j, aspect in enumerate(trust)}
 
@@ -110,8 +112,10 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
     Args:
         queries: trust queries ``{"proponent": ex, "opponent": ex}``.
         query_rank: if given, each layer's preconditioned query gradient is replaced by its best rank-r
-            approximation (truncated SVD) and scores are contracted through the tokens, cutting memory
-            from Q d_out d_in to Q r (d_out + d_in) per layer; layers narrower than r stay exact.
+            approximation, computed in the eigenbasis by a randomized SVD so that only the factors are
+            rotated back (:mod:`trustrepair.lowrank`), and scores are contracted through the tokens:
+            memory Q r (d_out + d_in) instead of Q d_out d_in per layer, and neither the dense rotation
+            back nor the per-example gradient is formed. Layers narrower than r stay exact.
         Other arguments as in :func:`influence`.
     Returns:
         (n_query, n_train), float32 (float64 for a float64 model); positive = detrimental.
@@ -124,20 +128,13 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
 
     per_query = per_query_projected_gradients(model, factors, layers, queries, task, batch_size, progress)
     clock.lap("query_gradients")
-    directions = _precondition_shared(factors.precondition_projected, factors, per_query, damping, progress)
+    contract = _preconditioned_contractions(factors, layers, per_query, damping, query_rank, progress,
+                                            projected=True)
     del per_query
-    contract = {}
-    for layer in layers:
-        u = directions.pop(layer.name)
-        if query_rank is not None and query_rank < min(layer.shape):
-            left, right = low_rank_factors(u, query_rank)
-            contract[layer.name] = (lambda a, g, left=left, right=right: low_rank_ghost_dots(a, g, left, right))
-        else:
-            contract[layer.name] = (lambda a, g, u=u: ghost_dots(a, g, u))
     clock.lap("precondition")
 
     scores = _score_pass(model, layers, examples, task, batch_size, progress, len(queries),
-                         lambda i, a, g: contract[layers[i].name](a, g), factor_dtype(layers))
+                         lambda i, a, g: contract[i](a, g), factor_dtype(layers))
     clock.lap("scores")
     return -scores.T.contiguous()
 
@@ -225,13 +222,6 @@ def per_query_projected_gradients(model: nn.Module, factors: EKFACFactors, layer
     return out
 
 
-def low_rank_factors(u: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-r factors of each matrix (truncated SVD): u (K, m, n) ~ left (K, m, r) @ right (K, r, n),
-    singular values folded into ``left``."""
-    left, singular, right = torch.linalg.svd(u, full_matrices=False)
-    return (left[..., :rank] * singular[..., None, :rank]).contiguous(), right[..., :rank, :].contiguous()
-
-
 def normalize_scores(scores):
     """Min-max normalise scores to [0, 1] (the selection step's convention), per aspect for a dict.
 
@@ -259,22 +249,54 @@ def as_queries(queries) -> list:
 
 # ----------------------------------------------------------------------------------------------------
 
-def _precondition_shared(precondition: Callable, factors: EKFACFactors, grads: dict[str, torch.Tensor],
-                         damping: float | None, progress: bool) -> dict[str, torch.Tensor]:
-    """``precondition(grads, damping)`` (a method of ``factors``) with each layer computed by one rank and
-    broadcast (:func:`trustrepair.distributed.map_once`, balanced by the rotations' cost
-    K d_out d_in (d_out + d_in) for (K, d_out, d_in) inputs): the work is split and every rank gets the
-    same directions. In a single process it is ``precondition`` layer by layer."""
-    names = list(grads)
+def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLayer], grads: dict[str, torch.Tensor],
+                                 damping: float | None, rank: int | None, progress: bool, *,
+                                 projected: bool) -> list[Callable]:
+    """Per layer, ``contract(a, g) -> (B, K)``: the ghost dot products of a batch with the K
+    preconditioned directions U_k = Q_S [P_k / (Lambda + lambda)] Q_A^T, where P_k = ``grads[name][k]``
+    (already in the eigenbasis when ``projected``, else rotated in first).
+
+    With ``rank`` below a layer's smaller side, U_k is replaced by its best rank-r approximation,
+    factorised in the eigenbasis and only the factors rotated back (:mod:`trustrepair.lowrank`), and the
+    contraction runs through the tokens (:func:`low_rank_ghost_dots`); otherwise U_k is dense
+    (:func:`ghost_dots`).
+
+    Each layer is computed by one rank and broadcast (:func:`trustrepair.distributed.map_once`, balanced
+    by the dense rotations' cost K d_out d_in (d_out + d_in)), so every rank gets the same directions; in
+    a single process it is a loop over the layers. Low-rank factors travel as one (K, d_out + d_in, r)
+    buffer, left on top of right^T.
+    """
+    low = {l.name for l in layers if rank is not None and rank < min(l.shape)}
+
+    def compute(name):
+        p = grads[name] if projected else factors.project({name: grads[name]})[name]
+        if name not in low:
+            return factors.precondition_projected({name: p}, damping)[name]
+        f = factors.modules[name]
+        with torch.autocast(f.q_a.device.type, enabled=False):
+            scaled = factors.divide_projected({name: p}, damping)[name]
+            left, right = rotate_factors(*low_rank_factors(scaled, rank, column_basis=f.q_a), f.q_s, f.q_a)
+        return torch.cat([left, right.mT], dim=-2)
 
     def like(name):
         reference = factors.modules[name].q_a
-        return torch.empty(grads[name].shape, dtype=reference.dtype, device=reference.device)
+        k, d_out, d_in = grads[name].shape
+        shape = (k, d_out + d_in, rank) if name in low else (k, d_out, d_in)
+        return torch.empty(shape, dtype=reference.dtype, device=reference.device)
 
-    done = map_once(lambda name: precondition({name: grads[name]}, damping)[name], names, like,
+    names = [l.name for l in layers]
+    done = map_once(compute, names, like,
                     cost=lambda name: grads[name].numel() * (grads[name].shape[-2] + grads[name].shape[-1]),
                     desc="preconditioning", progress=progress)
-    return dict(zip(names, done))
+    contract = []
+    for layer, direction in zip(layers, done):
+        if layer.name in low:
+            d_out = layer.shape[0]
+            left, right = direction[:, :d_out], direction[:, d_out:].mT
+            contract.append(lambda a, g, left=left, right=right: low_rank_ghost_dots(a, g, left, right))
+        else:
+            contract.append(lambda a, g, u=direction: ghost_dots(a, g, u))
+    return contract
 
 
 def _score_pass(model, layers, examples, task, batch_size, progress, n_cols, contract, dtype) -> torch.Tensor:
