@@ -177,14 +177,11 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 # kronfluence 1.0.1 (the anchor); also used by tests/test_kronfluence_agreement.py
 # ----------------------------------------------------------------------------------------------------
 
-def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_size=8, fisher="empirical",
-                         dtype=torch.float32, output_dir=None):
-    """kronfluence's EK-FAC pairwise scores (n_query, n_train) in *kronfluence's* sign (negative =
-    detrimental) and, per phase, {"wall", "cpu"} seconds and peak extra "mib". The measurement runs the model twice (opponent, proponent),
-    so ``has_shared_parameters=True`` (without it kronfluence silently mis-scores). ``model`` is deep-copied
-    (kronfluence wraps the modules in place). ``dtype`` sets every kronfluence accumulation dtype."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+def kronfluence_task(modules):
+    """A kronfluence ``Task`` for this repository's causal-LM conventions (summed token losses; the trust
+    measurement log P(o|m) - log P(p|m) summed over the batch), tracking ``modules``. The measurement runs
+    the model twice (opponent, proponent), so kronfluence needs ``has_shared_parameters=True`` (without
+    it, it silently mis-scores)."""
     from kronfluence.task import Task as KronfluenceTask
 
     class LMTask(KronfluenceTask):
@@ -213,13 +210,29 @@ def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_
         def get_attention_mask(self, batch):
             return batch.get("attention_mask")
 
-    train_rows = _padded_rows(train)
-    query_rows = []
-    padded = {side: _padded_rows([q[side] for q in queries]) for side in ("proponent", "opponent")}
-    for i in range(len(queries)):
-        query_rows.append({f"{side}_{key}": padded[side][i][key] for side in padded for key in padded[side][i]})
+    return LMTask()
 
-    kmodel = prepare_model(copy.deepcopy(model), LMTask())
+
+def kronfluence_rows(train, queries):
+    """(training rows, query rows) as kronfluence datasets: padded example dicts, and per query the
+    proponent's and opponent's padded fields prefixed with ``proponent_`` / ``opponent_``."""
+    padded = {side: _padded_rows([q[side] for q in queries]) for side in ("proponent", "opponent")}
+    query_rows = [{f"{side}_{key}": padded[side][i][key] for side in padded for key in padded[side][i]}
+                  for i in range(len(queries))]
+    return _padded_rows(train), query_rows
+
+
+def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_size=8, fisher="empirical",
+                         dtype=torch.float32, output_dir=None):
+    """kronfluence's EK-FAC pairwise scores (n_query, n_train) in *kronfluence's* sign (negative =
+    detrimental) and, per phase, {"wall", "cpu"} seconds and peak extra "mib". ``model`` is deep-copied
+    (kronfluence wraps the modules in place). ``dtype`` sets every kronfluence accumulation dtype;
+    ``damping=None`` is kronfluence's 0.1 x mean(Lambda) heuristic, as trustrepair's default."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    train_rows, query_rows = kronfluence_rows(train, queries)
+    kmodel = prepare_model(copy.deepcopy(model), kronfluence_task(modules))
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=fisher == "empirical",
                                   has_shared_parameters=True, activation_covariance_dtype=dtype,
                                   gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype,
@@ -233,7 +246,8 @@ def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_
         timings[name] = {"wall": wall, "cpu": cpu, "mib": mib}
 
     with tempfile.TemporaryDirectory() as tmp:
-        analyzer = Analyzer("bench", kmodel, LMTask(), cpu=True, disable_tqdm=True, output_dir=output_dir or tmp)
+        analyzer = Analyzer("bench", kmodel, kronfluence_task(modules), cpu=True, disable_tqdm=True,
+                            output_dir=output_dir or tmp)
         common = dict(factors_name="ekfac", factor_args=factor_args, overwrite_output_dir=True)
         phase("covariance", lambda: analyzer.fit_covariance_matrices(dataset=train_rows,
                                                                      per_device_batch_size=batch_size, **common))
@@ -378,8 +392,8 @@ def run(args):
         kron_fit = {m: sum(kt[p][m] for p in fit_phases) for m in ("wall", "cpu")}
         kron_total = {"fit": kron_fit, "fit (bf16 matmul mode)": kron_fit, "pairwise": kt["pairwise"],
                       "aggregated": kt["pairwise"]}
-    lines = [f"| phase | trustrepair wall s | CPU s | x floor | peak MiB | kronfluence wall s | CPU s | x floor | "
-             f"kronfluence / trustrepair |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| phase | trustrepair wall s | CPU s | x floor | peak MiB | kronfluence wall s | CPU s | x floor | "
+             "kronfluence / trustrepair |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ["floor", "fit", "fit (bf16 matmul mode)", "pairwise", "aggregated"]:
         if name not in med:
             continue

@@ -307,50 +307,26 @@ class KronfluenceAnchor:
     :meth:`pairwise` with ``aggregate=True`` (all queries' gradients summed first). Scores are in
     kronfluence's sign (negative = detrimental). The measurement runs the model twice (opponent,
     proponent), so ``has_shared_parameters=True``: kronfluence takes one row per query and silently
-    mis-scores the two-pass form without it."""
+    mis-scores the two-pass form without it. Damping: ``damping_factor=None``, kronfluence's
+    0.1 x mean(Lambda), the same as trustrepair's default (kronfluence's own default is an absolute 1e-8:
+    the first GPU run used it by mistake and got Spearman 0.83 against our scores)."""
 
     def __init__(self, model, train, queries, batch_size):
         import copy
 
+        from benchmark_ekfac import kronfluence_rows, kronfluence_task
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments
-        from kronfluence.task import Task as KronfluenceTask
 
         from trustrepair.modules import find_modules
-        from trustrepair.task import pad_batch, sequence_log_probs
 
         modules = [layer.name for layer in find_modules(model)]
-
-        class LMTask(KronfluenceTask):
-            def compute_train_loss(self, batch, model, sample=False):
-                if sample:
-                    raise NotImplementedError("gpu_check fits the empirical Fisher")
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                return -sequence_log_probs(logits, batch["labels"]).sum()
-
-            def compute_measurement(self, batch, model):
-                log_p = {}
-                for side in ("opponent", "proponent"):
-                    logits = model(input_ids=batch[f"{side}_input_ids"],
-                                   attention_mask=batch[f"{side}_attention_mask"]).logits
-                    log_p[side] = sequence_log_probs(logits, batch[f"{side}_labels"])
-                return (log_p["opponent"] - log_p["proponent"]).sum()
-
-            def get_influence_tracked_modules(self):
-                return modules
-
-            def get_attention_mask(self, batch):
-                return batch.get("attention_mask")
-
-        padded = pad_batch(train)
-        self.train_rows = [{k: padded[k][i] for k in padded} for i in range(len(train))]
-        sides = {side: pad_batch([q[side] for q in queries]) for side in ("proponent", "opponent")}
-        self.query_rows = [{f"{side}_{k}": sides[side][k][i] for side in sides for k in sides[side]}
-                           for i in range(len(queries))]
+        self.train_rows, self.query_rows = kronfluence_rows(train, queries)
         self.batch_size = batch_size
         self.factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True, has_shared_parameters=True)
         self.tmp = tempfile.TemporaryDirectory()
-        self.analyzer = Analyzer("gpu_check", prepare_model(copy.deepcopy(model), LMTask()), LMTask(),
+        self.analyzer = Analyzer("gpu_check", prepare_model(copy.deepcopy(model), kronfluence_task(modules)),
+                                 kronfluence_task(modules),
                                  cpu=not torch.cuda.is_available(), disable_tqdm=True, output_dir=self.tmp.name)
 
     def fit(self) -> dict:
@@ -374,7 +350,8 @@ class KronfluenceAnchor:
                 scores_name=name, factors_name="ekfac", query_dataset=self.query_rows,
                 train_dataset=self.train_rows, per_device_query_batch_size=len(self.query_rows),
                 per_device_train_batch_size=self.batch_size,
-                score_args=ScoreArguments(aggregate_query_gradients=aggregate), overwrite_output_dir=True))
+                score_args=ScoreArguments(aggregate_query_gradients=aggregate, damping_factor=None),
+                overwrite_output_dir=True))
         print(f"kronfluence {name}: {seconds:.2f} s", flush=True)
         return {"seconds": seconds, "peak_gib": gib,
                 "scores": self.analyzer.load_pairwise_scores(name)["all_modules"].float().cpu()}
