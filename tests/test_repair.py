@@ -197,3 +197,17 @@ def test_perplexity_counts_labelled_tokens_only(fitted):
     nll = float(task.train_loss(model, batch).sum())
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert perplexity(model, train[:5], batch_size=2) == pytest.approx(math.exp(nll / tokens), rel=1e-10)
+
+
+def test_relative_change_standard_error():
+    from trustrepair.evaluate import relative_change_se_pct
+
+    post, repaired = [2.0, 4.0, 3.0, 5.0], [1.0, 3.5, 2.0, 4.0]
+    diffs = [1.0, 0.5, 1.0, 1.0]
+    mean = sum(diffs) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
+    assert relative_change_se_pct(post, repaired) == pytest.approx(100 * sd / 2 / 3.5, rel=1e-12)
+    assert relative_change_se_pct(post, [p - 1 for p in post]) == 0.0, "a uniform shift is exact"
+    assert math.isnan(relative_change_se_pct([1.0], [0.5]))
+    with pytest.raises(ValueError, match="same length"):
+        relative_change_se_pct([1.0, 2.0], [1.0])

@@ -216,3 +216,33 @@ def test_atomic_overwrite_leaves_no_temporary_files(tmp_path, monkeypatch):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(before)
     assert (tmp_path / "report.md").read_bytes() != before["report.md"]
+
+
+def test_heldout_standard_errors_from_the_pairs(tmp_path):
+    """With per-pair held-out values the summary and the tables carry the paired standard error."""
+    rng = np.random.default_rng(11)
+    results = make_results(7)
+    ev = results["evaluation"]
+    post_pairs = {a: rng.normal(2.0, 1.0, size=9).tolist() for a in ASPECTS}
+    ev["post_heldout_pairs"] = post_pairs
+    for target, by_strategy in ev["repaired"].items():
+        for strategy, rep in by_strategy.items():
+            for aspect, halves in rep["aspects"].items():
+                pairs = [v - rng.normal(0.1, 0.05) for v in post_pairs[aspect]]
+                halves["heldout_pairs"], halves["heldout"] = pairs, float(np.mean(pairs))
+    ev["post"]["aspects"] = {a: {**ev["post"]["aspects"][a], "heldout": float(np.mean(post_pairs[a]))}
+                             for a in ASPECTS}
+    summary = summarize(results)
+    for aspect in ASPECTS:
+        diffs = np.subtract(post_pairs[aspect], ev["repaired"][aspect]["dpp"]["aspects"][aspect]["heldout_pairs"])
+        want = 100 * diffs.std(ddof=1) / 3.0 / abs(np.mean(post_pairs[aspect]))
+        assert summary["aspects"][aspect]["relative_change_se_pct"] == pytest.approx(want, rel=1e-12)
+        for strategy in STRATEGIES:
+            assert summary["strategies"][aspect][strategy]["aspects"][aspect]["heldout"]["relative_change_se_pct"] > 0
+    md = write_report(results, tmp_path).read_text()
+    assert_tables_well_formed(md)
+    table1 = md.split("## Table 1")[1].split("## Table 4")[0]
+    assert sum(" ± " in line for line in table1.splitlines() if line.startswith("| ")) == len(ASPECTS)
+    # Without the pairs (an older evaluation.json) there is no standard error and no ±.
+    plain = summarize(make_results(7))
+    assert all(row["relative_change_se_pct"] is None for row in plain["aspects"].values())

@@ -59,6 +59,23 @@ def perplexity(model: torch.nn.Module, examples: Sequence[Mapping], *, task: Tas
     return math.exp(total_nll / total_tokens)
 
 
+def relative_change_se_pct(post: Sequence[float], repaired: Sequence[float]) -> float:
+    """Standard error of :func:`relative_change_pct` of the means over the same pairs, from the paired
+    differences: 100 * sd(post_i - repaired_i) / sqrt(n) / |mean(post)| (sd with n - 1). It is the
+    sampling error of the trust pairs (which pairs were held out), not of the model; NaN for fewer than
+    two pairs or a zero post-SFT mean."""
+    if len(post) != len(repaired):
+        raise ValueError(f"paired values must have the same length, got {len(post)} and {len(repaired)}")
+    n = len(post)
+    mean_post = sum(post) / n if n else 0.0
+    if n < 2 or mean_post == 0:
+        return float("nan")
+    diffs = [p - r for p, r in zip(post, repaired)]
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return 100.0 * sd / math.sqrt(n) / abs(mean_post)
+
+
 def relative_change_pct(post: float, repaired: float) -> float:
     """100 * (post - repaired) / |post|: positive when the repaired model is better (lower)."""
     if post == 0:

@@ -163,10 +163,14 @@ class Run:
     def perplexity(self) -> float:
         return perplexity(self.tail, self.heldout, task=self.task, batch_size=self.config.batch_size)
 
+    def log_odds_pairs(self, aspect: str, half: str) -> list[float]:
+        """Per trust pair of ``aspect``'s ``half``: log P(o|m) - log P(p|m), in the split's order."""
+        return query_log_odds(self.tail, self.trust[aspect][half], task=self.task,
+                              batch_size=self.config.batch_size).tolist()
+
     def log_odds(self, aspect: str, half: str) -> float:
-        values = query_log_odds(self.tail, self.trust[aspect][half], task=self.task,
-                                batch_size=self.config.batch_size)
-        return float(values.mean())
+        values = self.log_odds_pairs(aspect, half)
+        return sum(values) / len(values)
 
     def evaluation(self, aspects: Sequence[str] | None = None) -> dict:
         """Both halves of ``aspects`` (default: all) and the held-out perplexity, for the model as it is."""
@@ -368,6 +372,7 @@ class Run:
             return json.loads(path.read_text())
         repaired = {}
         with self.timed("evaluate_repaired"):
+            post_pairs = {a: self.log_odds_pairs(a, "heldout") for a in self.config.aspects}
             for target, by_strategy in repairs.items():
                 repaired[target] = {}
                 for strategy, record in by_strategy.items():
@@ -377,18 +382,22 @@ class Run:
                         repaired[target][strategy] = self._repaired_evaluation(target, record)
                     finally:
                         delta.revert(self.tail)
-        result = {"pre": evals["pre"], "post": evals["post"], "repaired": repaired}
+        result = {"pre": evals["pre"], "post": evals["post"], "repaired": repaired, "post_heldout_pairs": post_pairs}
         self._publish(lambda: write_json(path, result))
         return result
 
     def _repaired_evaluation(self, target: str, record: dict) -> dict:
-        """:meth:`evaluation` of the model with ``target``'s repair applied, reusing what its beta search
-        already measured at the chosen beta (the perplexity; for a single aspect its query-half log-odds,
-        which is that target's objective)."""
+        """:meth:`evaluation` of the model with ``target``'s repair applied, plus the held-out values per
+        pair (``heldout_pairs``, for standard errors), reusing what its beta search already measured at
+        the chosen beta (the perplexity; for a single aspect its query-half log-odds, which is that
+        target's objective)."""
         aspects = self.config.aspects if target == "common" else (target,)
-        return {"aspects": {a: {"query": record["metric"] if target != "common" else self.log_odds(a, "query"),
-                                "heldout": self.log_odds(a, "heldout")} for a in aspects},
-                "perplexity": record["perplexity"]}
+        out = {}
+        for a in aspects:
+            pairs = self.log_odds_pairs(a, "heldout")
+            out[a] = {"query": record["metric"] if target != "common" else self.log_odds(a, "query"),
+                      "heldout": sum(pairs) / len(pairs), "heldout_pairs": pairs}
+        return {"aspects": out, "perplexity": record["perplexity"]}
 
     def stage_report(self) -> Path:
         from .report import write_report

@@ -4,8 +4,10 @@ Input: the ``results`` dict that :meth:`trustrepair.pipeline.Run.stage_report` b
 
     config       DemoConfig.to_json()
     sizes        split and model sizes
-    evaluation   {"pre": EVAL, "post": EVAL, "repaired": {target: {strategy: EVAL}}}
-                 EVAL = {"aspects": {aspect: {"query": F, "heldout": F}}, "perplexity": ppl}
+    evaluation   {"pre": EVAL, "post": EVAL, "repaired": {target: {strategy: EVAL}},
+                  "post_heldout_pairs": {aspect: [F_i, ...]}}  (optional, for standard errors)
+                 EVAL = {"aspects": {aspect: {"query": F, "heldout": F}}, "perplexity": ppl}; a repaired
+                 EVAL's aspects may also hold "heldout_pairs": [F_i, ...] in the same pair order
     repairs      {target: {strategy: {"beta", "subset", "points": [{"beta", "metric", "perplexity"}, ...]}}}
                  points[0] is the post-SFT model (beta = 0); "metric" is the query-half objective, null
                  at the probes where the search did not measure it
@@ -26,6 +28,9 @@ Conventions (the paper's):
   query-half numbers are reported beside it.
 * Headline repair of an aspect: the DPP subset chosen for that aspect. Headline repaired perplexity: the
   worst (highest) perplexity among those per-aspect DPP repairs.
+* "± x" after a held-out relative change: its standard error over the held-out trust pairs (from the
+  per-pair differences post - repaired, :func:`trustrepair.evaluate.relative_change_se_pct`), i.e. how
+  much the number would move with another draw of held-out pairs.
 * Influence scores: positive = detrimental (raising that example's loss is predicted to lower F).
 
 Every file is written atomically (temporary file in the run directory, then ``os.replace``); the
@@ -42,7 +47,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from .evaluate import relative_change_pct
+from .evaluate import relative_change_pct, relative_change_se_pct
 from .config import atomic_write_bytes, atomic_write_text, write_json
 
 HEADLINE_STRATEGY = "dpp"
@@ -68,6 +73,16 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _heldout_se(evaluation: Mapping, ev: Mapping, aspect: str) -> float | None:
+    """Standard error (percentage points) of a held-out relative change, from the per-pair values when
+    the evaluation has them (``post_heldout_pairs`` and the repair's ``heldout_pairs``), else None."""
+    post = evaluation.get("post_heldout_pairs", {}).get(aspect)
+    repaired = ev["aspects"][aspect].get("heldout_pairs")
+    if post is None or repaired is None:
+        return None
+    return _finite(relative_change_se_pct(post, repaired))
+
+
 def _aspect_summary(evaluation: Mapping, repairs: Mapping, aspects: list[str], half: str) -> dict:
     pre, post, repaired = evaluation["pre"], evaluation["post"], evaluation["repaired"]
     out = {}
@@ -86,6 +101,8 @@ def _aspect_summary(evaluation: Mapping, repairs: Mapping, aspects: list[str], h
                                           f"repairs[{aspect!r}]")["beta"]},
             "relative_change_pct": _finite(relative_change_pct(before, after)),
         }
+        if half == "heldout":
+            out[aspect]["relative_change_se_pct"] = _heldout_se(evaluation, own, aspect)
     return out
 
 
@@ -103,10 +120,13 @@ def _strategy_table(evaluation: Mapping, repairs: Mapping, aspects: list[str]) -
                 "subset_size": len(record["subset"]),
                 "perplexity": ev["perplexity"],
                 "perplexity_change_pct": _finite(relative_change_pct(post["perplexity"], ev["perplexity"])),
-                "aspects": {a: {half: {"log_odds": ev["aspects"][a][half],
-                                       "relative_change_pct": _finite(relative_change_pct(
-                                           post["aspects"][a][half], ev["aspects"][a][half]))}
-                                for half in ("heldout", "query")}
+                "aspects": {a: {"heldout": {"log_odds": ev["aspects"][a]["heldout"],
+                                            "relative_change_pct": _finite(relative_change_pct(
+                                                post["aspects"][a]["heldout"], ev["aspects"][a]["heldout"])),
+                                            "relative_change_se_pct": _heldout_se(evaluation, ev, a)},
+                                "query": {"log_odds": ev["aspects"][a]["query"],
+                                          "relative_change_pct": _finite(relative_change_pct(
+                                              post["aspects"][a]["query"], ev["aspects"][a]["query"]))}}
                             for a in aspects if a in ev["aspects"]},
             }
     return table
@@ -215,6 +235,12 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:+.{digits}f}"
 
 
+def _pct_se(row: Mapping) -> str:
+    """A held-out relative change with its standard error where known: '+3.3 ± 0.4'."""
+    se = row.get("relative_change_se_pct")
+    return _pct(row["relative_change_pct"]) + ("" if se is None else f" ± {se:.1f}")
+
+
 def _ppl_pct(value: float | None) -> str:
     """A perplexity change, to two decimals: it sits next to a tolerance such as 1%."""
     return _pct(value, 2)
@@ -241,14 +267,15 @@ def _table1(summary: dict) -> list[str]:
     for aspect, row in summary["aspects"].items():
         rep = row["repaired"]
         rows.append([aspect, _num(row["pre"]["log_odds"]), _num(row["post"]["log_odds"]),
-                     _num(rep["log_odds"]), _pct(row["relative_change_pct"]), _num(ppl["pre"], 3),
+                     _num(rep["log_odds"]), _pct_se(row), _num(ppl["pre"], 3),
                      _num(ppl["post"], 3), _num(rep["perplexity"], 3), _ppl_pct(rep["perplexity_change_pct"]),
                      f"{rep['beta']:.3g}"])
     return [
         "## Table 1: pre-SFT, post-SFT and repaired (held-out half)",
         "",
         "F is the mean log-odds on the held-out trust pairs; the repair of each aspect is its own DPP subset "
-        "with the beta chosen on the query half under the perplexity tolerance.",
+        "with the beta chosen on the query half under the perplexity tolerance; ± is the standard error over "
+        "the held-out pairs.",
         "",
         *_table(header, rows),
         f"Repaired perplexity (worst of the per-aspect DPP repairs, `{ppl['repaired_worst_of']}`): "
@@ -266,7 +293,7 @@ def _table4(summary: dict) -> list[str]:
         best = max(by_strategy, key=lambda s: _gain(by_strategy[s], aspect))
         for strategy, row in by_strategy.items():
             halves = row["aspects"][aspect]
-            held = _pct(halves["heldout"]["relative_change_pct"])
+            held = _pct_se(halves["heldout"])
             rows.append([aspect, strategy, str(row["subset_size"]), f"{row['beta']:.3g}",
                          _pct(halves["query"]["relative_change_pct"]),
                          f"**{held}**" if strategy == best else held,
@@ -291,8 +318,7 @@ def _table4(summary: dict) -> list[str]:
 def _table2(summary: dict) -> list[str]:
     by_strategy = summary["strategies"][COMMON]
     header = ["Metric"] + [f"{s} {_HALF_LABEL[h]} (%)" for s in by_strategy for h in ("heldout", "query")]
-    rows = [[aspect] + [_pct(row["aspects"][aspect][h]["relative_change_pct"])
-                        for row in by_strategy.values() for h in ("heldout", "query")]
+    rows = [[aspect] + [_pct_se(row["aspects"][aspect][h]) for row in by_strategy.values() for h in ("heldout", "query")]
             for aspect in summary["aspects"]]
     rows.append(["perplexity"] + [_ppl_pct(row["perplexity_change_pct"]) for row in by_strategy.values()
                                   for _ in ("heldout", "query")])
