@@ -166,3 +166,25 @@ def test_normalize_scores():
     out = normalize_scores(scores)
     assert torch.equal(out["a"], torch.tensor([0.0, 0.5, 1.0]))
     assert torch.equal(out["flat"], torch.ones(2))
+
+
+def test_fit_and_scores_under_bf16_autocast_keep_float32_statistics():
+    """Inside a caller's bf16 autocast region (the CPU has one too) the model's matmuls run in bf16 but the
+    library's own statistics and preconditioning stay float32: every path returns float32 scores that
+    rank like the float32 run's (the first GPU run's bf16 stage failed on a bf16 preconditioned gradient)."""
+    model = make_tiny_neox(seed=3, dtype=torch.float32)
+    train, queries = make_examples(24, seed=21), make_queries(4, seed=22)
+    exact = pairwise_influence(model, fit_ekfac(model, train, batch_size=8, progress=False), train, queries,
+                               batch_size=8, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        factors = fit_ekfac(model, train, batch_size=8, progress=False)
+        pairwise = pairwise_influence(model, factors, train, queries, batch_size=8, progress=False)
+        low_rank = pairwise_influence(model, factors, train, queries, batch_size=8, progress=False, query_rank=2)
+        aggregated = influence(model, factors, train, {"a": queries}, batch_size=8, progress=False)["a"]
+    assert all(f.lambda_.dtype == torch.float32 for f in factors.modules.values())
+    rank = lambda v: torch.argsort(torch.argsort(v.flatten())).double()
+    spearman = lambda x, y: float(torch.corrcoef(torch.stack([rank(x), rank(y)]))[0, 1])
+    for scores in (pairwise, low_rank, aggregated):
+        assert scores.dtype == torch.float32 and bool(torch.isfinite(scores).all())
+    assert spearman(pairwise, exact) >= 0.99
+    assert spearman(aggregated, exact.mean(0)) >= 0.99
