@@ -14,7 +14,7 @@ M_r comes from a randomized range finder with power iterations (Halko, Martinsso
 "Finding structure with randomness", Alg. 4.4 then Alg. 5.1): Y = M Omega for a Gaussian
 Omega (d_in, r + p), ``power_iterations`` rounds of re-orthonormalised multiplication by M^T and M,
 then the exact SVD of the small (r + p, d_in) matrix B = Basis^T M. It costs about
-(2 + 4 q) d_out d_in (r + p) multiply-adds for q power iterations, against the O(d_out d_in min(d_out, d_in))
+(2 + 2 q) d_out d_in (r + p) multiply-adds for q power iterations, against the O(d_out d_in min(d_out, d_in))
 of a dense SVD. When r + p covers the smaller side of M the dense truncated SVD is used (then exact).
 
 Precision: everything runs in M's dtype (the factors' dtype: float32 for a float32 model); the
