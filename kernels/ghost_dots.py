@@ -47,6 +47,26 @@ def _low_rank_configs() -> list[triton.Config]:
             for t, c, k, w, s in shapes]
 
 
+@triton.jit
+def _tokens_times_factor_rows(x_ptr, stride_t, stride_k, rt, mask_t, w_ptr, rc, mask_c, width,
+                              INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_T, BLOCK_C) tile of x w^T: token rows ``rt`` of one example's x (T, width) times factor rows
+    ``rc`` of the contiguous w (C, width), accumulated over ``width`` in blocks of BLOCK_K."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
+    for k0 in range(0, width, BLOCK_K):
+        rkk = k0 + rk
+        mask_k = rkk < width
+        x = tl.load(x_ptr + rt[:, None] * stride_t + rkk[None, :] * stride_k,
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + rc[:, None] * width + rkk[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+        if INPUT_PRECISION == "tf32":
+            x, w = round_to_tf32(x), round_to_tf32(w)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
 @triton.autotune(configs=_low_rank_configs(), key=["d_out", "d_in", "C", "INPUT_PRECISION"])
 @triton.jit(do_not_specialize=["C"])  # fewer recompilations
 def _low_rank_kernel(
@@ -62,7 +82,6 @@ def _low_rank_kernel(
     pid_c = tl.program_id(0)
     b = tl.program_id(1)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rk = tl.arange(0, BLOCK_K)
     mask_c = rc < C
     g_example = g_ptr + tl.cast(b, tl.int64) * stride_gb
     a_example = a_ptr + tl.cast(b, tl.int64) * stride_ab
@@ -70,26 +89,10 @@ def _low_rank_kernel(
     for t0 in range(0, T, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         mask_t = rt < T
-        g_left = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
-        for k0 in range(0, d_out, BLOCK_K):
-            rkk = k0 + rk
-            mask_k = rkk < d_out
-            x = tl.load(g_example + rt[:, None] * stride_gt + rkk[None, :] * stride_gi,
-                        mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(lt_ptr + rc[:, None] * d_out + rkk[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            if INPUT_PRECISION == "tf32":
-                x, w = round_to_tf32(x), round_to_tf32(w)
-            g_left = tl.dot(x, tl.trans(w), g_left, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        a_right = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
-        for k0 in range(0, d_in, BLOCK_K):
-            rkk = k0 + rk
-            mask_k = rkk < d_in
-            x = tl.load(a_example + rt[:, None] * stride_at + rkk[None, :] * stride_aj,
-                        mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(rt_ptr + rc[:, None] * d_in + rkk[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            if INPUT_PRECISION == "tf32":
-                x, w = round_to_tf32(x), round_to_tf32(w)
-            a_right = tl.dot(x, tl.trans(w), a_right, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        g_left = _tokens_times_factor_rows(g_example, stride_gt, stride_gi, rt, mask_t, lt_ptr, rc, mask_c, d_out,
+                                           INPUT_PRECISION, ACC_DTYPE, BLOCK_T, BLOCK_C, BLOCK_K)
+        a_right = _tokens_times_factor_rows(a_example, stride_at, stride_aj, rt, mask_t, rt_ptr, rc, mask_c, d_in,
+                                            INPUT_PRECISION, ACC_DTYPE, BLOCK_T, BLOCK_C, BLOCK_K)
         column_sums += tl.sum(g_left * a_right, axis=0)
     tl.store(out_ptr + tl.cast(b, tl.int64) * C + rc, column_sums, mask=mask_c)
 
