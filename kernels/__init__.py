@@ -2,7 +2,8 @@
 
 Each operation lives in its own module with its private ``@triton.jit`` kernel, the launcher and the
 public function; the pure-PyTorch reference of every kernel is in :mod:`trustrepair.contractions`, whose
-dispatchers send CUDA tensors here (``TRUSTREPAIR_DISABLE_TRITON=1`` forces the reference).
+dispatchers send CUDA tensors of the operations in ``TRITON_OPS`` here (``TRUSTREPAIR_DISABLE_TRITON=1``
+forces the reference).
 
 * :mod:`~trustrepair.kernels.projected_gradients` -- ``projected_gradient_squares_triton`` (EK-FAC's
   eigenvalue correction, sum_b (Q_S^T G_b Q_A)^2) and ``projected_gradient_scores_triton``

@@ -167,10 +167,17 @@ def test_low_rank_ghost_dots_equal_ghost_dots_of_the_product(shape):
     assert_close(C.low_rank_ghost_dots(a, g, left, right), _naive_ghost(a, g, left @ right), 1e-12, "low rank")
 
 
+@pytest.mark.parametrize("blocking", ["CPU slabs", "GPU batched products"])
 @pytest.mark.parametrize("ghost_path", [PER_TOKEN, FORM_GRADIENT])
-def test_chunks_slabs_and_tiles_give_the_same_result(ghost_path, monkeypatch):
+def test_chunks_slabs_and_tiles_give_the_same_result(ghost_path, blocking, monkeypatch):
+    """Every chunking gives the same results, for the CPU's cache-sized slabs and for the batched
+    products a GPU gets (forced here on the CPU), both against the float64 naive loops."""
     a, g, q_a, q_s, u = _operands((6, 5, 17, 9))
     _force(monkeypatch, *ghost_path)
+    monkeypatch.setattr(C, "cache_blocked", lambda device: blocking == "CPU slabs")
+    assert_close(C.projected_gradient_squares_reference(a, g, q_a, q_s), _naive_squares(a, g, q_a, q_s), 1e-12,
+                 f"squares, {blocking}")
+    assert_close(C.ghost_dots_reference(a, g, u), _naive_ghost(a, g, u), 1e-12, f"ghost, {blocking}")
 
     def results():
         return (C.projected_gradients(a, g, q_a, q_s), C.projected_gradient_scores_reference(a, g, q_a, q_s, u),
@@ -230,8 +237,33 @@ def test_triton_enabled_only_for_cuda_with_triton_and_no_override(monkeypatch):
     assert not C.triton_enabled(cuda_like)
 
 
+def test_cache_blocking_only_on_cpu():
+    assert C.cache_blocked(torch.device("cpu"))
+    assert not C.cache_blocked(torch.device("cuda", 0))
+
+
+def test_only_the_ops_in_triton_ops_go_to_triton(monkeypatch):
+    """With Triton enabled, the eigenvalue correction goes to its kernel; ghost dots and eigenbasis scores
+    stay on the reference (their kernels lost on the GPU: see TRITON_OPS), giving its results."""
+    assert C.TRITON_OPS == {"projected_gradient_squares"}
+    projected = types.ModuleType("trustrepair.kernels.projected_gradients")
+    projected.projected_gradient_squares_triton = lambda *args: "sq"
+    monkeypatch.setitem(sys.modules, "trustrepair.kernels.projected_gradients", projected)
+    monkeypatch.setattr(C, "triton_enabled", lambda tensor: True)
+    a, g, q_a, q_s, u = _operands((2, 3, 5, 4))
+    assert C.uses_triton("projected_gradient_squares", a)
+    assert not C.uses_triton("ghost_dots", a) and not C.uses_triton("projected_gradient_scores", a)
+    assert C.projected_gradient_squares(a, g, q_a, q_s) == "sq"
+    assert_close(C.ghost_dots(a, g, u), _naive_ghost(a, g, u), 1e-12, "ghost dots on the reference")
+    assert_close(C.projected_gradient_scores(a, g, q_a, q_s, u), _naive_scores(a, g, q_a, q_s, u), 1e-12,
+                 "scores on the reference")
+
+
 def test_dispatchers_route_to_the_triton_modules_when_enabled(monkeypatch):
-    """With triton_enabled forced on, each dispatcher calls the kernel module's function with its arguments."""
+    """With triton_enabled forced on and every op in TRITON_OPS, each dispatcher calls the kernel module's
+    function with its arguments."""
+    monkeypatch.setattr(C, "TRITON_OPS", frozenset({"projected_gradient_squares", "projected_gradient_scores",
+                                                     "ghost_dots"}))
     calls = []
     projected = types.ModuleType("trustrepair.kernels.projected_gradients")
     projected.projected_gradient_squares_triton = lambda *args: calls.append(("squares", len(args))) or "sq"

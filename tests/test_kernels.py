@@ -474,6 +474,8 @@ def test_dispatch_uses_triton_and_agrees_with_reference(monkeypatch):
     ops = _draw(GPU_CASES[0], seed=25)
     args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"])
     assert contractions.triton_enabled(ops["a"])
+    assert contractions.uses_triton("projected_gradient_squares", ops["a"])
+    assert not contractions.uses_triton("ghost_dots", ops["a"]), "ghost dots run cuBLAS on CUDA (TRITON_OPS)"
     fast = contractions.projected_gradient_squares(*args)
     monkeypatch.setenv("TRUSTREPAIR_DISABLE_TRITON", "1")
     assert not contractions.triton_enabled(ops["a"])

@@ -22,9 +22,11 @@ pure-PyTorch implementations (they are also the CPU path): each estimates the mu
 candidate orders with the small cost functions below (plus the memory traffic of per-example matrices,
 :data:`MEMORY_COST_PER_ENTRY`) and runs the cheapest one, processing the batch in chunks so that no
 intermediate exceeds :data:`CHUNK_ELEMENTS` elements, and per-example matrices in cache-sized slabs of
-rows (:data:`SLAB_ELEMENTS`, :data:`TILE_ELEMENTS`). The public functions of the same name without the
-suffix dispatch a CUDA tensor to the Triton kernels of ``trustrepair.kernels`` (when
-:func:`triton_enabled` says so) and everything else to the reference.
+rows (:data:`SLAB_ELEMENTS`, :data:`TILE_ELEMENTS`) on a CPU; on a GPU the same references issue one
+batched product per chunk instead (:func:`cache_blocked`), so they are the cuBLAS path there. The public
+functions of the same name without the suffix dispatch a CUDA tensor to the Triton kernels of
+``trustrepair.kernels`` when the operation is in :data:`TRITON_OPS` and :func:`triton_enabled` says so,
+and everything else to the reference.
 
 Also here, without a Triton twin: :func:`projected_gradients` (few examples' gradients in the
 eigenbasis, e.g. per-query gradients), :func:`low_rank_ghost_dots` (ghost dot products with rank-r
@@ -62,6 +64,17 @@ back costs, for the cost model: such a batched outer product (inner dimension T 
 quarter of GEMM speed on the CPUs measured, so forming G_b first only pays off for K >= 3 matrices."""
 
 
+TRITON_OPS = frozenset({"projected_gradient_squares"})
+"""The dispatchers whose CUDA tensors go to Triton; the others run their reference (cuBLAS products) on
+CUDA as well, because their kernels lost to it on the one GPU measurement so far (H100, Triton 3.6,
+Pythia-160M layer shapes, 16 examples x 512 tokens, ``benchmarks/RESULTS.md``): ghost dot products with
+32 matrices ran at 0.29-0.41x of the reference in TF32, with one matrix at 0.64-0.74x, scores in the
+eigenbasis at 0.47-0.68x, while the eigenvalue correction's kernel ran at 1.3-1.7x (TF32) and 1.5-5.4x
+(bfloat16). Those references were still the CPU-blocked ones (many small products); the kernels can
+only look worse against the batched products they now issue on a GPU. The kernels stay importable from
+``trustrepair.kernels`` and tested; an operation moves into this set when a GPU run shows it winning."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------
@@ -85,12 +98,26 @@ def triton_enabled(tensor: torch.Tensor) -> bool:
     )
 
 
+def uses_triton(op: str, tensor: torch.Tensor) -> bool:
+    """True when the dispatcher named ``op`` sends ``tensor`` to its Triton kernel: ``op`` is in
+    :data:`TRITON_OPS` and :func:`triton_enabled` holds."""
+    return op in TRITON_OPS and triton_enabled(tensor)
+
+
+def cache_blocked(device: torch.device) -> bool:
+    """True on a CPU, where the references walk per-example matrices in cache-sized slabs (1.3-3x faster
+    there, measured); False on a GPU, where such slabs would be launch-bound small products and one
+    batched product per chunk of examples (:data:`CHUNK_ELEMENTS`) keeps cuBLAS busy instead."""
+    return device.type == "cpu"
+
+
 def projected_gradient_squares(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor,
                                q_s: torch.Tensor) -> torch.Tensor:
-    """sum_b (Q_S^T g_b^T a_b Q_A) ** 2, on Triton for CUDA tensors; see the reference for the contract."""
+    """sum_b (Q_S^T g_b^T a_b Q_A) ** 2, on Triton for CUDA tensors (see :data:`TRITON_OPS`); see the
+    reference for the contract."""
     _check_token_operands(a, g)
     _check_bases(a, g, q_a, q_s)
-    if triton_enabled(a):
+    if uses_triton("projected_gradient_squares", a):
         from trustrepair.kernels.projected_gradients import projected_gradient_squares_triton
 
         return projected_gradient_squares_triton(a, g, q_a, q_s)
@@ -99,12 +126,12 @@ def projected_gradient_squares(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tens
 
 def projected_gradient_scores(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
                               queries: torch.Tensor) -> torch.Tensor:
-    """<Q_S^T g_b^T a_b Q_A, W_q> for every example b and query q, on Triton for CUDA tensors; see the
-    reference for the contract."""
+    """<Q_S^T g_b^T a_b Q_A, W_q> for every example b and query q, on Triton for CUDA tensors when
+    :data:`TRITON_OPS` includes it; see the reference for the contract."""
     _check_token_operands(a, g)
     _check_bases(a, g, q_a, q_s)
     _check_matrices(a, g, queries, "queries")
-    if triton_enabled(a):
+    if uses_triton("projected_gradient_scores", a):
         from trustrepair.kernels.projected_gradients import projected_gradient_scores_triton
 
         return projected_gradient_scores_triton(a, g, q_a, q_s, queries)
@@ -112,11 +139,11 @@ def projected_gradient_scores(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tenso
 
 
 def ghost_dots(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """sum_t g_bt^T U_k a_bt for every example b and matrix k, on Triton for CUDA tensors; see the
-    reference for the contract."""
+    """sum_t g_bt^T U_k a_bt for every example b and matrix k, on Triton for CUDA tensors when
+    :data:`TRITON_OPS` includes it; see the reference for the contract."""
     _check_token_operands(a, g)
     _check_matrices(a, g, u, "u")
-    if triton_enabled(a):
+    if uses_triton("ghost_dots", a):
         from trustrepair.kernels.ghost_dots import ghost_dots_triton
 
         return ghost_dots_triton(a, g, u)
@@ -138,9 +165,10 @@ def projected_gradient_squares_reference(a: torch.Tensor, g: torch.Tensor, q_a: 
       has fewer tokens than the layer is wide;
     * gradient first, ``Q_S^T (g_b^T a_b) Q_A``: T d_out d_in + d_out d_in (d_out + d_in).
 
-    Each example's (d_out, d_in) tile is computed a slab of rows at a time (:data:`SLAB_ELEMENTS`) and
-    squared into the sum while the slab is still in cache: writing all B tiles out and summing them
-    afterwards is memory-bound.
+    On a CPU each example's (d_out, d_in) tile is computed a slab of rows at a time
+    (:data:`SLAB_ELEMENTS`) and squared into the sum while the slab is still in cache: writing all B
+    tiles out and summing them afterwards is memory-bound there. On a GPU (:func:`cache_blocked`) a
+    chunk of examples' tiles is formed by one batched product, squared in place and summed.
 
     Args:
         a: (B, T, d_in) activations, zero at masked tokens (bias column included when the layer has one).
@@ -157,6 +185,10 @@ def projected_gradient_squares_reference(a: torch.Tensor, g: torch.Tensor, q_a: 
     batch, tokens, d_in = a.shape
     d_out = g.shape[2]
     out = torch.zeros(d_out, d_in, dtype=dtype, device=a.device)
+    if not cache_blocked(a.device):
+        for _, projected in _projected_chunks(a, g, q_a, q_s):
+            out += projected.square_().sum(dim=0)
+        return out
     tile = torch.empty(d_out, d_in, dtype=dtype, device=a.device)
     if squares_tokens_first_cost(tokens, d_out, d_in) <= squares_gradient_first_cost(tokens, d_out, d_in):
         g_rot, a_rot = g @ q_s, a @ q_a  # every token of the batch in one product per side
@@ -247,7 +279,8 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
       K T d_out d_in; never forms G_b, wins for one or two matrices (aspects) or very few tokens;
     * gradient first, ``G_b = g_b^T a_b`` then one product with all U_k: T d_out d_in + K d_out d_in,
       plus the memory traffic of G_b (see :data:`MEMORY_COST_PER_ENTRY`): wins for K >= 3. G_b is formed
-      a slab of rows at a time for the whole batch (:data:`TILE_ELEMENTS`) and consumed while in cache.
+      a slab of rows at a time for the whole batch and consumed by the next product: cache-sized slabs
+      (:data:`TILE_ELEMENTS`) on a CPU, :data:`CHUNK_ELEMENTS` on a GPU (:func:`cache_blocked`).
 
     Args:
         a: (B, T, d_in) activations, zero at masked tokens.
@@ -270,8 +303,9 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
     else:
         out.zero_()
         g_t = g.transpose(1, 2)
-        step = max(1, TILE_ELEMENTS // max(1, batch * d_in))
-        for start in range(0, d_out, step):  # a cache-sized slab of rows of every G_b, then all U_k at once
+        slab_elements = TILE_ELEMENTS if cache_blocked(a.device) else CHUNK_ELEMENTS
+        step = max(1, slab_elements // max(1, batch * d_in))
+        for start in range(0, d_out, step):  # a slab of rows of every G_b, then all U_k at once
             rows = slice(start, min(start + step, d_out))
             slab = torch.bmm(g_t[:, rows], a)
             out.addmm_(slab.reshape(batch, -1), u[:, rows].reshape(n_mats, -1).T)
