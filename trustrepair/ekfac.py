@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 import os
 import platform
 import time
@@ -340,7 +341,19 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
         "matmul_dtype": None if matmul_dtype is None else str(matmul_dtype).replace("torch.", ""),
         "data_digest": data_digest(examples), "world_size": world_size(),
     }
-    fingerprint = model_fingerprint(model, layers)
+    # The weight digest (about a second of CPU hashing for 160M parameters) is computed on a thread while
+    # the passes run: hashlib releases the GIL, and on a GPU the CPU is otherwise idle.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trustrepair-fingerprint") as pool:
+        fingerprint_job = pool.submit(model_fingerprint, model, layers)
+        modules, timings = _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress,
+                                       checkpoint_dir, matmul_dtype, arguments, fingerprint_job.result)
+        return EKFACFactors(modules, arguments, fingerprint_job.result(), timings)
+
+
+def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress, checkpoint_dir, matmul_dtype,
+                arguments, fingerprint: Callable[[], dict]) -> tuple[dict[str, ModuleFactors], dict[str, float]]:
+    """The three stages of :func:`fit_ekfac`: (factors per layer name, seconds per stage).
+    ``fingerprint()`` waits for the model's digest, which only the covariance checkpoint needs early."""
     dtype = factor_dtype(layers)
     timings: dict[str, float] = {}
 
@@ -349,7 +362,7 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
     covariances = None
     if checkpoint is not None:
         with fail_together(f"loading the covariance checkpoint in {checkpoint}"):
-            covariances = _load_covariances(checkpoint, arguments, fingerprint, device)
+            covariances = _load_covariances(checkpoint, arguments, fingerprint(), device)
         require_agreement(covariances is not None, f"only some ranks found the covariance checkpoint in "
                           f"{checkpoint}; put checkpoint_dir on a filesystem that every rank shares")
     if covariances is None:
@@ -359,7 +372,7 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
         if checkpoint is not None:
             with fail_together(f"saving the covariance checkpoint in {checkpoint}"):
                 if is_main_process():
-                    _save_covariances(checkpoint, covariances, arguments, fingerprint)
+                    _save_covariances(checkpoint, covariances, arguments, fingerprint())
 
     start = time.perf_counter()
     sums = [(covariances[layer.name][side], covariances[layer.name][2]) for layer in layers for side in (0, 1)]
@@ -379,7 +392,7 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
                                   covariances[layer.name][2], len(examples))
         for layer in layers
     }
-    return EKFACFactors(factors, arguments, fingerprint, timings)
+    return factors, timings
 
 
 def _training_objective(model: nn.Module, task: Task, batch, fisher: str,
