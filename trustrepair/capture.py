@@ -20,7 +20,9 @@ eval mode (no dropout) and its mode is restored on exit. Forward calls made unde
 several times in one forward pass (shared parameters) gets its calls concatenated along the token axis,
 which is exactly its per-example gradient sum_calls sum_t g_t a_t^T.
 
-Non-finite objectives and gradients raise ``FloatingPointError`` naming the batch and the module.
+Non-finite objectives and gradients raise ``FloatingPointError`` naming the batch and the module. The
+gradients are checked once per batch, after every callback ran (one device synchronisation per batch, not
+one per layer), so a callback may see non-finite values of a batch that then raises.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ class TokenCapture:
         self._calls: list[list[dict]] = [[] for _ in self.layers]
         self._order: list[tuple[int, int]] = []
         self._leaves: list[torch.Tensor] = []
-        self._errors: list[str] = []
+        self._gradient_sums: list[tuple[int, torch.Tensor]] = []
         try:
             with torch.enable_grad():
                 try:
@@ -125,12 +127,11 @@ class TokenCapture:
             for index, calls in enumerate(self._calls):
                 if calls:
                     self._finish_layer(index)
-            if self._errors:
-                raise FloatingPointError("; ".join(self._errors))
+            self._check_gradients_finite()
             return values.detach()
         finally:
             self._mask = None
-            self._calls, self._order, self._leaves = [], [], []
+            self._calls, self._order, self._leaves, self._gradient_sums = [], [], [], []
 
     # -- hooks -----------------------------------------------------------------------------------------
 
@@ -181,14 +182,26 @@ class TokenCapture:
         del calls, grads
         # One reduction instead of an elementwise test: a NaN or infinity anywhere makes the sum
         # non-finite (float32 / float64 accumulation, so finite float16 gradients cannot overflow it).
-        total = g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
-        if not bool(torch.isfinite(total)):
-            self._errors.append(f"non-finite output gradient at module {self.layers[index].name!r} in {self._label}")
-            return
+        # It is checked once per batch (_check_gradients_finite): a check here would synchronise a GPU
+        # at every layer of the backward pass.
+        self._gradient_sums.append((index, g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)))
         # The contractions are the library's own float32/float64 statistics: an enclosing autocast
         # region (bf16 forward/backward) must not lower their precision.
         with torch.autocast(a.device.type, enabled=False):
             self._on_layer(index, a, g)
+
+    def _check_gradients_finite(self) -> None:
+        """Raises FloatingPointError naming every tracked module whose output gradient in this batch had a
+        non-finite entry (its callback already ran, on those values: the caller's sums are void)."""
+        if not self._gradient_sums:
+            return
+        device = self._gradient_sums[0][1].device
+        finite = torch.isfinite(torch.stack([s.to(device, torch.float64) for _, s in self._gradient_sums]))
+        if bool(finite.all()):
+            return
+        bad = [self.layers[index].name for (index, _), ok in zip(self._gradient_sums, finite.tolist()) if not ok]
+        raise FloatingPointError("; ".join(f"non-finite output gradient at module {name!r} in {self._label}"
+                                           for name in bad))
 
     def _first_non_finite_output(self) -> str | None:
         """Name of the first tracked module (in forward order) whose output has a non-finite entry."""
