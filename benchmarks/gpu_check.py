@@ -19,7 +19,9 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below, each
    after a second of warm-up and with the SM clock read under load (see
    :func:`benchmark_kernels.matmul_rates`);
-4. kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32);
+4. eigh options per factor width (cuSOLVER float64 / float32, MAGMA, CPU LAPACK), then kernels:
+   :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against the
+   references, which on CUDA issue batched cuBLAS products (``trustrepair.contractions.cache_blocked``);
 5. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
    50304, random init, seed 0; 512 training sequences of 512 tokens, the first half prompt; 32 queries
    with 256-token prompts and responses; every linear layer in the blocks; empirical Fisher; damping
@@ -147,6 +149,52 @@ def kernels_importable() -> None:
     import trustrepair.kernels  # noqa: F401
 
     print("trustrepair.kernels mapped from the checkout (the editable install was not there)", flush=True)
+
+
+EIGH_WIDTHS = (769, 2304, 3072)
+"""The Pythia-160M factor widths (768 and 3073 time like 769 and 3072)."""
+
+
+def eigh_options(widths=EIGH_WIDTHS) -> dict:
+    """Seconds of one ``torch.linalg.eigh`` per factor width and option, to choose how the fit's
+    eigendecomposition (2.7 s of the 10.9 s fit on the first H100 run: 48 layers x 2 factors) should run:
+    cuSOLVER float64 (what ``fit_ekfac`` runs), float32, MAGMA float64 where the build has it, and the
+    CPU's LAPACK float64 with all its threads (once; the others: median of 3 after a warm-up). The
+    matrices are covariances of Gaussian data, n x 4n samples."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for n in widths:
+        x = torch.randn(4 * n, n, generator=gen, dtype=torch.float64)
+        cov = x.T @ x / (4 * n)
+        row = {"cuda_float64": _time_eigh(cov.cuda()), "cuda_float32": _time_eigh(cov.float().cuda())}
+        previous = torch.backends.cuda.preferred_linalg_library()
+        try:
+            torch.backends.cuda.preferred_linalg_library("magma")
+            row["cuda_float64_magma"] = _time_eigh(cov.cuda())
+        except Exception as exc:  # builds without MAGMA refuse it
+            row["cuda_float64_magma"] = f"{type(exc).__name__}: {exc}"[:120]
+        finally:
+            torch.backends.cuda.preferred_linalg_library(previous)
+        row["cpu_float64"] = _time_eigh(cov, repeats=1)
+        out[n] = row
+        print(f"eigh n={n}: " + ", ".join(f"{k} {v:.3f} s" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in row.items()), flush=True)
+    return out
+
+
+def _time_eigh(matrix: torch.Tensor, repeats: int = 3) -> float:
+    def once() -> float:
+        if matrix.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.linalg.eigh(matrix)
+        if matrix.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    if repeats > 1:
+        once()
+    return sorted(once() for _ in range(repeats))[repeats // 2]
 
 
 OTHER_GPU_TESTS_S = 120
@@ -424,6 +472,13 @@ def pipeline_table(res: dict) -> list[str]:
     lines = ["| stage | trustrepair s | kronfluence fp32 s | kronfluence / ours | / fp32 epoch |",
              "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
+    lines += ["", "Fit stages, seconds (covariance / eigendecomposition / lambda / rest of the call):", ""]
+    for label, run in [("trustrepair TF32", ours), ("trustrepair bf16 autocast", bf16),
+                       ("reference path fp32", ref), ("kronfluence fp32", kron)]:
+        fit = run.get("fit") or {}
+        parts = [(fit.get("stages") or {}).get(k) for k in ("covariance", "eigendecomposition", "lambda")]
+        rest = fit["seconds"] - sum(parts) if "seconds" in fit and None not in parts else None
+        lines.append(f"- {label}: {' / '.join(fmt(x) for x in [*parts, rest])}")
     return lines
 
 
@@ -455,6 +510,17 @@ def goals_table(res: dict) -> list[str]:
         lines.append(f"| planted examples recovered (pairwise top-1 per query; aggregated top-4) | "
                      f"{planted.get('pairwise_top')} / {planted.get('aggregated_top')} | "
                      f"{'met' if planted.get('pairwise_ok') and planted.get('aggregated_ok') else 'NOT met'} |")
+    return lines
+
+
+def eigh_summary(eigh: dict | None) -> list[str]:
+    if not eigh:
+        return ["(eigh options not measured)"]
+    options = list(next(iter(eigh.values())))
+    lines = ["eigh of one factor, seconds:", "", f"| width | {' | '.join(options)} |",
+             "|---|" + "---|" * len(options)]
+    lines += [f"| {n} | " + " | ".join(fmt(v, '.3f') if isinstance(v, float) else str(v) for v in row.values()) + " |"
+              for n, row in eigh.items()]
     return lines
 
 
@@ -504,6 +570,7 @@ def main(argv=None):
     res["matmul_tflops"] = run.stage("matmul rates", lambda: bk.matmul_rates(torch.device("cuda")), needs_s=20)
     if res["matmul_tflops"]:
         print("torch.matmul TFLOP/s: " + bk.format_rates(res["matmul_tflops"]), flush=True)
+    res["eigh"] = run.stage("eigh options", eigh_options, needs_s=230)
     plan = [(("squares_tiles", "squares", "ghost", "ghost_k1"), ("tf32", "bf16", "fp32")),
             (("scores", "low_rank"), ("tf32",))]
 
@@ -604,7 +671,7 @@ def report(res: dict, out: Path) -> None:
             "Correlations: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("spearman")),
             f"Planted (TF32): {res.get('planted')}; planted (bf16): {res.get('planted_bf16')}",
             "Stages: " + "; ".join(f"{k}: {v.get('status')}" for k, v in res["stages"].items())]
-    kernels = kernel_summary(res.get("kernels"))
+    kernels = kernel_summary(res.get("kernels")) + ["", *eigh_summary(res.get("eigh"))]
     pipeline = pipeline_table(res)
     goals = goals_table(res)
     section = ["## Triton kernels on a GPU (issue 5)", "", *head, "",
