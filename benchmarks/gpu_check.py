@@ -571,7 +571,9 @@ def main(argv=None):
     if res["matmul_tflops"]:
         print("torch.matmul TFLOP/s: " + bk.format_rates(res["matmul_tflops"]), flush=True)
     res["eigh"] = run.stage("eigh options", eigh_options, needs_s=230)
-    plan = [(("squares_tiles", "squares", "ghost", "ghost_k1"), ("tf32", "bf16", "fp32")),
+    # Exact fp32 only for the kernel that runs in the pipeline: the ghost kernels lost to cuBLAS even in
+    # TF32 on the first run (see trustrepair.contractions.TRITON_OPS).
+    plan = [(("squares_tiles", "squares"), ("tf32", "bf16", "fp32")), (("ghost", "ghost_k1"), ("tf32", "bf16")),
             (("scores", "low_rank"), ("tf32",))]
 
     def kernels():
