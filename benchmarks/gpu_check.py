@@ -161,21 +161,21 @@ def eigh_options(widths=EIGH_WIDTHS) -> dict:
     cuSOLVER float64 (what ``fit_ekfac`` runs), float32, MAGMA float64 where the build has it, and the
     CPU's LAPACK float64 with all its threads (once; the others: median of 3 after a warm-up). The
     matrices are covariances of Gaussian data, n x 4n samples."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
     out = {}
     for n in widths:
-        x = torch.randn(4 * n, n, generator=gen, dtype=torch.float64)
+        x = torch.randn(4 * n, n, generator=gen, dtype=torch.float64, device="cuda")
         cov = x.T @ x / (4 * n)
-        row = {"cuda_float64": _time_eigh(cov.cuda()), "cuda_float32": _time_eigh(cov.float().cuda())}
+        row = {"cuda_float64": _time_eigh(cov), "cuda_float32": _time_eigh(cov.float())}
         previous = torch.backends.cuda.preferred_linalg_library()
         try:
             torch.backends.cuda.preferred_linalg_library("magma")
-            row["cuda_float64_magma"] = _time_eigh(cov.cuda())
+            row["cuda_float64_magma"] = _time_eigh(cov)
         except Exception as exc:  # builds without MAGMA refuse it
             row["cuda_float64_magma"] = f"{type(exc).__name__}: {exc}"[:120]
         finally:
             torch.backends.cuda.preferred_linalg_library(previous)
-        row["cpu_float64"] = _time_eigh(cov, repeats=1)
+        row["cpu_float64"] = _time_eigh(cov.cpu(), repeats=1)
         out[n] = row
         print(f"eigh n={n}: " + ", ".join(f"{k} {v:.3f} s" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in row.items()), flush=True)
