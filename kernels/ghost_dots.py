@@ -97,29 +97,15 @@ def _low_rank_kernel(
     tl.store(out_ptr + tl.cast(b, tl.int64) * C + rc, column_sums, mask=mask_c)
 
 
-def _check_tokens(a: torch.Tensor, g: torch.Tensor) -> None:
-    if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
-        raise ValueError(f"a and g must be (B, T, d_in) and (B, T, d_out) with the same B and T; got "
-                         f"{tuple(a.shape)} and {tuple(g.shape)}")
-
-
 def _check_full(a, g, u) -> torch.dtype:
-    _check_tokens(a, g)
-    d_in, d_out = a.shape[2], g.shape[2]
-    if u.dim() != 3 or tuple(u.shape[1:]) != (d_out, d_in):
-        raise ValueError(f"u must be (K, {d_out}, {d_in}) = (K, d_out, d_in) for a {tuple(a.shape)} and "
-                         f"g {tuple(g.shape)}; got {tuple(u.shape)}")
+    contractions.check_token_operands(a, g)
+    contractions.check_matrices(a, g, u, "u")
     _launch.check_floating(a=a, g=g, u=u)
     return _launch.operand_dtype(a, g, u)
 
 
 def _check_low_rank(a, g, left, right) -> torch.dtype:
-    _check_tokens(a, g)
-    d_in, d_out = a.shape[2], g.shape[2]
-    if (left.dim() != 3 or right.dim() != 3 or left.shape[0] != right.shape[0] or left.shape[2] != right.shape[1]
-            or left.shape[1] != d_out or right.shape[2] != d_in):
-        raise ValueError(f"low-rank factors must be left (K, {d_out}, r) and right (K, r, {d_in}) for a "
-                         f"{tuple(a.shape)} and g {tuple(g.shape)}; got {tuple(left.shape)} and {tuple(right.shape)}")
+    contractions.check_low_rank_factors(a, g, left, right)
     _launch.check_floating(a=a, g=g, left=left, right=right)
     return _launch.operand_dtype(a, g, left, right)
 

@@ -209,9 +209,7 @@ def contract_example_tiles(gt: torch.Tensor, at: torch.Tensor, mode: int, weight
 
 def _check(a, g, q_a, q_s, queries=None) -> torch.dtype:
     """Validates the operands (ValueError naming the problem); returns the operand dtype."""
-    if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
-        raise ValueError(f"a and g must be (B, T, d_in) and (B, T, d_out) with the same B and T; got "
-                         f"{tuple(a.shape)} and {tuple(g.shape)}")
+    contractions.check_token_operands(a, g)
     d_in, d_out = a.shape[2], g.shape[2]
     if tuple(q_a.shape) != (d_in, d_in) or tuple(q_s.shape) != (d_out, d_out):
         raise ValueError(f"q_a must be ({d_in}, {d_in}) and q_s ({d_out}, {d_out}) for a {tuple(a.shape)} and "

@@ -115,7 +115,7 @@ def projected_gradient_squares(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tens
                                q_s: torch.Tensor) -> torch.Tensor:
     """sum_b (Q_S^T g_b^T a_b Q_A) ** 2, on Triton for CUDA tensors (see :data:`TRITON_OPS`); see the
     reference for the contract."""
-    _check_token_operands(a, g)
+    check_token_operands(a, g)
     _check_bases(a, g, q_a, q_s)
     if uses_triton("projected_gradient_squares", a):
         from trustrepair.kernels.projected_gradients import projected_gradient_squares_triton
@@ -128,9 +128,9 @@ def projected_gradient_scores(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tenso
                               queries: torch.Tensor) -> torch.Tensor:
     """<Q_S^T g_b^T a_b Q_A, W_q> for every example b and query q, on Triton for CUDA tensors when
     :data:`TRITON_OPS` includes it; see the reference for the contract."""
-    _check_token_operands(a, g)
+    check_token_operands(a, g)
     _check_bases(a, g, q_a, q_s)
-    _check_matrices(a, g, queries, "queries")
+    check_matrices(a, g, queries, "queries")
     if uses_triton("projected_gradient_scores", a):
         from trustrepair.kernels.projected_gradients import projected_gradient_scores_triton
 
@@ -141,8 +141,8 @@ def projected_gradient_scores(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tenso
 def ghost_dots(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """sum_t g_bt^T U_k a_bt for every example b and matrix k, on Triton for CUDA tensors when
     :data:`TRITON_OPS` includes it; see the reference for the contract."""
-    _check_token_operands(a, g)
-    _check_matrices(a, g, u, "u")
+    check_token_operands(a, g)
+    check_matrices(a, g, u, "u")
     if uses_triton("ghost_dots", a):
         from trustrepair.kernels.ghost_dots import ghost_dots_triton
 
@@ -178,7 +178,7 @@ def projected_gradient_squares_reference(a: torch.Tensor, g: torch.Tensor, q_a: 
     Returns:
         (d_out, d_in) in float64 for float64 inputs, float32 otherwise (see the module docstring).
     """
-    _check_token_operands(a, g)
+    check_token_operands(a, g)
     _check_bases(a, g, q_a, q_s)
     dtype = compute_dtype(a, g, q_a, q_s)
     a, g, q_a, q_s = (x.to(dtype) for x in (a, g, q_a, q_s))
@@ -221,7 +221,7 @@ def projected_gradients(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s
     Returns:
         (B, d_out, d_in), float64 for float64 inputs, float32 otherwise.
     """
-    _check_token_operands(a, g)
+    check_token_operands(a, g)
     _check_bases(a, g, q_a, q_s)
     dtype = compute_dtype(a, g, q_a, q_s)
     out = torch.empty(a.shape[0], g.shape[2], a.shape[2], dtype=dtype, device=a.device)
@@ -249,9 +249,9 @@ def projected_gradient_scores_reference(a: torch.Tensor, g: torch.Tensor, q_a: t
     Returns:
         (B, Q), float64 for float64 inputs, float32 otherwise.
     """
-    _check_token_operands(a, g)
+    check_token_operands(a, g)
     _check_bases(a, g, q_a, q_s)
-    _check_matrices(a, g, queries, "queries")
+    check_matrices(a, g, queries, "queries")
     dtype = compute_dtype(a, g, q_a, q_s, queries)
     a, g, q_a, q_s, queries = (x.to(dtype) for x in (a, g, q_a, q_s, queries))
     batch, tokens, d_in = a.shape
@@ -289,8 +289,8 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
     Returns:
         (B, K), float64 for float64 inputs, float32 otherwise.
     """
-    _check_token_operands(a, g)
-    _check_matrices(a, g, u, "u")
+    check_token_operands(a, g)
+    check_matrices(a, g, u, "u")
     dtype = compute_dtype(a, g, u)
     a, g, u = (x.to(dtype) for x in (a, g, u))
     batch, tokens, d_in = a.shape
@@ -326,17 +326,11 @@ def low_rank_ghost_dots(a: torch.Tensor, g: torch.Tensor, left: torch.Tensor,
     Returns:
         (B, K), float64 for float64 inputs, float32 otherwise.
     """
-    _check_token_operands(a, g)
-    d_in, d_out = a.shape[2], g.shape[2]
-    if (left.dim() != 3 or right.dim() != 3 or left.shape[0] != right.shape[0] or left.shape[2] != right.shape[1]
-            or left.shape[1] != d_out or right.shape[2] != d_in):
-        raise ValueError(f"low-rank factors must be left (K, {d_out}, r) and right (K, r, {d_in}) for activations "
-                         f"{tuple(a.shape)} and gradients {tuple(g.shape)}; got {tuple(left.shape)} and "
-                         f"{tuple(right.shape)}")
+    check_low_rank_factors(a, g, left, right)
     dtype = compute_dtype(a, g, left, right)
     a, g, left, right = (x.to(dtype) for x in (a, g, left, right))
-    batch, tokens = a.shape[:2]
-    n_mats, _, rank = left.shape
+    batch, tokens, d_in = a.shape
+    n_mats, d_out, rank = left.shape
     left_flat = left.permute(1, 0, 2).reshape(d_out, n_mats * rank)
     right_flat = right.reshape(n_mats * rank, d_in)
     out = torch.empty(batch, n_mats, dtype=dtype, device=a.device)
@@ -451,7 +445,9 @@ def _row_chunks(batch: int, elements_per_row: int):
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
-def _check_token_operands(a: torch.Tensor, g: torch.Tensor) -> None:
+def check_token_operands(a: torch.Tensor, g: torch.Tensor) -> None:
+    """Raises ValueError unless a is (B, T, d_in) and g (B, T, d_out) with the same B and T (also the
+    Triton launchers' check)."""
     if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
         raise ValueError(f"activations and output gradients must be (B, T, d_in) and (B, T, d_out) with the same "
                          f"B and T; got {tuple(a.shape)} and {tuple(g.shape)}")
@@ -465,7 +461,21 @@ def _check_bases(a, g, q_a, q_s) -> None:
                          f"{tuple(q_s.shape)}")
 
 
-def _check_matrices(a, g, mats, name: str) -> None:
+def check_low_rank_factors(a: torch.Tensor, g: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """Raises ValueError unless a, g are token operands and left (K, d_out, r), right (K, r, d_in) their
+    low-rank factors (also the Triton launcher's check)."""
+    check_token_operands(a, g)
+    d_in, d_out = a.shape[2], g.shape[2]
+    if (left.dim() != 3 or right.dim() != 3 or left.shape[0] != right.shape[0] or left.shape[2] != right.shape[1]
+            or left.shape[1] != d_out or right.shape[2] != d_in):
+        raise ValueError(f"low-rank factors must be left (K, {d_out}, r) and right (K, r, {d_in}) for activations "
+                         f"{tuple(a.shape)} and gradients {tuple(g.shape)}; got {tuple(left.shape)} and "
+                         f"{tuple(right.shape)}")
+
+
+def check_matrices(a, g, mats, name: str) -> None:
+    """Raises ValueError unless ``mats`` (named ``name`` in the message) is (K, d_out, d_in) for a, g
+    (also the ghost-dot kernel's launcher's check)."""
     d_in, d_out = a.shape[2], g.shape[2]
     if mats.dim() != 3 or tuple(mats.shape[1:]) != (d_out, d_in):
         raise ValueError(f"{name} must be (K, {d_out}, {d_in}) = (K, d_out, d_in) for activations "
