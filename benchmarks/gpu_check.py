@@ -159,7 +159,7 @@ def eigh_options(widths=EIGH_WIDTHS) -> dict:
     """Seconds of one ``torch.linalg.eigh`` per factor width and option, to choose how the fit's
     eigendecomposition (2.7 s of the 10.9 s fit on the first H100 run: 48 layers x 2 factors) should run:
     cuSOLVER float64 (what ``fit_ekfac`` runs), float32, MAGMA float64 where the build has it, and the
-    CPU's LAPACK float64 with all its threads (once; the others: median of 3 after a warm-up). The
+    CPU's LAPACK float64 with all its threads (once after a warm-up; on CUDA ``do_bench`` medians). The
     matrices are covariances of Gaussian data, n x 4n samples."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {}
@@ -183,18 +183,10 @@ def eigh_options(widths=EIGH_WIDTHS) -> dict:
 
 
 def _time_eigh(matrix: torch.Tensor, repeats: int = 3) -> float:
-    def once() -> float:
-        if matrix.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.linalg.eigh(matrix)
-        if matrix.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    """Seconds of one eigh of ``matrix``: :func:`benchmark_kernels.time_call`'s median."""
+    from benchmark_kernels import time_call
 
-    if repeats > 1:
-        once()
-    return sorted(once() for _ in range(repeats))[repeats // 2]
+    return time_call(lambda: torch.linalg.eigh(matrix), matrix.device, repeats)["ms"] / 1e3
 
 
 OTHER_GPU_TESTS_S = 120
