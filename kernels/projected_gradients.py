@@ -47,20 +47,28 @@ SCORES = 1
 # the configuration the autotuner picks; squares mode tunes the tile shape too.
 _SCORES_TILE = 32 if _launch.INTERPRET else 64
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, PAIRS, num_warps, num_stages). Chosen from the sm_90 compiler's resource
-# report (Triton 3.6): none of these spills registers for TF32 or bfloat16 operands.
-_SQUARES_SHAPES = [(128, 128, 32, False, 8, 3), (128, 64, 32, False, 8, 4), (64, 128, 32, False, 8, 4),
-                   (64, 64, 32, False, 4, 3), (64, 64, 64, False, 8, 3)]
-_SCORES_SHAPES = [(64, 64, 32, False, 8, 4), (64, 64, 64, False, 8, 3), (64, 64, 32, True, 8, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, PAIRS, FLATTEN, num_warps, num_stages). Chosen from the sm_90 compiler's
+# resource report (Triton 3.6): none of these spills registers for TF32 or bfloat16 operands. FLATTEN
+# fuses the loop over examples with the loop over token blocks, so the copy pipeline runs on across
+# examples instead of draining and refilling at each example's 512 / BLOCK_K = 16 steps; the autotuner
+# keeps it only where it measures faster.
+_SQUARES_SHAPES = [(128, 128, 32, False, False, 8, 3), (128, 64, 32, False, False, 8, 4),
+                   (64, 128, 32, False, False, 8, 4), (64, 64, 32, False, False, 4, 3),
+                   (64, 64, 64, False, False, 8, 3),
+                   (128, 128, 32, False, True, 8, 3), (128, 64, 32, False, True, 8, 4),
+                   (64, 128, 32, False, True, 8, 4)]
+_SCORES_SHAPES = [(64, 64, 32, False, False, 8, 4), (64, 64, 64, False, False, 8, 3),
+                  (64, 64, 32, True, False, 8, 3)]
 
 
 def _configs(shapes) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PAIRS": pairs}, num_warps=w, num_stages=s)
-            for m, n, k, pairs, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PAIRS": pairs, "FLATTEN": flatten},
+                          num_warps=w, num_stages=s)
+            for m, n, k, pairs, flatten, w, s in shapes]
 
 
 if _launch.INTERPRET:  # one small configuration (no tuning runs): the interpreter runs programs in Python
-    _SQUARES_CONFIGS = _SCORES_CONFIGS = _ALL_CONFIGS = _configs([(_SCORES_TILE, _SCORES_TILE, 16, False, 4, 1)])
+    _SQUARES_CONFIGS = _SCORES_CONFIGS = _ALL_CONFIGS = _configs([(_SCORES_TILE, _SCORES_TILE, 16, False, False, 4, 1)])
 else:
     _SQUARES_CONFIGS, _SCORES_CONFIGS = _configs(_SQUARES_SHAPES), _configs(_SCORES_SHAPES)
     _ALL_CONFIGS = _SQUARES_CONFIGS + _SCORES_CONFIGS
@@ -85,11 +93,13 @@ def _example_tiles_kernel(
     stride_wq, stride_wi, stride_wj,
     MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr,
+    FLATTEN: tl.constexpr = False,
 ):
     """Grid (example ranges, d_out tiles, d_in tiles). Squares: out (ranges, d_out, d_in) receives the
     range's sum of squared tiles. Scores: out (d_out tiles * d_in tiles, B, Q) receives each tile's
     share of every score. PAIRS: two examples per step (two accumulators), so each query tile is read
-    once per pair of examples instead of once per example."""
+    once per pair of examples instead of once per example. FLATTEN: one software-pipelined loop over
+    (example, token block) pairs (``tl.range(..., flatten=True)``) instead of a pipeline per example."""
     pid_split = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -103,7 +113,7 @@ def _example_tiles_kernel(
     b_end = tl.minimum(b_start + examples_per_program, B)
     squares = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     slot = pid_m * tl.num_programs(2) + pid_n
-    for b in range(b_start, b_end, 2 if PAIRS else 1):
+    for b in tl.range(b_start, b_end, 2 if PAIRS else 1, flatten=FLATTEN):
         g_rows = gt_ptr + tl.cast(b, tl.int64) * stride_gb + rm[:, None] * stride_gi
         a_rows = at_ptr + tl.cast(b, tl.int64) * stride_ab + rn[:, None] * stride_aj
         tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)

@@ -306,9 +306,11 @@ def test_split_over_examples_covers_every_example():
 
 
 def _forced_configs(mode):
-    """Every configuration the autotuner may pick on a GPU; both example steppings in the interpreter."""
+    """Every configuration the autotuner may pick on a GPU; in the interpreter, each example stepping
+    (one at a time, in pairs, and the flattened loop, which the interpreter runs as written)."""
     if _launch.INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PAIRS": pairs}) for pairs in (False, True)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PAIRS": pairs, "FLATTEN": flatten})
+                for pairs, flatten in ((False, False), (True, False), (False, True))]
     return pg._SCORES_CONFIGS if mode == pg.SCORES else pg._SQUARES_CONFIGS
 
 
