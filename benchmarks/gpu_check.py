@@ -19,7 +19,8 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below, each
    after a second of warm-up and with the SM clock read under load (see
    :func:`benchmark_kernels.matmul_rates`);
-4. eigh options per factor width (cuSOLVER float64 / float32, MAGMA, CPU LAPACK), then kernels:
+4. eigh options per factor width (cuSOLVER float64 / float32, MAGMA, CPU LAPACK) and per schedule of a
+   fit's many factors (sequential, stacked by width, concurrent CUDA streams, host + device), then kernels:
    :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against the
    references, which on CUDA issue batched cuBLAS products (``trustrepair.contractions.cache_blocked``);
 5. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
@@ -41,6 +42,7 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -187,6 +189,108 @@ def _time_eigh(matrix: torch.Tensor, repeats: int = 3) -> float:
     from benchmark_kernels import time_call
 
     return time_call(lambda: torch.linalg.eigh(matrix), matrix.device, repeats)["ms"] / 1e3
+
+
+PYTHIA_BLOCK_FACTOR_WIDTHS = (769, 769, 769, 3073, 2304, 768, 3072, 768)
+"""Widths of one Pythia-160M block's eight Kronecker factors (A of query_key_value, dense, dense_h_to_4h,
+dense_4h_to_h, then their S): ``fit_ekfac`` eigendecomposes twelve such sets."""
+
+
+def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, blocks: int = 2, workers: int = 4,
+                   repeats: int = 3) -> dict:
+    """Wall-clock seconds (median of ``repeats`` after one warm-up) to eigendecompose the float64 factors
+    of ``blocks`` blocks, by four schedules, to choose how the fit's 2.7 s eigendecomposition stage (96
+    matrices on the first H100 run) should run:
+
+    * ``sequential``: one ``torch.linalg.eigh`` after another on ``device``, as ``fit_ekfac`` does today;
+    * ``stacked``: one batched eigh per width (PyTorch picks the cuSOLVER driver for the batch);
+    * ``streams``: ``workers`` threads, each with its own CUDA stream, taking every ``workers``-th matrix
+      (cuSOLVER's eigensolver leaves most of a large GPU idle on one matrix);
+    * ``hybrid``: the factors narrower than 1024 on the host's LAPACK (copies included) on one thread while
+      the wide ones run sequentially on ``device``.
+
+    Every schedule's eigenvalues are compared with the sequential ones (``max_eigenvalue_diff``): they run
+    the same solver per matrix, so they must agree to rounding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    mats = []
+    for n in list(widths) * blocks:
+        x = torch.randn(2 * n, n, generator=gen, dtype=torch.float64, device=device)
+        mats.append(x.T @ x / (2 * n))
+    cuda = device.type == "cuda"
+    streams = [torch.cuda.Stream(device) for _ in range(workers)] if cuda else []
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def sequential():
+        return [torch.linalg.eigh(m)[0] for m in mats]
+
+    def stacked():
+        values = [None] * len(mats)
+        for n in sorted(set(m.shape[0] for m in mats)):
+            picks = [i for i, m in enumerate(mats) if m.shape[0] == n]
+            for i, v in zip(picks, torch.linalg.eigh(torch.stack([mats[i] for i in picks]))[0]):
+                values[i] = v
+        return values
+
+    def streams_schedule():
+        values = [None] * len(mats)
+
+        def work(k):
+            stream = streams[k] if cuda else None
+            if cuda:
+                stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for i in range(k, len(mats), workers):
+                    values[i] = torch.linalg.eigh(mats[i])[0]
+            if cuda:
+                stream.synchronize()
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, range(workers)))
+        return values
+
+    def hybrid():
+        values = [None] * len(mats)
+        narrow = [i for i, m in enumerate(mats) if m.shape[0] < 1024]
+
+        def host():
+            for i in narrow:
+                values[i] = torch.linalg.eigh(mats[i].cpu())[0].to(device)
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(host)
+            for i, m in enumerate(mats):
+                if i not in narrow:
+                    values[i] = torch.linalg.eigh(m)[0]
+            pending.result()
+        return values
+
+    out = {"matrices": len(mats), "blocks": blocks, "workers": workers}
+    baseline = None
+    for name, schedule in (("sequential", sequential), ("stacked", stacked), ("streams", streams_schedule),
+                           ("hybrid", hybrid)):
+        try:
+            sync()
+            values = schedule()  # warm-up (cuSOLVER workspaces, LAPACK threads)
+            sync()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                values = schedule()
+                sync()
+                times.append(time.perf_counter() - start)
+            if baseline is None:
+                baseline = values
+            diff = max(float((v - b).abs().max() / b.abs().max()) for v, b in zip(values, baseline))
+            out[name] = {"seconds": sorted(times)[len(times) // 2], "max_eigenvalue_diff": diff}
+        except Exception as exc:  # a schedule the build cannot run is reported, not fatal
+            out[name] = f"{type(exc).__name__}: {exc}"[:160]
+        print(f"eigh schedule {name}: {out[name]}", flush=True)
+    return out
 
 
 OTHER_GPU_TESTS_S = 120
@@ -516,6 +620,20 @@ def eigh_summary(eigh: dict | None) -> list[str]:
     return lines
 
 
+def eigh_schedules_summary(schedules: dict | None) -> list[str]:
+    if not schedules:
+        return ["(eigh schedules not measured)"]
+    lines = [f"eigh of {schedules['matrices']} factors ({schedules['blocks']} Pythia-160M blocks), float64, by "
+             f"schedule ({schedules['workers']} workers for streams; see gpu_check.eigh_schedules):", "",
+             "| schedule | seconds | max relative eigenvalue difference vs sequential |", "|---|---|---|"]
+    for name, row in schedules.items():
+        if name in ("matrices", "blocks", "workers"):
+            continue
+        lines.append(f"| {name} | {fmt(row['seconds'], '.3f')} | {row['max_eigenvalue_diff']:.1e} |"
+                     if isinstance(row, dict) else f"| {name} | {row} | |")
+    return lines
+
+
 def kernel_summary(kernels: dict | None) -> list[str]:
     if not kernels:
         return ["(kernel benchmarks not run)"]
@@ -563,6 +681,7 @@ def main(argv=None):
     if res["matmul_tflops"]:
         print("torch.matmul TFLOP/s: " + bk.format_rates(res["matmul_tflops"]), flush=True)
     res["eigh"] = run.stage("eigh options", eigh_options, needs_s=230)
+    res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda")), needs_s=230)
     # Exact fp32 only for the kernel that runs in the pipeline: the ghost kernels lost to cuBLAS even in
     # TF32 on the first run (see trustrepair.contractions.TRITON_OPS).
     plan = [(("squares_tiles", "squares"), ("tf32", "bf16", "fp32")), (("ghost", "ghost_k1"), ("tf32", "bf16")),
@@ -665,7 +784,8 @@ def report(res: dict, out: Path) -> None:
             "Correlations: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("spearman")),
             f"Planted (TF32): {res.get('planted')}; planted (bf16): {res.get('planted_bf16')}",
             "Stages: " + "; ".join(f"{k}: {v.get('status')}" for k, v in res["stages"].items())]
-    kernels = kernel_summary(res.get("kernels")) + ["", *eigh_summary(res.get("eigh"))]
+    kernels = kernel_summary(res.get("kernels")) + ["", *eigh_summary(res.get("eigh")), "",
+                                                    *eigh_schedules_summary(res.get("eigh_schedules"))]
     pipeline = pipeline_table(res)
     goals = goals_table(res)
     section = ["## Triton kernels on a GPU (issue 5)", "", *head, "",
