@@ -6,7 +6,9 @@ import re
 import numpy as np
 import pytest
 
+from trustrepair import report as report_module
 from trustrepair.config import STRATEGIES
+from trustrepair.evaluate import relative_change_pct
 from trustrepair.report import FIGURE_NAME, SNIPPET_CHARS, TOP_N, summarize, write_report
 
 ASPECTS = ("truthfulness", "bias")
@@ -160,6 +162,17 @@ def test_write_report_files(tmp_path):
         assert len(prompt_cell.replace("\\|", "|").replace("&lt;", "<")) <= SNIPPET_CHARS
     assert "**total**" in md and "20.8" in md
     assert_tables_well_formed(md)
+
+
+@pytest.mark.parametrize("post,repaired,words", [(13.573, 13.705, "0.97% higher"), (13.705, 13.573, "0.96% lower"),
+                                                  (13.5, 13.5, "unchanged")])
+def test_repaired_perplexity_sentence_says_which_way(tmp_path, post, repaired, words):
+    """The relative-change convention makes a perplexity rise negative; the sentence says it in words."""
+    summary = summarize(make_results(3))
+    summary["perplexity"].update(post=post, repaired=repaired,
+                                 relative_change_pct=relative_change_pct(post, repaired))
+    sentence = next(line for line in report_module._table1(summary) if line.startswith("Repaired perplexity"))
+    assert f"{repaired:.3f} vs {post:.3f} post-SFT, {words} (relative change" in sentence
 
 
 def assert_tables_well_formed(md):

@@ -246,6 +246,16 @@ def _ppl_pct(value: float | None) -> str:
     return _pct(value, 2)
 
 
+def _ppl_direction(change_pct: float | None) -> str:
+    """A perplexity change in words ("1.23% higher"): the relative-change sign convention makes a rise
+    negative, which reads like a fall without them."""
+    if not _is_number(change_pct):
+        return "change unknown"
+    if round(change_pct, 2) == 0:
+        return "unchanged"
+    return f"{abs(change_pct):.2f}% {'higher' if change_pct < 0 else 'lower'}"
+
+
 def _snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
     """One table cell: newlines escaped as \\n, pipes and '<' escaped, cut to ``limit`` characters."""
     flat = text.replace("\r", "\\r").replace("\n", "\\n")
@@ -279,7 +289,8 @@ def _table1(summary: dict) -> list[str]:
         "",
         *_table(header, rows),
         f"Repaired perplexity (worst of the per-aspect DPP repairs, `{ppl['repaired_worst_of']}`): "
-        f"{_num(ppl['repaired'], 3)} vs {_num(ppl['post'], 3)} post-SFT ({_ppl_pct(ppl['relative_change_pct'])}%).",
+        f"{_num(ppl['repaired'], 3)} vs {_num(ppl['post'], 3)} post-SFT, "
+        f"{_ppl_direction(ppl['relative_change_pct'])} (relative change {_ppl_pct(ppl['relative_change_pct'])}%).",
         "",
     ]
 
