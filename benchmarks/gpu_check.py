@@ -19,10 +19,8 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below, each
    after a second of warm-up and with the SM clock read under load (see
    :func:`benchmark_kernels.matmul_rates`);
-4. eigh options per factor width (cuSOLVER float64 / float32, MAGMA, CPU LAPACK) and per schedule of a
-   fit's many factors (sequential, stacked by width, concurrent CUDA streams, host + device), then kernels:
-   :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against the
-   references, which on CUDA issue batched cuBLAS products (``trustrepair.contractions.cache_blocked``);
+4. kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against
+   the references, which on CUDA issue batched cuBLAS products (``trustrepair.contractions.cache_blocked``);
 5. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
    50304, random init, seed 0; 512 training sequences of 512 tokens, the first half prompt; 32 queries
    with 256-token prompts and responses; every linear layer in the blocks; empirical Fisher; damping
@@ -33,10 +31,13 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
    the PyTorch reference path in exact fp32 (``TRUSTREPAIR_DISABLE_TRITON=1``: fit and pairwise, the
    "fp32 reference scores"); trustrepair under bf16 autocast; kronfluence's aggregate_query_gradients
    mode (a speed reference only).
-6. the ``gpu``-marked tests of the other test files (today the distributed engine on two gloo ranks
+6. eigh, to choose how the fit's eigendecomposition should run: per factor width (cuSOLVER float64 /
+   float32, MAGMA, CPU LAPACK) and per schedule of a fit's many factors (sequential, stacked by width,
+   concurrent CUDA streams, host + device);
+7. the ``gpu``-marked tests of the other test files (today the distributed engine on two gloo ranks
    sharing the GPU: three processes, each compiling and autotuning the kernels), with whatever budget is
    left (estimated at two minutes, not yet measured; 45 s was not enough), appended to ``$OUT/pytest.log``;
-7. a table last, with the issue's goals and whether each was met; every number in ``$OUT/gpu_check.json``
+8. a table last, with the issue's goals and whether each was met; every number in ``$OUT/gpu_check.json``
    and a ready-to-append section in ``$OUT/RESULTS_section.md`` (for benchmarks/RESULTS.md).
 """
 from __future__ import annotations
@@ -109,7 +110,7 @@ def _describe(value):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1-3: environment, tests, matmul rates
+# 1-3 and 6: environment, tests, matmul rates, eigh options
 # ----------------------------------------------------------------------------------------------------
 
 def environment() -> dict:
@@ -680,8 +681,6 @@ def main(argv=None):
     res["matmul_tflops"] = run.stage("matmul rates", lambda: bk.matmul_rates(torch.device("cuda")), needs_s=20)
     if res["matmul_tflops"]:
         print("torch.matmul TFLOP/s: " + bk.format_rates(res["matmul_tflops"]), flush=True)
-    res["eigh"] = run.stage("eigh options", eigh_options, needs_s=230)
-    res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda")), needs_s=230)
     # Exact fp32 only for the kernel that runs in the pipeline: the ghost kernels lost to cuBLAS even in
     # TF32 on the first run (see trustrepair.contractions.TRITON_OPS).
     plan = [(("squares_tiles", "squares"), ("tf32", "bf16", "fp32")), (("ghost", "ghost_k1"), ("tf32", "bf16")),
@@ -710,6 +709,9 @@ def main(argv=None):
     res["tiles_of_tf32"] = min(tiles) if tiles and None not in tiles else None
 
     pipeline(run, PYTHIA, torch.device("cuda"))
+    # The eigh measurements inform the next change to the fit; the goals above come first.
+    res["eigh"] = run.stage("eigh options", eigh_options, needs_s=40)
+    res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda")), needs_s=25)
     res["tests"]["other gpu tests"] = run.stage(
         "other gpu tests", lambda: pytest_run(out, "other gpu tests", ["-m", "gpu", "tests",
                                                                        "--ignore=tests/test_kernels.py"],
