@@ -257,17 +257,19 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     def hybrid():
         values = [None] * len(mats)
         narrow = [i for i, m in enumerate(mats) if m.shape[0] < 1024]
+        # Copies both ways stay on this thread: on the default stream they would queue behind the eighs.
+        on_host = {i: mats[i].cpu() for i in narrow}
 
         def host():
-            for i in narrow:
-                values[i] = torch.linalg.eigh(mats[i].cpu())[0].to(device)
+            return {i: torch.linalg.eigh(m)[0] for i, m in on_host.items()}
 
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(host)
             for i, m in enumerate(mats):
-                if i not in narrow:
+                if i not in on_host:
                     values[i] = torch.linalg.eigh(m)[0]
-            pending.result()
+            for i, v in pending.result().items():
+                values[i] = v.to(device)
         return values
 
     out = {"matrices": len(mats), "blocks": blocks, "workers": workers}
