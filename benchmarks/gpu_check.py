@@ -19,7 +19,8 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below, each
    after a second of warm-up and with the SM clock read under load (see
    :func:`benchmark_kernels.matmul_rates`);
-4. kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against
+4. the covariance and projection products on odd-width operands, contiguous vs row-padded
+   (:func:`row_alignment`); kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against
    the references, which on CUDA issue batched cuBLAS products (``trustrepair.contractions.cache_blocked``);
 5. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
    50304, random init, seed 0; 512 training sequences of 512 tokens, the first half prompt; 32 queries
@@ -190,6 +191,53 @@ def _time_eigh(matrix: torch.Tensor, repeats: int = 3) -> float:
     from benchmark_kernels import time_call
 
     return time_call(lambda: torch.linalg.eigh(matrix), matrix.device, repeats)["ms"] / 1e3
+
+
+def row_alignment(device: torch.device, widths=(769, 3073), tokens: int = 16 * 512) -> dict:
+    """Milliseconds of the fit's two products on a bias-folded (odd-width) operand, with its rows stored
+    contiguously (leading dimension = the odd width, as before :mod:`trustrepair.alignment`) and padded
+    (what the library hands the products now), in TF32 and bfloat16: the covariance update ``x^T x`` (x:
+    ``tokens`` x width) and the eigenvalue-correction projection ``Q_A^T a_b^T`` for 16 examples of 512
+    tokens. :func:`benchmark_kernels.time_call` medians; the layouts hold the same values."""
+    from benchmark_kernels import time_call
+
+    from trustrepair.alignment import aligned
+
+    gen = torch.Generator(device=device).manual_seed(2)
+    out = {}
+    for width in widths:
+        x = torch.randn(tokens, width, generator=gen, device=device)
+        q = torch.linalg.qr(torch.randn(width, width, generator=gen, device=device))[0]
+        for precision, dtype in (("tf32", torch.float32), ("bf16", torch.bfloat16)):
+            previous = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            try:
+                row = {}
+                for layout, make in (("contiguous", lambda t: t.to(dtype).contiguous()),
+                                     ("aligned", lambda t: aligned(t, dtype))):
+                    xs, qs = make(x), make(q)
+                    batched = make(x.view(16, tokens // 16, width))
+                    row[f"gram {layout}"] = time_call(lambda: xs.T @ xs, device)["ms"]
+                    row[f"projection {layout}"] = time_call(lambda: torch.matmul(qs.T, batched.transpose(1, 2)),
+                                                            device)["ms"]
+            finally:
+                torch.set_float32_matmul_precision(previous)
+            out[f"{width} {precision}"] = row
+            print(f"row alignment, width {width} {precision}: "
+                  + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()), flush=True)
+    return out
+
+
+def row_alignment_summary(rows: dict | None) -> list[str]:
+    if not rows:
+        return ["(row alignment not measured)"]
+    lines = ["Odd-width (bias-folded) operands, contiguous vs row-padded storage (trustrepair.alignment), ms:", "",
+             "| width, precision | gram contiguous | gram aligned | projection contiguous | projection aligned |",
+             "|---|---|---|---|---|"]
+    for key, row in rows.items():
+        lines.append(f"| {key} | " + " | ".join(fmt(row[k], '.3f') for k in (
+            "gram contiguous", "gram aligned", "projection contiguous", "projection aligned")) + " |")
+    return lines
 
 
 PYTHIA_BLOCK_FACTOR_WIDTHS = (769, 769, 769, 3073, 2304, 768, 3072, 768)
@@ -683,6 +731,7 @@ def main(argv=None):
     res["matmul_tflops"] = run.stage("matmul rates", lambda: bk.matmul_rates(torch.device("cuda")), needs_s=20)
     if res["matmul_tflops"]:
         print("torch.matmul TFLOP/s: " + bk.format_rates(res["matmul_tflops"]), flush=True)
+    res["row_alignment"] = run.stage("row alignment", lambda: row_alignment(torch.device("cuda")), needs_s=260)
     # Exact fp32 only for the kernel that runs in the pipeline: the ghost kernels lost to cuBLAS even in
     # TF32 on the first run (see trustrepair.contractions.TRITON_OPS).
     plan = [(("squares_tiles", "squares"), ("tf32", "bf16", "fp32")), (("ghost", "ghost_k1"), ("tf32", "bf16")),
@@ -788,7 +837,8 @@ def report(res: dict, out: Path) -> None:
             "Correlations: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("spearman")),
             f"Planted (TF32): {res.get('planted')}; planted (bf16): {res.get('planted_bf16')}",
             "Stages: " + "; ".join(f"{k}: {v.get('status')}" for k, v in res["stages"].items())]
-    kernels = kernel_summary(res.get("kernels")) + ["", *eigh_summary(res.get("eigh")), "",
+    kernels = kernel_summary(res.get("kernels")) + ["", *row_alignment_summary(res.get("row_alignment")), "",
+                                                    *eigh_summary(res.get("eigh")), "",
                                                     *eigh_schedules_summary(res.get("eigh_schedules"))]
     pipeline = pipeline_table(res)
     goals = goals_table(res)

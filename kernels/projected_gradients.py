@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from trustrepair import contractions
+from trustrepair.alignment import aligned
 from trustrepair.kernels import _launch
 from trustrepair.kernels._launch import round_to_tf32
 
@@ -235,10 +236,11 @@ def _check(a, g, q_a, q_s, queries=None) -> torch.dtype:
 
 def _project(a, g, q_a, q_s, dtype):
     """Token-major projections (Q_S^T g_b^T, Q_A^T a_b^T): (B, d_out, T) and (B, d_in, T) in ``dtype``
-    (autocast off: the operand dtype, not an enclosing autocast region, sets the precision)."""
+    (autocast off: the operand dtype, not an enclosing autocast region, sets the precision), from
+    operands with aligned rows (:mod:`trustrepair.alignment`; a conversion to ``dtype`` is made aligned)."""
     with torch.autocast(a.device.type, enabled=False):
-        gt = torch.matmul(q_s.to(dtype).T, g.to(dtype).transpose(1, 2))
-        at = torch.matmul(q_a.to(dtype).T, a.to(dtype).transpose(1, 2))
+        gt = torch.matmul(aligned(q_s, dtype).T, aligned(g, dtype).transpose(1, 2))
+        at = torch.matmul(aligned(q_a, dtype).T, aligned(a, dtype).transpose(1, 2))
     return gt, at
 
 

@@ -33,6 +33,10 @@ eigenbasis, e.g. per-query gradients), :func:`low_rank_ghost_dots` (ghost dot pr
 matrices; its reference is :func:`ghost_dots_reference` of the product) and :func:`add_gram_upper_`
 (covariance updates, half the products of ``x^T x``; its reference is ``addmm``).
 
+Layout: the token operands are used with aligned rows (:func:`trustrepair.alignment.aligned`: no copy
+when they already are, as the activations :class:`trustrepair.capture.TokenCapture` hands out), so the
+products of odd-width (bias-folded) layers read 16-byte-aligned rows.
+
 Precision: float64 inputs are computed in float64; float32, bfloat16 and float16 inputs are upcast to
 float32 before any product, so every sum (over tokens, over examples, over matrix entries) accumulates
 in float32 at least. The squares of the eigenvalue correction are summed over examples in that same
@@ -44,6 +48,8 @@ import functools
 import os
 
 import torch
+
+from trustrepair.alignment import ROW_ALIGNMENT, aligned
 
 CHUNK_ELEMENTS = 1 << 24
 """Largest intermediate (elements) one chunk of a contraction may allocate: 64 MiB in float32."""
@@ -181,7 +187,7 @@ def projected_gradient_squares_reference(a: torch.Tensor, g: torch.Tensor, q_a: 
     check_token_operands(a, g)
     _check_bases(a, g, q_a, q_s)
     dtype = compute_dtype(a, g, q_a, q_s)
-    a, g, q_a, q_s = (x.to(dtype) for x in (a, g, q_a, q_s))
+    a, g, q_a, q_s = aligned(a, dtype), aligned(g, dtype), q_a.to(dtype), q_s.to(dtype)
     batch, tokens, d_in = a.shape
     d_out = g.shape[2]
     out = torch.zeros(d_out, d_in, dtype=dtype, device=a.device)
@@ -253,7 +259,7 @@ def projected_gradient_scores_reference(a: torch.Tensor, g: torch.Tensor, q_a: t
     _check_bases(a, g, q_a, q_s)
     check_matrices(a, g, queries, "queries")
     dtype = compute_dtype(a, g, q_a, q_s, queries)
-    a, g, q_a, q_s, queries = (x.to(dtype) for x in (a, g, q_a, q_s, queries))
+    a, g, q_a, q_s, queries = aligned(a, dtype), aligned(g, dtype), q_a.to(dtype), q_s.to(dtype), queries.to(dtype)
     batch, tokens, d_in = a.shape
     d_out, n_queries = g.shape[2], queries.shape[0]
     project_cost = (min(squares_tokens_first_cost(tokens, d_out, d_in), squares_gradient_first_cost(tokens, d_out, d_in))
@@ -292,7 +298,7 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
     check_token_operands(a, g)
     check_matrices(a, g, u, "u")
     dtype = compute_dtype(a, g, u)
-    a, g, u = (x.to(dtype) for x in (a, g, u))
+    a, g, u = aligned(a, dtype), aligned(g, dtype), u.to(dtype)
     batch, tokens, d_in = a.shape
     d_out, n_mats = g.shape[2], u.shape[0]
     out = torch.empty(batch, n_mats, dtype=dtype, device=a.device)
@@ -305,6 +311,8 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
         g_t = g.transpose(1, 2)
         slab_elements = TILE_ELEMENTS if cache_blocked(a.device) else CHUNK_ELEMENTS
         step = max(1, slab_elements // max(1, batch * d_in))
+        if step > ROW_ALIGNMENT:  # slabs of whole aligned rows: the flattened (rows x d_in) operands stay aligned
+            step -= step % ROW_ALIGNMENT
         for start in range(0, d_out, step):  # a slab of rows of every G_b, then all U_k at once
             rows = slice(start, min(start + step, d_out))
             slab = torch.bmm(g_t[:, rows], a)
@@ -328,7 +336,7 @@ def low_rank_ghost_dots(a: torch.Tensor, g: torch.Tensor, left: torch.Tensor,
     """
     check_low_rank_factors(a, g, left, right)
     dtype = compute_dtype(a, g, left, right)
-    a, g, left, right = (x.to(dtype) for x in (a, g, left, right))
+    a, g, left, right = aligned(a, dtype), aligned(g, dtype), left.to(dtype), right.to(dtype)
     batch, tokens, d_in = a.shape
     n_mats, d_out, rank = left.shape
     left_flat = left.permute(1, 0, 2).reshape(d_out, n_mats * rank)
@@ -405,7 +413,7 @@ def _projected_chunks(a, g, q_a, q_s):
     """Yield (rows, (chunk, d_out, d_in) projected gradients Q_S^T G_b Q_A) by the cheaper order, in
     chunks of at most CHUNK_ELEMENTS intermediate elements, in float32 / float64 (see the module)."""
     dtype = compute_dtype(a, g, q_a, q_s)
-    a, g, q_a, q_s = (x.to(dtype) for x in (a, g, q_a, q_s))
+    a, g, q_a, q_s = aligned(a, dtype), aligned(g, dtype), q_a.to(dtype), q_s.to(dtype)
     batch, tokens, d_in = a.shape
     d_out = g.shape[2]
     if squares_tokens_first_cost(tokens, d_out, d_in) <= squares_gradient_first_cost(tokens, d_out, d_in):

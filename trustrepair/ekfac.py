@@ -53,6 +53,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trustrepair.alignment import aligned
 from trustrepair.capture import TokenCapture, as_examples, describe_rows, padded_batches, unlabelled
 from trustrepair.contractions import add_gram_upper_, projected_gradient_squares, symmetric_from_upper
 from trustrepair.distributed import (all_reduce_counts, all_reduce_sum_, fail_together, is_main_process, map_once,
@@ -426,8 +427,8 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
             n_valid, width = int(mask.sum()), mask.shape[1]
 
             def on_layer(i, a, g):
-                a = a.reshape(-1, a.shape[-1]).to(dtype)
-                g = g.reshape(-1, g.shape[-1]).to(dtype)
+                a = aligned(a.reshape(-1, a.shape[-1]), dtype)
+                g = aligned(g.reshape(-1, g.shape[-1]), dtype)
                 add_gram_upper_(a_sums[i], a)
                 add_gram_upper_(s_sums[i], g)
                 counts[i] += n_valid * (a.shape[0] // (mask.shape[0] * width))
@@ -453,6 +454,7 @@ def _lambda_pass(model, layers, examples, task, fisher, batch_size, seed, bases,
     rank's shard of the examples, then summed over ranks."""
     device = layers[0].module.weight.device
     sums = [torch.zeros(l.d_out, l.folded_in, dtype=dtype, device=device) for l in layers]
+    bases = {name: (aligned(q_a), aligned(q_s)) for name, (q_a, q_s) in bases.items()}  # once, not per batch
     generator = _generator(layers, seed, 1)
     shard = shard_range(len(examples))
     with fail_together("the EK-FAC eigenvalue-correction pass"), TokenCapture(model, layers) as capture:

@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Mapping, Union
 import torch
 from torch import nn
 
+from trustrepair.alignment import empty_aligned
+
 ModuleSelection = Union[None, Iterable[str], Callable[[str, nn.Module], bool]]
 
 
@@ -79,9 +81,13 @@ class TrackedLayer:
     def fold_activations(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Activations a (B, T, folded_in): the layer input with a ones column appended when the layer
         has a bias, zeroed (ones column included) where ``mask`` (B, T) is False. ``mask=None`` means
-        every token counts, and then a bias-free layer's input is returned without a copy."""
+        every token counts, and then a bias-free layer's input is returned without a copy. With a bias,
+        ``a`` is a view of row-padded storage (:func:`trustrepair.alignment.empty_aligned`): its odd
+        width would otherwise misalign the rows of every product that reads it."""
         if self.has_bias:
-            a = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            a = empty_aligned(*x.shape[:-1], self.folded_in, dtype=x.dtype, device=x.device)
+            a[..., :-1] = x
+            a[..., -1] = 1
             if mask is not None:
                 a.mul_(mask.unsqueeze(-1).to(a.dtype))
             return a

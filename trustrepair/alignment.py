@@ -1,0 +1,48 @@
+"""Row-aligned matrices for the GEMMs of EK-FAC: padded storage, unpadded views.
+
+A layer with a bias is analysed as the folded matrix ``W [x; 1]``, so its activations and activation
+eigenbasis have an odd width (769 and 3073 for Pythia-160M). Stored contiguously, such a matrix's rows
+start at multiples of 769 elements: its leading dimension is not a multiple of 16 bytes, and
+tensor-core GEMM libraries then cannot use their vectorised / TMA loads for it (cuBLAS documents 16-byte
+alignment as a condition of its fastest kernels; a slow fallback for odd bf16 dimensions is reported in
+pytorch/pytorch#146817). Here such matrices live in storage whose rows are padded to
+:data:`ROW_ALIGNMENT` elements and are handed out as views of their true width, so every consumer sees
+the same shapes and values while the products read aligned rows. The padding elements are never read.
+"""
+from __future__ import annotations
+
+import torch
+
+ROW_ALIGNMENT = 8
+"""Elements a row start is a multiple of: 16 bytes for 16-bit dtypes, 32 for float32, 64 for float64."""
+
+
+def padded_width(width: int) -> int:
+    """``width`` rounded up to a multiple of :data:`ROW_ALIGNMENT`."""
+    return -(-width // ROW_ALIGNMENT) * ROW_ALIGNMENT
+
+
+def empty_aligned(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` whose last-dimension rows start at multiples of
+    :data:`ROW_ALIGNMENT` elements: a view of the first ``shape[-1]`` columns of a padded buffer."""
+    buffer = torch.empty(*shape[:-1], padded_width(shape[-1]), dtype=dtype, device=device)
+    return buffer[..., : shape[-1]]
+
+
+def is_aligned(x: torch.Tensor) -> bool:
+    """True when ``x`` (at least 2-D) starts on a 16-byte boundary, its last dimension is unit-stride and
+    every other stride of a dimension longer than one is a multiple of :data:`ROW_ALIGNMENT`."""
+    return (x.data_ptr() % 16 == 0 and x.stride(-1) == 1
+            and all(s % ROW_ALIGNMENT == 0 for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1))
+
+
+def aligned(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` converted to ``dtype`` (default: its own) with aligned rows: ``x`` itself when it already
+    has that dtype and :func:`is_aligned` holds, otherwise one copy into :func:`empty_aligned` storage
+    (which also performs the conversion, so an aligned conversion costs what ``x.to(dtype)`` does)."""
+    dtype = x.dtype if dtype is None else dtype
+    if x.dtype == dtype and is_aligned(x):
+        return x
+    out = empty_aligned(*x.shape, dtype=dtype, device=x.device)
+    out.copy_(x)
+    return out
