@@ -5,7 +5,11 @@ used for the rates (2 per multiply-add):
 
 * ``squares``       projected_gradient_squares: 2 B T (d_in^2 + d_out^2 + d_out d_in)  (projections included)
 * ``squares_tiles`` the tile kernel alone on pre-projected tokens: 2 B T d_out d_in; its rate against the
-                    card's matmul rate is the issue's ">= 50 % of TF32" goal
+                    card's matmul rate is the issue's ">= 50 % of TF32" goal. Under TF32 the tokens are
+                    rounded beforehand when ``projected_gradients.TF32_ROUNDING`` is "pass" (that pass is
+                    timed inside ``squares``), and by the kernel otherwise
+* ``squares_round_pass`` / ``squares_round_kernel``  ``squares`` with TF32 rounding by a pass over the
+                    projected tokens / inside the kernel, whatever TF32_ROUNDING says (the two candidates)
 * ``scores``        projected_gradient_scores with Q queries: squares' count + 2 B Q d_out d_in
 * ``ghost``         ghost_dots with K = Q matrices (pairwise scoring): 2 B T d_out d_in + 2 B K d_out d_in
 * ``ghost_k1``      ghost_dots with one matrix (aggregated influence of one aspect)
@@ -51,7 +55,8 @@ from trustrepair import contractions
 PYTHIA_LAYERS = {"query_key_value": (2304, 769), "dense": (768, 769), "dense_h_to_4h": (3072, 769),
                  "dense_4h_to_h": (768, 3073)}
 QUICK_LAYERS = {"odd": (130, 97), "wide": (96, 257)}
-OPS = ("squares", "squares_tiles", "scores", "ghost", "ghost_k1", "low_rank")
+OPS = ("squares", "squares_tiles", "squares_round_pass", "squares_round_kernel", "scores", "ghost", "ghost_k1",
+       "low_rank")
 PRECISIONS = ("fp32", "tf32", "bf16")
 MATMUL_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
 
@@ -63,6 +68,8 @@ def flops(op: str, batch: int, tokens: int, d_out: int, d_in: int, n_queries: in
     return {
         "squares": projections + tiles,
         "squares_tiles": tiles,
+        "squares_round_pass": projections + tiles,
+        "squares_round_kernel": projections + tiles,
         "scores": projections + tiles + 2 * batch * n_queries * d_out * d_in,
         "ghost": tiles + 2 * batch * n_queries * d_out * d_in,
         "ghost_k1": tiles + 2 * batch * d_out * d_in,
@@ -92,8 +99,11 @@ def make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device, 
 
 def providers(op: str, o: dict) -> dict:
     """name -> zero-argument callable computing ``op`` on the operands ``o``."""
+    def squares():
+        return contractions.projected_gradient_squares_reference(o["a"], o["g"], o["q_a"], o["q_s"])
+
     ref = {
-        "squares": lambda: contractions.projected_gradient_squares_reference(o["a"], o["g"], o["q_a"], o["q_s"]),
+        "squares": squares, "squares_round_pass": squares, "squares_round_kernel": squares,
         "squares_tiles": lambda: torch.bmm(o["gt"].float(), o["at"].float().transpose(1, 2)).square_().sum(0),
         "scores": lambda: contractions.projected_gradient_scores_reference(o["a"], o["g"], o["q_a"], o["q_s"],
                                                                            o["mats"]),
@@ -106,9 +116,16 @@ def providers(op: str, o: dict) -> dict:
         from trustrepair.kernels import ghost_dots as gd
         from trustrepair.kernels import projected_gradients as pg
 
+        rounded = (o["gt"].dtype == torch.float32 and pg._launch.input_precision(o["gt"].dtype) == "tf32"
+                   and pg.TF32_ROUNDING == "pass")
+        if rounded:  # as the pipeline feeds the kernel: tokens rounded once, beforehand
+            pg.round_to_tf32_(o["gt"])
+            pg.round_to_tf32_(o["at"])
         out["trustrepair"] = {
             "squares": lambda: pg.projected_gradient_squares_triton(o["a"], o["g"], o["q_a"], o["q_s"]),
-            "squares_tiles": lambda: pg.contract_example_tiles(o["gt"], o["at"], pg.SQUARES),
+            "squares_tiles": lambda: pg.contract_example_tiles(o["gt"], o["at"], pg.SQUARES, operands_rounded=rounded),
+            "squares_round_pass": lambda: pg._squares(o["a"], o["g"], o["q_a"], o["q_s"], rounding="pass"),
+            "squares_round_kernel": lambda: pg._squares(o["a"], o["g"], o["q_a"], o["q_s"], rounding="kernel"),
             "scores": lambda: pg.projected_gradient_scores_triton(o["a"], o["g"], o["q_a"], o["q_s"], o["mats"]),
             "ghost": lambda: gd.ghost_dots_triton(o["a"], o["g"], o["mats"]),
             "ghost_k1": lambda: gd.ghost_dots_triton(o["a"], o["g"], o["mats"][:1]),
@@ -348,6 +365,8 @@ def resource_report(arch: int = 90) -> list[str]:
                 for config in configs:
                     constexprs = {"INPUT_PRECISION": precision, "ACC_DTYPE": tl.float32, **config.kwargs,
                                   **{n: 1 for n in ones}}
+                    if "ROUND_OPERANDS" in fn.arg_names:  # as the launcher decides (pg.TF32_ROUNDING)
+                        constexprs["ROUND_OPERANDS"] = pg.TF32_ROUNDING == "kernel"
                     if mode is not None:
                         constexprs["MODE"] = mode
                     kinds = {**{n: f"*{element}" for n in operand_ptrs}, **{n: "*fp32" for n in fp32_ptrs}}

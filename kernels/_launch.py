@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -107,6 +108,42 @@ def round_to_tf32(x):
     rounded = (bits + (((bits >> 13) & 1) + 0xFFF)) & 0xFFFFE000
     finite = (bits & 0x7F800000) != 0x7F800000
     return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
+
+
+_ROUND_BLOCK = 1024 if INTERPRET else 4096
+
+
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    tl.store(x_ptr + offsets, round_to_tf32(tl.load(x_ptr + offsets, mask=inside)), mask=inside)
+
+
+def round_to_tf32_(x: torch.Tensor) -> torch.Tensor:
+    """In place: every element of the contiguous float32 tensor ``x`` rounded to the nearest TF32 value
+    (:func:`round_to_tf32`), one read and one write per element; returns ``x``. A kernel fed such values
+    can skip its own rounding (its TF32 products then drop only zero bits). Twin:
+    :func:`round_to_tf32_reference`."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"round_to_tf32_ takes a contiguous float32 tensor; got {x.dtype}, strides {x.stride()}")
+    check_device(x=x)
+    if x.numel():
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _round_to_tf32_kernel[(triton.cdiv(x.numel(), _ROUND_BLOCK),)](x, x.numel(), BLOCK=_ROUND_BLOCK)
+    return x
+
+
+def round_to_tf32_reference(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to the nearest TF32 value (ties to even), by arithmetic in float64 rather than
+    bit manipulation: x is a multiple of the TF32 spacing q = 2^(e - 11) after rounding, with 2^e > |x| >=
+    2^(e - 1) from ``frexp``, and q at least 2^-136 (subnormals keep 10 stored bits, as in float32); the
+    quotient x / q is exact and ``torch.round`` takes ties to even. Infinities and NaNs pass unchanged;
+    values above the largest TF32 one become infinite in float32."""
+    wide = x.double()
+    _, exponent = torch.frexp(wide)
+    spacing = torch.ldexp(torch.ones_like(wide), torch.clamp(exponent - 11, min=-136))
+    return (torch.round(wide / spacing) * spacing).to(torch.float32)
 
 
 @functools.lru_cache(maxsize=None)

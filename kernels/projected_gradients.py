@@ -13,6 +13,7 @@ gradients). No P_b is ever written to memory:
 1. The tokens are projected with two batched GEMMs (cuBLAS, operands in the operand dtype): the
    transposed projections ``Gt_b = Q_S^T g_b^T`` (d_out, T) and ``At_b = Q_A^T a_b^T`` (d_in, T), tokens
    contiguous, so both tensor-core operands of step 2 are K-major (what Hopper's TF32 wgmma needs).
+   Under TF32 they are then rounded to nearest in place, or inside step 2 (:data:`TF32_ROUNDING`).
 2. Each program owns a (BLOCK_M, BLOCK_N) tile of the (d_out, d_in) output and a contiguous range of
    examples; per example it accumulates ``P_b[I, J] = Gt_b[I, :] At_b[J, :]^T`` over token blocks in
    registers (``tl.dot``), then squares it into a running tile (squares) or contracts it with the
@@ -24,7 +25,7 @@ Multiply-adds per example: ``T (d_out^2 + d_in^2)`` for step 1, ``T d_out d_in``
 ``Q d_out d_in`` in scores mode, which also reads every query tile once per example, or once per two
 examples with the ``PAIRS`` configurations (two accumulators): for many queries that traffic, not the
 arithmetic, bounds the scores mode. Precision and devices: see :mod:`trustrepair.kernels._launch` (TF32
-operands rounded to nearest before each product; float64 on CUDA runs the reference); outputs are float32
+operands rounded to nearest before the products; float64 on CUDA runs the reference); outputs are float32
 (float64 for float64 operands). References: ``projected_gradient_squares_reference`` and
 ``projected_gradient_scores_reference`` in :mod:`trustrepair.contractions`.
 """
@@ -39,10 +40,29 @@ import triton.language as tl
 from trustrepair import contractions
 from trustrepair.alignment import aligned
 from trustrepair.kernels import _launch
-from trustrepair.kernels._launch import round_to_tf32
+from trustrepair.kernels._launch import round_to_tf32, round_to_tf32_
 
 SQUARES = 0
 SCORES = 1
+
+TF32_ROUNDING = "pass"
+"""Where the tile kernel's TF32 operands are rounded to nearest (``_launch`` explains why they must be):
+
+* ``"pass"``: once per element, by an in-place pass over the projected tokens
+  (:func:`trustrepair.kernels._launch.round_to_tf32_`: B T (d_out + d_in) floats read and written, about
+  65-85 us per Pythia-160M layer and batch of 16 x 512 on an H100's 3.35 TB/s, 5-11 % of the measured
+  squares op), after which the kernel's operands go from its asynchronous copies straight to the tensor
+  cores;
+* ``"kernel"``: inside the kernel before every product: each element is rounded once per output tile
+  that reads it (7-25 times at Pythia's widths), and each operand tile makes a register round trip from
+  shared memory back to shared memory. Compiled for sm_90 (Triton 3.6, 128 x 128 x 32 tile), that round
+  trip also serialises the tensor cores: the loop waits for each ``wgmma`` to finish
+  (``warp_group_dot_wait`` with 0 pending) before the next step, where the unrounded loop keeps one in
+  flight (1 pending), and it adds a third shared-memory buffer and 4 stores and loads per step.
+
+Chosen before any GPU measurement of the two (the first H100 run predates the rounding);
+``benchmarks/gpu_check.py`` times both (ops ``squares_round_pass`` and ``squares_round_kernel``) so the
+next GPU session keeps whichever is faster. Results are identical: the same rounding of the same values."""
 
 # Scores mode keeps the output tile fixed, so the number of partial (B, Q) slices does not depend on
 # the configuration the autotuner picks; squares mode tunes the tile shape too.
@@ -83,7 +103,7 @@ def _keep_mode_configs(configs, named_args, **kwargs):
 _LARGEST_TILE = max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in _SQUARES_CONFIGS)
 
 
-@triton.autotune(configs=_ALL_CONFIGS, key=["d_out", "d_in", "MODE", "INPUT_PRECISION"],
+@triton.autotune(configs=_ALL_CONFIGS, key=["d_out", "d_in", "MODE", "INPUT_PRECISION", "ROUND_OPERANDS"],
                  prune_configs_by={"early_config_prune": _keep_mode_configs})
 @triton.jit(do_not_specialize=["B", "d_out", "d_in", "Q", "examples_per_program"])  # fewer recompilations
 def _example_tiles_kernel(
@@ -92,7 +112,7 @@ def _example_tiles_kernel(
     stride_gb, stride_gi, stride_gt,
     stride_ab, stride_aj, stride_at,
     stride_wq, stride_wi, stride_wj,
-    MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr,
     FLATTEN: tl.constexpr = False,
 ):
@@ -100,7 +120,9 @@ def _example_tiles_kernel(
     range's sum of squared tiles. Scores: out (d_out tiles * d_in tiles, B, Q) receives each tile's
     share of every score. PAIRS: two examples per step (two accumulators), so each query tile is read
     once per pair of examples instead of once per example. FLATTEN: one software-pipelined loop over
-    (example, token block) pairs (``tl.range(..., flatten=True)``) instead of a pipeline per example."""
+    (example, token block) pairs (``tl.range(..., flatten=True)``) instead of a pipeline per example.
+    ROUND_OPERANDS: round TF32 operands to nearest before each product (False when the launcher's caller
+    already rounded them; see :data:`TF32_ROUNDING`)."""
     pid_split = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -128,7 +150,7 @@ def _example_tiles_kernel(
             mask_t = rt < T
             x = tl.load(g_rows + rt[None, :] * stride_gt, mask=mask_m[:, None] & mask_t[None, :], other=0.0)
             y = tl.load(a_rows + rt[None, :] * stride_at, mask=mask_n[:, None] & mask_t[None, :], other=0.0)
-            if INPUT_PRECISION == "tf32":
+            if INPUT_PRECISION == "tf32" and ROUND_OPERANDS:
                 x, y = round_to_tf32(x), round_to_tf32(y)
             tile = tl.dot(x, tl.trans(y), tile, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             if PAIRS:
@@ -136,7 +158,7 @@ def _example_tiles_kernel(
                              other=0.0)
                 y2 = tl.load(a_rows + stride_ab + rt[None, :] * stride_at, mask=mask_n2[:, None] & mask_t[None, :],
                              other=0.0)
-                if INPUT_PRECISION == "tf32":
+                if INPUT_PRECISION == "tf32" and ROUND_OPERANDS:
                     x2, y2 = round_to_tf32(x2), round_to_tf32(y2)
                 tile2 = tl.dot(x2, tl.trans(y2), tile2, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if MODE == 0:
@@ -166,7 +188,7 @@ def example_ranges(batch: int, d_out: int, d_in: int, tile_elements: int, device
 
 
 def contract_example_tiles(gt: torch.Tensor, at: torch.Tensor, mode: int, weights: torch.Tensor | None = None,
-                           config: triton.Config | None = None) -> torch.Tensor:
+                           config: triton.Config | None = None, operands_rounded: bool = False) -> torch.Tensor:
     """Runs the tile kernel on token-major operands and reduces its partial results.
 
     Args:
@@ -177,6 +199,8 @@ def contract_example_tiles(gt: torch.Tensor, at: torch.Tensor, mode: int, weight
         weights: (Q, d_out, d_in) matrices W of scores mode (any float dtype; read in the accumulator's).
         config: run this configuration instead of the autotuner's choice (tests and benchmarks); in
             scores mode its tile must be the fixed scores tile.
+        operands_rounded: ``gt`` and ``at`` already hold TF32 values (:func:`round_to_tf32_`), so TF32
+            products skip the kernel's own rounding; ignored outside TF32.
     Returns:
         The reduced result in float32, or float64 for float64 operands.
     """
@@ -213,7 +237,7 @@ def contract_example_tiles(gt: torch.Tensor, at: torch.Tensor, mode: int, weight
             at.stride(0), at.stride(1), at.stride(2),
             weights.stride(0), weights.stride(1), weights.stride(2),
             MODE=mode, INPUT_PRECISION=_launch.input_precision(gt.dtype), ACC_DTYPE=_launch.tl_dtype(acc),
-            **forced,
+            ROUND_OPERANDS=not operands_rounded, **forced,
         )
     return out.sum(dim=0) if out.shape[0] > 1 else out[0]
 
@@ -244,22 +268,38 @@ def _project(a, g, q_a, q_s, dtype):
     return gt, at
 
 
-def _squares(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
+def _round_projected(gt: torch.Tensor, at: torch.Tensor, dtype: torch.dtype, rounding: str | None) -> bool:
+    """Rounds the projected tokens in place when TF32 products round by a pass (:data:`TF32_ROUNDING`, or
+    ``rounding`` when given); True when it did, i.e. the kernel must not round them again."""
+    rounding = TF32_ROUNDING if rounding is None else rounding
+    if rounding not in ("pass", "kernel"):
+        raise ValueError(f"TF32 rounding must be 'pass' or 'kernel'; got {rounding!r}")
+    if rounding == "kernel" or _launch.input_precision(dtype) != "tf32":
+        return False
+    round_to_tf32_(gt)
+    round_to_tf32_(at)
+    return True
+
+
+def _squares(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
+             rounding: str | None = None) -> torch.Tensor:
     dtype = _check(a, g, q_a, q_s)
     device = _launch.check_device(a=a, g=g, q_a=q_a, q_s=q_s)
     if _launch.runs_reference(dtype, device):
         return contractions.projected_gradient_squares_reference(a, g, q_a, q_s)
     gt, at = _project(a, g, q_a, q_s, dtype)
-    return contract_example_tiles(gt, at, SQUARES)
+    rounded = _round_projected(gt, at, dtype, rounding)
+    return contract_example_tiles(gt, at, SQUARES, operands_rounded=rounded)
 
 
-def _scores(a, g, q_a, q_s, queries) -> torch.Tensor:
+def _scores(a, g, q_a, q_s, queries, rounding: str | None = None) -> torch.Tensor:
     dtype = _check(a, g, q_a, q_s, queries)
     device = _launch.check_device(a=a, g=g, q_a=q_a, q_s=q_s, queries=queries)
     if _launch.runs_reference(dtype, device):
         return contractions.projected_gradient_scores_reference(a, g, q_a, q_s, queries)
     gt, at = _project(a, g, q_a, q_s, dtype)
-    return contract_example_tiles(gt, at, SCORES, queries)
+    rounded = _round_projected(gt, at, dtype, rounding)
+    return contract_example_tiles(gt, at, SCORES, queries, operands_rounded=rounded)
 
 
 @torch.library.custom_op("trustrepair::projected_gradient_squares", mutates_args=())

@@ -193,31 +193,25 @@ def test_float64_on_cuda_runs_the_reference(op):
 
 
 def _tf32(x):
-    """float32 -> nearest TF32 value (ties to even) as float64, by significand arithmetic (independent of
-    the kernels' bit manipulation): frexp's significand in [0.5, 1) times 2^11 rounded to an integer."""
-    mantissa, exponent = torch.frexp(x.double().cpu())
-    return torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(11))), exponent - 11)
-
-
-@triton.jit
-def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offsets, mask=offsets < n)
-    tl.store(out_ptr + offsets, _launch.round_to_tf32(x), mask=offsets < n)
+    """float32 -> nearest TF32 value (ties to even) as float64 on the CPU, by the arithmetic (not bitwise)
+    reference."""
+    return _launch.round_to_tf32_reference(x.cpu()).double()
 
 
 def test_round_to_tf32_is_round_to_nearest_even():
+    """The in-place pass, and with it the ``round_to_tf32`` the kernels call, against the reference."""
     gen = torch.Generator().manual_seed(17)
     values = torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-100, 100, (3000,), generator=gen).float())
+    tiny = torch.randn(300, generator=gen) * 2.0 ** -130  # subnormals: 10 stored bits, spacing 2^-136
+    values = torch.cat([values, tiny])
     one = 1.0 + 2.0 ** -10  # a TF32 value with an odd last bit
     ties = [1 + 2.0 ** -11, -(1 + 2.0 ** -11), one + 2.0 ** -11]  # down to 1, down to -1, up to 1 + 2^-9
     specials = [math.inf, -math.inf, math.nan, 3.4028235e38, 0.0, -0.0]
     x = torch.cat([values, torch.tensor(ties + specials)]).to(DEVICE)
-    out = torch.empty_like(x)
-    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
-    out = out.cpu()
+    out = _launch.round_to_tf32_(x.clone()).cpu()
     n = values.numel()
     assert torch.equal(out[:n].double(), _tf32(values)), "random values: not the nearest TF32 value"
+    assert (out[n - 300:n] != values[n - 300:]).any(), "the subnormals cannot tell rounding from none"
     assert out[n:n + 3].tolist() == [1.0, -1.0, 1.0 + 2.0 ** -9], f"ties not to even: {out[n:n + 3].tolist()}"
     assert out[n + 3:n + 5].tolist() == [math.inf, -math.inf] and out[n + 5].isnan()
     assert out[n + 6] == math.inf, "the largest float32 lies above the largest TF32 value: rounds to infinity"
@@ -273,6 +267,34 @@ def test_tf32_operands_are_rounded_to_nearest(kernel_name, pairs, poison_empty):
     assert err <= rounding / 8, (f"{kernel_name}: {err:.3g} from the product of TF32-rounded operands, against "
                                   f"{rounding:.3g} for the exact value (largest entry "
                                   f"{rounded.abs().max().item():.3g}): operands not rounded to nearest")
+
+
+@pytest.mark.parametrize("kernel_name", ["squares", "scores"])
+@pytest.mark.parametrize("rounding", ["pass", "kernel"])
+def test_tf32_rounding_by_pass_or_in_kernel(kernel_name, rounding, poison_empty):
+    """Both places of TF32 rounding (``projected_gradients.TF32_ROUNDING``) give the product of operands
+    rounded to nearest, by the criterion of the test above. Identity bases make the projections exact (a
+    TF32 product with one non-zero term per sum rounds like the operand), so the rounded-operand algebra
+    is known in float64."""
+    ops = _draw((5, 37, 45, 70, 3, 5), seed=23)
+    g, a = ops["g"], ops["a"]
+    eye_a, eye_s = torch.eye(45, device=DEVICE), torch.eye(70, device=DEVICE)
+    with matmul_precision("high"):
+        if kernel_name == "squares":
+            out = pg._squares(a, g, eye_a, eye_s, rounding=rounding)
+        else:
+            out = pg._scores(a, g, eye_a, eye_s, ops["mats"], rounding=rounding)
+    raw = {k: ops[k].double().cpu() for k in ("g", "a", "left", "right", "mats")}
+    rounded = _tf32_algebra(kernel_name, **{k: _tf32(ops[k]) for k in ("g", "a", "left", "right")}, mats=raw["mats"])
+    exact = _tf32_algebra(kernel_name, **raw)
+    err = (out.double().cpu() - rounded).abs().max().item()
+    assert err <= (exact - rounded).abs().max().item() / 8, f"{kernel_name}, rounding by {rounding}: {err:.3g}"
+
+
+def test_unknown_tf32_rounding_is_refused():
+    ops = _draw((2, 5, 17, 3, 2, 2), seed=3)
+    with matmul_precision("high"), pytest.raises(ValueError, match="'pass' or 'kernel'"):
+        pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"], rounding="nearest")
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
