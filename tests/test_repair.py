@@ -146,7 +146,7 @@ def test_beta_search_falls_back_to_a_smaller_beta_when_the_largest_does_not_impr
     model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False))
     torch.nn.init.zeros_(model[0].weight)
     direction = RepairDelta({"0": torch.ones(1, 1)})
-    best, points, base = search_beta(direction.scaled, model, lambda m: 10.0 * math.exp(float(m[0].weight) ** 2),
+    best, points, base = search_beta(direction.scaled, model, lambda m: 10.0 * math.exp(float(m[0].weight.detach()) ** 2),
                                      lambda m: -1.0 if 0 < float(m[0].weight.detach()) <= 0.05 else 1.0,
                                      tolerance=0.01, beta0=0.01, max_probes=6)
     admissible = [p for p in points if p.perplexity <= 10.1]
