@@ -44,7 +44,6 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -251,10 +250,11 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     of ``blocks`` blocks, by four schedules, to choose how the fit's 2.7 s eigendecomposition stage (96
     matrices on the first H100 run) should run:
 
-    * ``sequential``: one ``torch.linalg.eigh`` after another on ``device``, as ``fit_ekfac`` does today;
+    * ``sequential``: one ``torch.linalg.eigh`` after another on ``device``, as ``fit_ekfac`` did before
+      :data:`trustrepair.ekfac.EIGH_STREAMS`;
     * ``stacked``: one batched eigh per width (PyTorch picks the cuSOLVER driver for the batch);
-    * ``streams``: ``workers`` threads, each with its own CUDA stream, taking every ``workers``-th matrix
-      (cuSOLVER's eigensolver leaves most of a large GPU idle on one matrix);
+    * ``streams``: ``workers`` at once, each on its own CUDA stream, widest first, by the library's
+      :func:`trustrepair.streams.map_on_streams` (what ``fit_ekfac`` runs now, with ``EIGH_STREAMS``);
     * ``hybrid``: the factors narrower than 1024 on the host's LAPACK (copies included) on one thread while
       the wide ones run sequentially on ``device``.
 
@@ -262,20 +262,21 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     the same solver per matrix, so they must agree to rounding."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from trustrepair.streams import map_on_streams
+
     gen = torch.Generator(device=device).manual_seed(1)
     mats = []
-    for n in list(widths) * blocks:
+    for n in sorted(list(widths) * blocks, reverse=True):  # widest first, as fit_ekfac orders them
         x = torch.randn(2 * n, n, generator=gen, dtype=torch.float64, device=device)
         mats.append(x.T @ x / (2 * n))
     cuda = device.type == "cuda"
-    streams = [torch.cuda.Stream(device) for _ in range(workers)] if cuda else []
 
     def sync():
         if cuda:
             torch.cuda.synchronize(device)
 
     def sequential():
-        return [torch.linalg.eigh(m)[0] for m in mats]
+        return map_on_streams(lambda m: torch.linalg.eigh(m)[0], mats, device, 1)
 
     def stacked():
         values = [None] * len(mats)
@@ -286,21 +287,7 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
         return values
 
     def streams_schedule():
-        values = [None] * len(mats)
-
-        def work(k):
-            stream = streams[k] if cuda else None
-            if cuda:
-                stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                for i in range(k, len(mats), workers):
-                    values[i] = torch.linalg.eigh(mats[i])[0]
-            if cuda:
-                stream.synchronize()
-
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(work, range(workers)))
-        return values
+        return map_on_streams(lambda m: torch.linalg.eigh(m)[0], mats, device, workers)
 
     def hybrid():
         values = [None] * len(mats)
@@ -795,7 +782,10 @@ def main(argv=None):
     pipeline(run, PYTHIA, torch.device("cuda"))
     # The eigh measurements inform the next change to the fit; the goals above come first.
     res["eigh"] = run.stage("eigh options", eigh_options, needs_s=40)
-    res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda")), needs_s=25)
+    from trustrepair.ekfac import EIGH_STREAMS
+
+    res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda"), workers=EIGH_STREAMS),
+                                      needs_s=25)
     res["tests"]["other gpu tests"] = run.stage(
         "other gpu tests", lambda: pytest_run(out, "other gpu tests", ["-m", "gpu", "tests",
                                                                        "--ignore=tests/test_kernels.py"],

@@ -54,12 +54,15 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from trustrepair.streams import map_on_streams
 
 DEFAULT_TIMEOUT_S = 1800.0
 """Process-group timeout of :func:`init_from_env` unless ``TRUSTREPAIR_DIST_TIMEOUT`` (seconds) is set."""
@@ -315,8 +318,8 @@ def owners(costs: Sequence[float], world: int) -> list[int]:
 
 
 def map_once(fn: Callable[[T], torch.Tensor], items: Sequence[T], like: Callable[[T], torch.Tensor],
-             cost: Callable[[T], float] | None = None, desc: str = "", progress: bool = False
-             ) -> list[torch.Tensor]:
+             cost: Callable[[T], float] | None = None, desc: str = "", progress: bool = False,
+             workers: int = 1) -> list[torch.Tensor]:
     """[fn(item) for item in items], each computed by one rank and broadcast from it.
 
     Items are spread over ranks by :func:`owners` (balanced by ``cost(item)``, round-robin without it).
@@ -329,14 +332,27 @@ def map_once(fn: Callable[[T], torch.Tensor], items: Sequence[T], like: Callable
         like: an empty tensor of the result's shape, dtype and device (the receiving buffer).
         cost: relative cost of ``fn(item)`` (e.g. its flop count), the same on every rank.
         desc, progress: a tqdm bar over this rank's items (shown on rank 0 only).
+        workers: this rank's items computed up to ``workers`` at a time, most expensive first, each on
+            its own CUDA stream (:func:`trustrepair.streams.map_on_streams`); results do not depend on it.
     """
     world, me = world_size(), rank()
-    owner = owners([1.0 if cost is None else float(cost(item)) for item in items], world)
+    costs = [1.0 if cost is None else float(cost(item)) for item in items]
+    owner = owners(costs, world)
     results: list[torch.Tensor | None] = [None] * len(items)
     with fail_together(desc or "a computation shared between ranks"):
-        mine = [i for i in range(len(items)) if owner[i] == me]
-        for i in tqdm(mine, desc=desc, unit="item", disable=not progress_enabled(progress)):
-            results[i] = fn(items[i])
+        mine = sorted((i for i in range(len(items)) if owner[i] == me), key=lambda i: -costs[i])
+        bar = tqdm(total=len(mine), desc=desc, unit="item", disable=not progress_enabled(progress))
+        lock = threading.Lock()
+
+        def advance():
+            with lock:
+                bar.update()
+
+        device = like(items[mine[0]]).device if mine else torch.device("cpu")
+        with bar:
+            computed = map_on_streams(fn, [items[i] for i in mine], device, workers, on_done=advance)
+        for i, result in zip(mine, computed):
+            results[i] = result
             expected = like(items[i])
             if results[i].shape != expected.shape or results[i].dtype != expected.dtype:
                 raise ValueError(f"map_once: fn returned {tuple(results[i].shape)} {results[i].dtype} for item {i}, "

@@ -8,7 +8,7 @@ G_z = sum_t g_t a_t^T in three stages:
    over every non-padding token t of every example (prompt tokens included: they carry gradient
    through later tokens' losses), N the number of those tokens; a has the bias ones column;
 2. **eigendecomposition**: A = Q_A diag(.) Q_A^T and S = Q_S diag(.) Q_S^T, computed by ``eigh`` in
-   float64 on the symmetrised (A + A^T) / 2;
+   float64 on the symmetrised (A + A^T) / 2 (on a GPU several at once, :data:`EIGH_STREAMS`);
 3. **eigenvalue correction** (a second pass, which needs the eigenbases):
    Lambda = (1 / n) sum_z (Q_S^T G_z Q_A) ** 2 (elementwise) over **all** n examples; an example
    with no labelled token has G_z = 0, contributes zero and is counted.
@@ -64,6 +64,14 @@ from trustrepair.task import CausalLMTask, Example, Task
 FORMAT = "trustrepair.ekfac/1"
 DAMPING_SCALE = 0.1
 FISHER_KINDS = ("sampled", "empirical")
+
+EIGH_STREAMS = 4
+"""float64 eigendecompositions in flight at once on a CUDA device, each on its own stream and host thread
+(:func:`trustrepair.streams.map_on_streams`); fewer when free device memory is short
+(:func:`_eigh_workers`), and one on a CPU, where LAPACK already uses every core for one matrix. Why: one
+cuSOLVER ``syevd`` of these widths leaves most of a large GPU idle; the first H100 run spent 2.67 s of a
+10.9 s fit on 96 of them one after another. Expected 1.5-2.5x on that stage; chosen before a GPU measured
+it (``benchmarks/gpu_check.py``'s "eigh schedules" times 1 against 4 workers). Results do not depend on it."""
 
 
 @dataclass
@@ -379,7 +387,8 @@ def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progres
     sums = [(covariances[layer.name][side], covariances[layer.name][2]) for layer in layers for side in (0, 1)]
     vectors = map_once(lambda item: _eigenbasis(item[0], item[1], dtype), sums,
                        lambda item: torch.empty(item[0].shape, dtype=dtype, device=item[0].device),
-                       cost=lambda item: item[0].shape[0] ** 3, desc="EK-FAC eigendecomposition", progress=progress)
+                       cost=lambda item: item[0].shape[0] ** 3, desc="EK-FAC eigendecomposition", progress=progress,
+                       workers=_eigh_workers([s for s, _ in sums]))
     bases = {layer.name: (vectors[2 * i], vectors[2 * i + 1]) for i, layer in enumerate(layers)}
     timings["eigendecomposition"] = time.perf_counter() - start
 
@@ -439,6 +448,18 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
     counts = all_reduce_counts(counts)
     return {l.name: (symmetric_from_upper(a_sums[i]), symmetric_from_upper(s_sums[i]), counts[i])
             for i, l in enumerate(layers)}
+
+
+def _eigh_workers(covariances: list[torch.Tensor]) -> int:
+    """:data:`EIGH_STREAMS` on a CUDA device, as far as half its free memory holds that many of the widest
+    decompositions (about 6 n^2 float64 values each: the float64 copy, its symmetrised form, the
+    eigenvectors and cuSOLVER's workspace); 1 on a CPU."""
+    device = covariances[0].device
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    widest = max(c.shape[0] for c in covariances)
+    return int(max(1, min(EIGH_STREAMS, free // (2 * 6 * 8 * widest * widest))))
 
 
 def _eigenbasis(cov_sum: torch.Tensor, n_tokens: int, dtype: torch.dtype) -> torch.Tensor:
