@@ -194,7 +194,7 @@ def test_perplexity_counts_labelled_tokens_only(fitted):
     model, train, _, _ = fitted
     task = CausalLMTask()
     batch = task.collate(train[:5])
-    nll = float(task.train_loss(model, batch).sum())
+    nll = float(task.train_loss(model, batch).sum().detach())
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert perplexity(model, train[:5], batch_size=2) == pytest.approx(math.exp(nll / tokens), rel=1e-10)
 
