@@ -18,7 +18,8 @@ used for the rates (2 per multiply-add):
 Providers: ``reference`` (``trustrepair.contractions``: the ``*_reference`` functions and the PyTorch
 ``low_rank_ghost_dots``; for ``squares_tiles`` the same tokens-first algebra, ``bmm`` then square-sum) and
 ``trustrepair`` (``trustrepair.kernels``). Precisions: ``fp32`` (exact float32 products,
-``torch.set_float32_matmul_precision("highest")``), ``tf32`` (``"high"``), ``bf16`` (activations and
+``torch.set_float32_matmul_precision("highest")``; on CUDA the kernels' launchers then return the
+reference, so only ``squares_tiles`` times a kernel there), ``tf32`` (``"high"``), ``bf16`` (activations and
 gradients in bfloat16; accumulation float32 in both providers). Rates are compared with the card's own
 ``torch.matmul`` rate for the same precision, measured in the same run (8192^3 products after a warm-up,
 see :func:`matmul_rates`).

@@ -20,6 +20,12 @@
   themselves are float64-clean (``tl.dot(..., out_dtype=ACC_DTYPE)``; Triton 3.6 refuses a float64
   accumulator without it) and do run in float64 in the interpreter, which lets the CPU tests check their
   indexing and masking to rounding (1e-11) rather than to float32 tolerances.
+* Exact float32 on CUDA (``torch.get_float32_matmul_precision() == "highest"``) runs the reference too:
+  without tensor cores the kernels' FMA loops lost to cuBLAS's float32 GEMMs on the first H100 run
+  (eigenvalue correction 0.77-0.97x including its projections, its tile kernel alone 0.43-0.49x, ghost
+  dot products 0.14-0.26x). The kernels keep an exact-float32 mode (``input_precision`` "ieee"), which
+  the interpreter tests and :func:`trustrepair.kernels.projected_gradients.contract_example_tiles` runs
+  when called directly.
 """
 from __future__ import annotations
 
@@ -82,9 +88,12 @@ def tl_dtype(dtype: torch.dtype):
 
 
 def runs_reference(dtype: torch.dtype, device: torch.device) -> bool:
-    """True for float64 operands on a CUDA device: the launcher returns the PyTorch reference instead of
-    running its kernel (see the module docstring). False everywhere else, the interpreter included."""
-    return dtype == torch.float64 and device.type == "cuda"
+    """True on a CUDA device for float64 operands and for exact float32 ones (no TF32): the launcher
+    returns the PyTorch reference instead of running its kernel (see the module docstring). False
+    everywhere else, the interpreter included."""
+    if device.type != "cuda":
+        return False
+    return dtype == torch.float64 or (dtype == torch.float32 and input_precision(dtype) == "ieee")
 
 
 def input_precision(dtype: torch.dtype) -> str:

@@ -483,6 +483,26 @@ def test_float32_larger_sizes(op, poison_empty):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_exact_float32_on_cuda_runs_the_reference(op, poison_empty, monkeypatch):
+    """Without TF32 the launchers return the reference (cuBLAS beat the kernels' FMA loops): no kernel
+    may launch, and the result is the reference's."""
+    class NoLaunch:
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("a Triton kernel was launched for exact float32 on CUDA")
+
+        def __getitem__(self, grid):
+            return self
+
+    for module, name in ((pg, "contract_example_tiles"), (gd, "contract_example_tiles"), (gd, "_low_rank_kernel")):
+        monkeypatch.setattr(module, name, NoLaunch())
+    kernel, reference, _ = OPS[op]
+    ops = _draw(GPU_CASES[1], seed=26)
+    with matmul_precision("highest"):
+        torch.testing.assert_close(kernel(ops), reference(ops), rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
 def test_inductor_compiles_around_the_ops():
     ops = _draw(GPU_CASES[0], seed=24)
 
