@@ -24,8 +24,9 @@
   without tensor cores the kernels' FMA loops lost to cuBLAS's float32 GEMMs on the first H100 run
   (eigenvalue correction 0.77-0.97x including its projections, its tile kernel alone 0.43-0.49x, ghost
   dot products 0.14-0.26x). The kernels keep an exact-float32 mode (``input_precision`` "ieee"), which
-  the interpreter tests and :func:`trustrepair.kernels.projected_gradients.contract_example_tiles` runs
-  when called directly.
+  the interpreter runs, :func:`trustrepair.kernels.projected_gradients.contract_example_tiles` runs when
+  called directly, and the launchers run on CUDA with :data:`EXACT_FLOAT32_USES_REFERENCE` off (the GPU
+  tests do that, so the compiled exact-float32 kernels stay tested).
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 """True when Triton runs kernels in its CPU interpreter; read once, when the kernels are defined."""
 
 OPERAND_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+EXACT_FLOAT32_USES_REFERENCE = True
+"""Exact float32 operands on CUDA go to the PyTorch reference (see the module docstring); False runs the
+kernels' exact-float32 mode instead."""
 
 
 def check_device(**tensors: torch.Tensor) -> torch.device:
@@ -93,7 +98,8 @@ def runs_reference(dtype: torch.dtype, device: torch.device) -> bool:
     everywhere else, the interpreter included."""
     if device.type != "cuda":
         return False
-    return dtype == torch.float64 or (dtype == torch.float32 and input_precision(dtype) == "ieee")
+    exact_float32 = dtype == torch.float32 and input_precision(dtype) == "ieee"
+    return dtype == torch.float64 or (exact_float32 and EXACT_FLOAT32_USES_REFERENCE)
 
 
 def input_precision(dtype: torch.dtype) -> str:

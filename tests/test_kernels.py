@@ -12,7 +12,9 @@ kernel's own chain of products run in PyTorch in that precision (TF32 matmuls; b
 as flash-attention compares), so both sides round the same operands. TF32 rounding itself is checked on
 every device: the kernels must round their operands to the nearest TF32 value, as cuBLAS does, and then
 agree with a float64 product of the rounded operands to float32 accumulation. Float64 on CUDA runs the
-reference (see trustrepair.kernels._launch); in the interpreter the kernels run in float64 and must match
+reference (see trustrepair.kernels._launch); exact float32 on CUDA does too in the library, but these
+tests switch that off (_launch.EXACT_FLOAT32_USES_REFERENCE) so the compiled kernels are what they
+check, except the one test of that routing; in the interpreter the kernels run in float64 and must match
 the reference to 1e-11. Inputs are fresh random draws of awkward sizes (1, 17, 65: not multiples of any
 block), with random masked tokens, an all-masked example, one token and a batch of one. Launchers allocate
 their buffers with torch.empty; the tests poison those allocations with NaN, so any element a kernel fails
@@ -121,6 +123,13 @@ OPS = {
                  lambda o: contractions.low_rank_ghost_dots(o["a"], o["g"], o["left"], o["right"]),
                  _plain_low_rank),
 }
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_runs_kernels(monkeypatch):
+    """The launchers run their kernels for exact float32 on CUDA too (the library sends it to the
+    reference), so every float32 test below checks compiled kernels there."""
+    monkeypatch.setattr(_launch, "EXACT_FLOAT32_USES_REFERENCE", False)
 
 
 @pytest.fixture
@@ -494,6 +503,7 @@ def test_exact_float32_on_cuda_runs_the_reference(op, poison_empty, monkeypatch)
         def __getitem__(self, grid):
             return self
 
+    monkeypatch.setattr(_launch, "EXACT_FLOAT32_USES_REFERENCE", True)  # the library's setting
     for module, name in ((pg, "contract_example_tiles"), (gd, "contract_example_tiles"), (gd, "_low_rank_kernel")):
         monkeypatch.setattr(module, name, NoLaunch())
     kernel, reference, _ = OPS[op]
