@@ -137,6 +137,8 @@ def test_without_process_group_everything_is_local():
         D.gather_rows(t, 4)
     out = D.map_once(lambda x: x * 2, [t, t + 1], lambda x: torch.empty_like(x))
     assert torch.equal(out[1], (t + 1) * 2)
+    concurrent = D.map_once(lambda x: x * 2, [t, t + 1, t + 2], lambda x: torch.empty_like(x), workers=2)
+    assert all(torch.equal(c, (t + k) * 2) for k, c in enumerate(concurrent))
     with pytest.raises(ValueError, match="like\\(\\) promised"):
         D.map_once(lambda x: x[:1], [t], lambda x: torch.empty_like(x))
     assert D.require_agreement(False, "unused") is False
@@ -187,6 +189,8 @@ def _collectives_worker(row_counts):
     out["mapped"] = D.map_once(lambda x: x + D.rank() * 1000, items, lambda x: torch.empty_like(x))
     out["weighted"] = D.map_once(lambda x: x + D.rank() * 1000, items, lambda x: torch.empty_like(x),
                                  cost=lambda x: float(x[0, 0]) ** 2)
+    out["concurrent"] = D.map_once(lambda x: x + D.rank() * 1000, items, lambda x: torch.empty_like(x),
+                                   cost=lambda x: float(x[0, 0]) ** 2, workers=3)
     # per-row scores of this rank's shard, gathered back into the original order (shards of 7 rows:
     # 3, 2, 2; of 2 rows: 1, 1, 0; of 1 row: 1, 0, 0)
     out["gathered"] = []
@@ -216,6 +220,8 @@ def test_collectives_on_three_ranks():
         owner = D.owners([float(i) ** 2 for i in range(5)], 3)  # [2, 2, 2, 1, 0]
         for i, m in enumerate(r["weighted"]):
             assert torch.equal(m, torch.full((2, 2), float(i) + 1000 * owner[i]))
+        for weighted, concurrent in zip(r["weighted"], r["concurrent"]):  # rank 2's three items on 3 threads
+            assert torch.equal(weighted, concurrent)
         for n_rows, gathered in zip(row_counts, r["gathered"]):
             expected = torch.tensor([[float(i), -float(i)] for i in range(n_rows)], dtype=torch.float64)
             assert torch.equal(gathered, expected.reshape(n_rows, 2))

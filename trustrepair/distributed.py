@@ -348,7 +348,8 @@ def map_once(fn: Callable[[T], torch.Tensor], items: Sequence[T], like: Callable
             with lock:
                 bar.update()
 
-        device = like(items[mine[0]]).device if mine else torch.device("cpu")
+        # Only concurrent work needs the device (for its streams); like() allocates, so ask it only then.
+        device = like(items[mine[0]]).device if mine and workers > 1 else torch.device("cpu")
         with bar:
             computed = map_on_streams(fn, [items[i] for i in mine], device, workers, on_done=advance)
         for i, result in zip(mine, computed):
