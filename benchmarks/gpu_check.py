@@ -158,16 +158,16 @@ EIGH_WIDTHS = (769, 2304, 3072)
 """The Pythia-160M factor widths (768 and 3073 time like 769 and 3072)."""
 
 
-def eigh_options(widths=EIGH_WIDTHS) -> dict:
+def eigh_options(device: torch.device, widths=EIGH_WIDTHS) -> dict:
     """Seconds of one ``torch.linalg.eigh`` per factor width and option, to choose how the fit's
     eigendecomposition (2.7 s of the 10.9 s fit on the first H100 run: 48 layers x 2 factors) should run:
     cuSOLVER float64 (what ``fit_ekfac`` runs), float32, MAGMA float64 where the build has it, and the
     CPU's LAPACK float64 with all its threads (once after a warm-up; on CUDA ``do_bench`` medians). The
-    matrices are covariances of Gaussian data, n x 4n samples."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    matrices are covariances of Gaussian data, n x 4n samples. (``device`` is the CPU only in ``--smoke``.)"""
+    gen = torch.Generator(device=device).manual_seed(0)
     out = {}
     for n in widths:
-        x = torch.randn(4 * n, n, generator=gen, dtype=torch.float64, device="cuda")
+        x = torch.randn(4 * n, n, generator=gen, dtype=torch.float64, device=device)
         cov = x.T @ x / (4 * n)
         row = {"cuda_float64": _time_eigh(cov), "cuda_float32": _time_eigh(cov.float())}
         previous = torch.backends.cuda.preferred_linalg_library()
@@ -725,7 +725,8 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of the whole script")
     parser.add_argument("--test-timeout-s", type=float, default=180, help="limit of the kernel test run")
     parser.add_argument("--smoke", action="store_true",
-                        help="check the script's plumbing on the CPU: a tiny model, pipeline stages only")
+                        help="check the script's plumbing on the CPU: a tiny model, every stage that runs without "
+                             "CUDA (row alignment, pipeline, eigh)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -734,8 +735,12 @@ def main(argv=None):
                  "(Triton interpreter), `python benchmarks/benchmark_kernels.py --quick`, or this script with --smoke")
     run = Run(out, args.budget_s)
     res = run.results
-    if args.smoke:
-        pipeline(run, SMOKE, torch.device("cpu"))
+    if args.smoke:  # every stage that can run on the CPU, at toy sizes
+        cpu = torch.device("cpu")
+        res["row_alignment"] = run.stage("row alignment", lambda: row_alignment(cpu, widths=(17, 33), tokens=128))
+        pipeline(run, SMOKE, cpu)
+        res["eigh"] = run.stage("eigh options", lambda: eigh_options(cpu, widths=(33, 65)))
+        res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(cpu, widths=(33, 65, 17), repeats=1))
         report(res, out)
         return
     res["environment"] = run.stage("environment", environment)
@@ -781,7 +786,7 @@ def main(argv=None):
 
     pipeline(run, PYTHIA, torch.device("cuda"))
     # The eigh measurements inform the next change to the fit; the goals above come first.
-    res["eigh"] = run.stage("eigh options", eigh_options, needs_s=40)
+    res["eigh"] = run.stage("eigh options", lambda: eigh_options(torch.device("cuda")), needs_s=40)
     from trustrepair.ekfac import EIGH_STREAMS
 
     res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda"), workers=EIGH_STREAMS),

@@ -1,0 +1,29 @@
+"""benchmarks/gpu_check.py's plumbing on the CPU (--smoke): the script a lent GPU runs once must not fail
+on a stage that could have been checked here."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_runs_every_cpu_stage(tmp_path):
+    pytest.importorskip("kronfluence")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    stages = results["stages"]
+    expected = {"row alignment", "pipeline inputs", "warm-up", "epoch floors", "trustrepair TF32", "kronfluence setup",
+                "kronfluence fp32", "reference path fp32", "trustrepair bf16 autocast", "kronfluence aggregated",
+                "eigh options", "eigh schedules"}
+    assert expected <= set(stages), sorted(expected - set(stages))
+    assert all(stage["status"] == "ok" for stage in stages.values()), stages
+    for schedule in ("sequential", "stacked", "streams", "hybrid"):
+        assert results["eigh_schedules"][schedule]["max_eigenvalue_diff"] < 1e-12
+    section = (tmp_path / "RESULTS_section.md").read_text()
+    for heading in ("| goal | measured | verdict |", "contiguous vs row-padded", "by schedule", "eigh of one factor"):
+        assert heading in section, heading
