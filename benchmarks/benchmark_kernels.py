@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from trustrepair import contractions
+from trustrepair.alignment import aligned
 
 # Pythia-160M's block linears (d_out, d_in), the bias folded in as an input column.
 PYTHIA_LAYERS = {"query_key_value": (2304, 769), "dense": (768, 769), "dense_h_to_4h": (3072, 769),
@@ -79,7 +80,9 @@ def flops(op: str, batch: int, tokens: int, d_out: int, d_in: int, n_queries: in
 
 
 def make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device, seed=0):
-    """Random operands (every fifth token masked to zero, as padding would be) in the precision's dtype."""
+    """Random operands (every fifth token masked to zero, as padding would be) in the precision's dtype,
+    activations (and on a GPU the query matrices) with aligned rows, as the pipeline hands them over
+    (trustrepair.alignment)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     keep = (torch.arange(tokens, device=device) % 5 != 4).view(1, tokens, 1)
@@ -92,7 +95,9 @@ def make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device, 
         "left": torch.randn(n_queries, d_out, rank, generator=gen, device=device),
         "right": torch.randn(n_queries, rank, d_in, generator=gen, device=device),
     }
-    ops["a"], ops["g"] = ops["a"].to(dtype), ops["g"].to(dtype)
+    ops["a"], ops["g"] = aligned(ops["a"], dtype), ops["g"].to(dtype)
+    if not contractions.cache_blocked(device):  # as influence hands them to the GPU's ghost products
+        ops["mats"] = aligned(ops["mats"])
     ops["gt"] = ops["g"].transpose(1, 2).contiguous()
     ops["at"] = ops["a"].transpose(1, 2).contiguous()
     return ops
@@ -359,7 +364,7 @@ def resource_report(arch: int = 90) -> list[str]:
     ]
     lines = ["| kernel | mode | operands | config | registers | stack bytes | wgmma | mma.sync |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, fn, operand_ptrs, fp32_ptrs, aligned, ones, modes in kernels:
+    for name, fn, operand_ptrs, fp32_ptrs, divisible, ones, modes in kernels:
         for operands, element, precision in [("tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee"),
                                              ("fp32", "fp32", "ieee")]:  # as _launch.input_precision decides
             for mode, configs in modes.items():
@@ -373,7 +378,7 @@ def resource_report(arch: int = 90) -> list[str]:
                     kinds = {**{n: f"*{element}" for n in operand_ptrs}, **{n: "*fp32" for n in fp32_ptrs}}
                     signature = {n: "constexpr" if n in constexprs else kinds.get(n, "i32") for n in fn.arg_names}
                     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-                             for n in operand_ptrs + fp32_ptrs + aligned}
+                             for n in operand_ptrs + fp32_ptrs + divisible}
                     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                                               target=GPUTarget("cuda", arch, 32),
                                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})

@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from trustrepair.alignment import ROW_ALIGNMENT, aligned
+from trustrepair.alignment import aligned, empty_aligned, padded_width
 
 CHUNK_ELEMENTS = 1 << 24
 """Largest intermediate (elements) one chunk of a contraction may allocate: 64 MiB in float32."""
@@ -286,7 +286,12 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
     * gradient first, ``G_b = g_b^T a_b`` then one product with all U_k: T d_out d_in + K d_out d_in,
       plus the memory traffic of G_b (see :data:`MEMORY_COST_PER_ENTRY`): wins for K >= 3. G_b is formed
       a slab of rows at a time for the whole batch and consumed by the next product: cache-sized slabs
-      (:data:`TILE_ELEMENTS`) on a CPU, :data:`CHUNK_ELEMENTS` on a GPU (:func:`cache_blocked`).
+      (:data:`TILE_ELEMENTS`) on a CPU, :data:`CHUNK_ELEMENTS` on a GPU (:func:`cache_blocked`). On a CPU
+      the slab meets all U_k in one (B, rows d_in) x (rows d_in, K) product. On a GPU that product is
+      memory-bound with a huge inner dimension and an output of B x K entries, which leaves most of the
+      card idle (the first H100 run's version of it moved about 0.7 TB/s); there the slab, stored with
+      aligned rows, is contracted row by row instead, one batched product of (B, d_in) x (d_in, K)
+      matrices per row, summed over the rows: the same multiply-adds, each operand still read once.
 
     Args:
         a: (B, T, d_in) activations, zero at masked tokens.
@@ -309,14 +314,17 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
     else:
         out.zero_()
         g_t = g.transpose(1, 2)
-        slab_elements = TILE_ELEMENTS if cache_blocked(a.device) else CHUNK_ELEMENTS
-        step = max(1, slab_elements // max(1, batch * d_in))
-        if step > ROW_ALIGNMENT:  # slabs of whole aligned rows: the flattened (rows x d_in) operands stay aligned
-            step -= step % ROW_ALIGNMENT
+        blocked = cache_blocked(a.device)
+        step = max(1, (TILE_ELEMENTS if blocked else CHUNK_ELEMENTS) // max(1, batch * padded_width(d_in)))
         for start in range(0, d_out, step):  # a slab of rows of every G_b, then all U_k at once
             rows = slice(start, min(start + step, d_out))
-            slab = torch.bmm(g_t[:, rows], a)
-            out.addmm_(slab.reshape(batch, -1), u[:, rows].reshape(n_mats, -1).T)
+            if blocked:
+                slab = torch.bmm(g_t[:, rows], a)
+                out.addmm_(slab.reshape(batch, -1), u[:, rows].reshape(n_mats, -1).T)
+            else:
+                slab = torch.bmm(g_t[:, rows], a, out=empty_aligned(batch, rows.stop - start, d_in, dtype=dtype,
+                                                                    device=a.device))
+                out += torch.bmm(slab.transpose(0, 1), u[:, rows].permute(1, 2, 0)).sum(dim=0)
     return out
 
 

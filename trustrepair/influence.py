@@ -48,8 +48,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from trustrepair.alignment import aligned
 from trustrepair.capture import TokenCapture, as_examples, describe_rows, padded_batches, unlabelled
-from trustrepair.contractions import ghost_dots, low_rank_ghost_dots, projected_gradients
+from trustrepair.contractions import cache_blocked, ghost_dots, low_rank_ghost_dots, projected_gradients
 from trustrepair.distributed import fail_together, gather_rows, map_once, progress_enabled, shard_range
 from trustrepair.ekfac import EKFACFactors, factor_dtype
 from trustrepair.lowrank import low_rank_factors, rotate_factors
@@ -289,13 +290,16 @@ def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLaye
                     cost=lambda name: grads[name].numel() * (grads[name].shape[-2] + grads[name].shape[-1]),
                     desc="preconditioning", progress=progress)
     contract = []
-    for layer, direction in zip(layers, done):
+    for i, layer in enumerate(layers):
+        direction, done[i] = done[i], None  # an aligned copy replaces it: one layer's extra memory at a time
         if layer.name in low:
             d_out = layer.shape[0]
             left, right = direction[:, :d_out], direction[:, d_out:].mT
             contract.append(lambda a, g, left=left, right=right: low_rank_ghost_dots(a, g, left, right))
-        else:
-            contract.append(lambda a, g, u=direction: ghost_dots(a, g, u))
+        else:  # a GPU's row-by-row ghost products want aligned rows (made once here, not per batch); a CPU's
+            # flattened product wants them contiguous (see contractions.ghost_dots_reference)
+            u = direction if cache_blocked(direction.device) else aligned(direction)
+            contract.append(lambda a, g, u=u: ghost_dots(a, g, u))
     return contract
 
 
