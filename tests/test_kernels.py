@@ -125,6 +125,20 @@ OPS = {
 }
 
 
+ALL_SQUARES_CONFIGS, ALL_SCORES_CONFIGS = pg._SQUARES_CONFIGS, pg._SCORES_CONFIGS
+
+
+@pytest.fixture(autouse=True)
+def one_configuration(monkeypatch):
+    """Compiled (CUDA), the launchers tune over the first configuration of each kernel only, so a test
+    compiles and times one kernel per case instead of up to eight; every configuration is checked, forced
+    one by one, in test_every_configuration_matches_reference (the interpreter has one anyway)."""
+    if not _launch.INTERPRET:
+        monkeypatch.setattr(pg, "_SQUARES_CONFIGS", ALL_SQUARES_CONFIGS[:1])
+        monkeypatch.setattr(pg, "_SCORES_CONFIGS", ALL_SCORES_CONFIGS[:1])
+        monkeypatch.setattr(gd._low_rank_kernel, "configs", gd._low_rank_kernel.configs[:1])
+
+
 @pytest.fixture(autouse=True)
 def exact_float32_runs_kernels(monkeypatch):
     """The launchers run their kernels for exact float32 on CUDA too (the library sends it to the
@@ -245,7 +259,7 @@ def _pairs_config():
     """A scores-mode configuration that steps through examples two at a time (its own loads and rounding)."""
     if _launch.INTERPRET:
         return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PAIRS": True})
-    return next(c for c in pg._SCORES_CONFIGS if c.kwargs["PAIRS"])
+    return next(c for c in ALL_SCORES_CONFIGS if c.kwargs["PAIRS"])
 
 
 @pytest.mark.parametrize("kernel_name,pairs", [("squares", False), ("scores", False), ("scores", True),
@@ -342,7 +356,7 @@ def _forced_configs(mode):
     if _launch.INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PAIRS": pairs, "FLATTEN": flatten})
                 for pairs, flatten in ((False, False), (True, False), (False, True))]
-    return pg._SCORES_CONFIGS if mode == pg.SCORES else pg._SQUARES_CONFIGS
+    return ALL_SCORES_CONFIGS if mode == pg.SCORES else ALL_SQUARES_CONFIGS
 
 
 @pytest.mark.parametrize("mode", [pg.SQUARES, pg.SCORES], ids=["squares", "scores"])
