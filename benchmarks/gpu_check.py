@@ -14,8 +14,9 @@ einconv 0.1.0, both pure-Python wheels; fetch them here once with the device REA
 Stages, in order (a stage that raises is reported and the next one runs; the kernel numbers stand alone):
 
 1. environment: card, driver, versions, multiprocessors;
-2. tests: ``pytest tests/test_kernels.py`` on CUDA (every kernel compiled, against its reference, the
-   ``gpu``-marked bfloat16 / TF32 / inductor / dispatch tests included); log in ``$OUT/pytest.log``;
+2. tests: ``pytest tests/test_kernels.py tests/test_streams.py`` on CUDA (every kernel compiled, against
+   its reference, the ``gpu``-marked bfloat16 / TF32 / inductor / dispatch tests included, and eigh on
+   concurrent CUDA streams); log in ``$OUT/pytest.log``;
 3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below, each
    after a second of warm-up and with the SM clock read under load (see
    :func:`benchmark_kernels.matmul_rates`);
@@ -746,8 +747,9 @@ def main(argv=None):
     res["environment"] = run.stage("environment", environment)
     run.stage("import", kernels_importable)
     (out / "pytest.log").write_text("")
-    res["tests"] = {"kernels": run.stage("tests", lambda: pytest_run(out, "kernels", ["tests/test_kernels.py"],
-                                                                     args.test_timeout_s), needs_s=60)}
+    first_tests = ["tests/test_kernels.py", "tests/test_streams.py"]  # the kernels, and eigh on CUDA streams
+    res["tests"] = {"kernels": run.stage("tests", lambda: pytest_run(out, "kernels", first_tests, args.test_timeout_s),
+                                         needs_s=60)}
 
     import benchmark_kernels as bk
 
@@ -792,9 +794,9 @@ def main(argv=None):
     res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda"), workers=EIGH_STREAMS),
                                       needs_s=25)
     res["tests"]["other gpu tests"] = run.stage(
-        "other gpu tests", lambda: pytest_run(out, "other gpu tests", ["-m", "gpu", "tests",
-                                                                       "--ignore=tests/test_kernels.py"],
-                                              run.left() - 10), needs_s=OTHER_GPU_TESTS_S)
+        "other gpu tests", lambda: pytest_run(out, "other gpu tests", ["-m", "gpu", "tests"]
+                                              + [f"--ignore={path}" for path in first_tests], run.left() - 10),
+        needs_s=OTHER_GPU_TESTS_S)
     report(res, out)
 
 
