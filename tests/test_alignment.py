@@ -24,7 +24,7 @@ def test_is_aligned_rejects_odd_rows_and_offsets():
     base = torch.zeros(6, 16)
     assert is_aligned(base)
     assert not is_aligned(torch.zeros(6, 17))
-    assert not is_aligned(base[:, 1:9])  # starts 4 bytes into the buffer
+    assert not is_aligned(base[:, 1:9])  # starts one element into the buffer
     assert not is_aligned(base.T)  # columns are not unit-stride
     assert is_aligned(torch.zeros(1, 17))  # one row: nothing to misalign
 
@@ -52,3 +52,17 @@ def test_folded_activations_keep_their_values(has_bias):
     assert torch.equal(a, expected)
     if has_bias:  # folded width 17: its rows start at multiples of 24 elements
         assert is_aligned(a) and a.stride(1) == padded_width(17) == 24
+
+
+def test_references_trace_under_torch_compile():
+    """aligned() steps aside while torch.compile traces, so the PyTorch references still compile whole."""
+    from trustrepair import contractions
+
+    gen = torch.Generator().manual_seed(2)
+    a, g = torch.randn(2, 5, 17, generator=gen), torch.randn(2, 5, 9, generator=gen)
+    u = torch.randn(3, 9, 17, generator=gen)
+    q_a, q_s = torch.linalg.qr(torch.randn(17, 17, generator=gen))[0], torch.linalg.qr(torch.randn(9, 9, generator=gen))[0]
+    for fn, args in ((contractions.ghost_dots_reference, (a, g, u)),
+                     (contractions.projected_gradient_squares_reference, (a, g, q_a, q_s))):
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(*args), fn(*args))

@@ -30,17 +30,22 @@ def empty_aligned(*shape: int, dtype: torch.dtype, device: torch.device) -> torc
 
 
 def is_aligned(x: torch.Tensor) -> bool:
-    """True when ``x`` (at least 2-D) starts on a 16-byte boundary, its last dimension is unit-stride and
-    every other stride of a dimension longer than one is a multiple of :data:`ROW_ALIGNMENT`."""
-    return (x.data_ptr() % 16 == 0 and x.stride(-1) == 1
+    """True when ``x`` (at least 2-D) starts a multiple of :data:`ROW_ALIGNMENT` elements into its storage
+    (PyTorch's allocations themselves are aligned to 64 bytes or more), its last dimension is unit-stride
+    and every other stride of a dimension longer than one is a multiple of :data:`ROW_ALIGNMENT`."""
+    return (x.storage_offset() % ROW_ALIGNMENT == 0 and x.stride(-1) == 1
             and all(s % ROW_ALIGNMENT == 0 for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1))
 
 
 def aligned(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x`` converted to ``dtype`` (default: its own) with aligned rows: ``x`` itself when it already
     has that dtype and :func:`is_aligned` holds, otherwise one copy into :func:`empty_aligned` storage
-    (which also performs the conversion, so an aligned conversion costs what ``x.to(dtype)`` does)."""
+    (which also performs the conversion, so an aligned conversion costs what ``x.to(dtype)`` does).
+    While ``torch.compile`` traces, it is ``x.to(dtype)``: layouts are then the compiler's to choose (and
+    a storage offset cannot be traced)."""
     dtype = x.dtype if dtype is None else dtype
+    if torch.compiler.is_compiling():
+        return x.to(dtype)
     if x.dtype == dtype and is_aligned(x):
         return x
     out = empty_aligned(*x.shape, dtype=dtype, device=x.device)
