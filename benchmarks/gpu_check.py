@@ -247,8 +247,8 @@ dense_4h_to_h, then their S): ``fit_ekfac`` eigendecomposes twelve such sets."""
 
 def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, blocks: int = 2, workers: int = 4,
                    repeats: int = 3) -> dict:
-    """Wall-clock seconds (median of ``repeats`` after one warm-up) to eigendecompose the float64 factors
-    of ``blocks`` blocks, by four schedules, to choose how the fit's 2.7 s eigendecomposition stage (96
+    """Seconds (:func:`benchmark_kernels.time_call`'s median; ``repeats`` on the CPU) to eigendecompose the
+    float64 factors of ``blocks`` blocks, by four schedules, to choose how the fit's 2.7 s eigendecomposition stage (96
     matrices on the first H100 run) should run:
 
     * ``sequential``: one ``torch.linalg.eigh`` after another on ``device``, as ``fit_ekfac`` did before
@@ -263,6 +263,8 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     the same solver per matrix, so they must agree to rounding."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from benchmark_kernels import time_call
+
     from trustrepair.streams import map_on_streams
 
     gen = torch.Generator(device=device).manual_seed(1)
@@ -270,11 +272,6 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     for n in sorted(list(widths) * blocks, reverse=True):  # widest first, as fit_ekfac orders them
         x = torch.randn(2 * n, n, generator=gen, dtype=torch.float64, device=device)
         mats.append(x.T @ x / (2 * n))
-    cuda = device.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
 
     def sequential():
         return map_on_streams(lambda m: torch.linalg.eigh(m)[0], mats, device, 1)
@@ -313,19 +310,11 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     for name, schedule in (("sequential", sequential), ("stacked", stacked), ("streams", streams_schedule),
                            ("hybrid", hybrid)):
         try:
-            sync()
-            values = schedule()  # warm-up (cuSOLVER workspaces, LAPACK threads)
-            sync()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                values = schedule()
-                sync()
-                times.append(time.perf_counter() - start)
+            values = schedule()
             if baseline is None:
                 baseline = values
             diff = max(float((v - b).abs().max() / b.abs().max()) for v, b in zip(values, baseline))
-            out[name] = {"seconds": sorted(times)[len(times) // 2], "max_eigenvalue_diff": diff}
+            out[name] = {"seconds": time_call(schedule, device, repeats)["ms"] / 1e3, "max_eigenvalue_diff": diff}
         except Exception as exc:  # a schedule the build cannot run is reported, not fatal
             out[name] = f"{type(exc).__name__}: {exc}"[:160]
         print(f"eigh schedule {name}: {out[name]}", flush=True)
