@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import make_examples, make_queries, make_tiny_llama, make_tiny_neox
 from trustrepair import EKFACFactors, fit_ekfac
+from trustrepair.alignment import ROW_ALIGNMENT, is_aligned
 from trustrepair.ekfac import atomic_write
 from trustrepair.modules import apply_deltas, find_modules
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch
@@ -370,10 +371,14 @@ def test_save_load_round_trip_and_fingerprint_mismatch(tmp_path):
     assert meta["arguments"]["fisher"] == "empirical" and "torch" in meta["versions"]
     assert set(meta["fingerprint"]) == {"modules", "weights_digest"}
     loaded = EKFACFactors.load(tmp_path, model=model)
+    moved = loaded.to("cpu")
+    assert any(f.q_a.shape[0] % ROW_ALIGNMENT for f in factors.modules.values())  # odd, bias-folded widths
     for name, f in factors.modules.items():
         g = loaded.modules[name]
         assert torch.equal(f.q_a, g.q_a) and torch.equal(f.q_s, g.q_s) and torch.equal(f.lambda_, g.lambda_)
         assert (f.n_tokens, f.n_examples) == (g.n_tokens, g.n_examples)
+        for basis in (f.q_a, f.q_s, g.q_a, g.q_s, moved.modules[name].q_a, moved.modules[name].q_s):
+            assert is_aligned(basis)  # fitted, loaded and moved eigenbases all have aligned rows
     changed = make_tiny_neox()
     with torch.no_grad():
         changed.gpt_neox.layers[0].mlp.dense_h_to_4h.weight[0, 0] += 1e-3

@@ -78,6 +78,10 @@ it (``benchmarks/gpu_check.py``'s "eigh schedules" times 1 against 4 workers). R
 class ModuleFactors:
     """EK-FAC factors of one layer.
 
+    The eigenbases that :func:`fit_ekfac`, :meth:`EKFACFactors.to` and :meth:`EKFACFactors.load` hand out
+    have aligned rows (:mod:`trustrepair.alignment`: the odd width of a bias-folded Q_A would otherwise
+    misalign every product with it, in the Lambda pass and in query preconditioning alike).
+
     Attributes:
         q_a: (d_in [+ 1], d_in [+ 1]) eigenvectors (columns) of the activation covariance A.
         q_s: (d_out, d_out) eigenvectors of the output-gradient covariance S.
@@ -120,9 +124,10 @@ class EKFACFactors:
                 f"{self.arguments.get('n_examples')} examples)")
 
     def to(self, device) -> "EKFACFactors":
-        """The factors on ``device`` (a new object; tensors already there are not copied)."""
-        moved = {name: ModuleFactors(f.q_a.to(device), f.q_s.to(device), f.lambda_.to(device), f.n_tokens,
-                                     f.n_examples) for name, f in self.modules.items()}
+        """The factors on ``device`` (a new object; tensors already there are not copied), eigenbases with
+        aligned rows (:class:`ModuleFactors`)."""
+        moved = {name: ModuleFactors(aligned(f.q_a.to(device)), aligned(f.q_s.to(device)), f.lambda_.to(device),
+                                     f.n_tokens, f.n_examples) for name, f in self.modules.items()}
         return EKFACFactors(moved, self.arguments, self.fingerprint, self.timings, self.versions)
 
     def damping(self, name: str, damping: float | None = None) -> float:
@@ -278,8 +283,8 @@ class EKFACFactors:
             raise ValueError(f"{tensor_path} and {meta_path} come from different saves (an interrupted save?); "
                              f"save the factors again")
         modules = {
-            name: ModuleFactors(tensors[f"{name}/q_a"], tensors[f"{name}/q_s"], tensors[f"{name}/lambda"],
-                                counts["n_tokens"], counts["n_examples"])
+            name: ModuleFactors(aligned(tensors[f"{name}/q_a"]), aligned(tensors[f"{name}/q_s"]),
+                                tensors[f"{name}/lambda"], counts["n_tokens"], counts["n_examples"])
             for name, counts in meta["counts"].items()
         }
         factors = cls(modules, meta["arguments"], meta["fingerprint"], meta["timings"], meta["versions"])
@@ -389,7 +394,7 @@ def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progres
                        lambda item: torch.empty(item[0].shape, dtype=dtype, device=item[0].device),
                        cost=lambda item: item[0].shape[0] ** 3, desc="EK-FAC eigendecomposition", progress=progress,
                        workers=_eigh_workers([s for s, _ in sums]))
-    bases = {layer.name: (vectors[2 * i], vectors[2 * i + 1]) for i, layer in enumerate(layers)}
+    bases = {layer.name: (aligned(vectors[2 * i]), aligned(vectors[2 * i + 1])) for i, layer in enumerate(layers)}
     timings["eigendecomposition"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -475,7 +480,6 @@ def _lambda_pass(model, layers, examples, task, fisher, batch_size, seed, bases,
     rank's shard of the examples, then summed over ranks."""
     device = layers[0].module.weight.device
     sums = [torch.zeros(l.d_out, l.folded_in, dtype=dtype, device=device) for l in layers]
-    bases = {name: (aligned(q_a), aligned(q_s)) for name, (q_a, q_s) in bases.items()}  # once, not per batch
     generator = _generator(layers, seed, 1)
     shard = shard_range(len(examples))
     with fail_together("the EK-FAC eigenvalue-correction pass"), TokenCapture(model, layers) as capture:
