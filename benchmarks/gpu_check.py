@@ -41,6 +41,10 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
    left (estimated at two minutes, not yet measured; 45 s was not enough), appended to ``$OUT/pytest.log``;
 8. a table last, with the issue's goals and whether each was met; every number in ``$OUT/gpu_check.json``
    and a ready-to-append section in ``$OUT/RESULTS_section.md`` (for benchmarks/RESULTS.md).
+
+A rerun after a fix need not repeat everything: ``--only`` names the groups of stages to run (see
+:data:`GROUPS`), e.g. ``bash benchmarks/gpu_check.sh --only pipeline,kronfluence`` (the goals' ratios
+need kronfluence from the same run) or ``--only tests`` for the compiled kernel tests alone.
 """
 from __future__ import annotations
 
@@ -69,17 +73,31 @@ GOALS = {"fit_speedup": 4.0, "pairwise_speedup": 4.0, "aggregated_over_epoch": 1
          "spearman_fp32": 0.99, "spearman_bf16": 0.98, "tiles_of_tf32": 0.5}
 
 
-class Run:
-    """Stage bookkeeping: wall-clock budget, results, and stages that fail without stopping the run."""
+GROUPS = ("tests", "kernels", "rows", "pipeline", "kronfluence", "eigh", "other-tests")
+"""What ``--only`` selects from (the environment and the matmul rates always run): the first kernel tests,
+the kernel benchmarks, the row-alignment products, our pipeline runs, kronfluence's runs inside the
+pipeline, the eigh stages, the other ``gpu``-marked tests."""
 
-    def __init__(self, out: Path, budget_s: float):
+
+class Run:
+    """Stage bookkeeping: wall-clock budget, results, stages that fail without stopping the run, and the
+    groups of stages selected (:data:`GROUPS`)."""
+
+    def __init__(self, out: Path, budget_s: float, groups=GROUPS):
         self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
-        self.results: dict = {"stages": {}}
+        self.groups = frozenset(groups)
+        self.results: dict = {"stages": {}, "groups": sorted(self.groups)}
+
+    def selected(self, group: str) -> bool:
+        return group in self.groups
 
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.start)
 
-    def stage(self, name: str, fn, needs_s: float = 0.0):
+    def stage(self, name: str, fn, needs_s: float = 0.0, group: str | None = None):
+        if group is not None and not self.selected(group):
+            self.results["stages"][name] = {"status": "not selected (--only)"}
+            return None
         if self.left() < needs_s:
             msg = (f"skipped: {self.left():.0f} s of the {self.budget_s:.0f} s budget left, it needs about "
                    f"{needs_s:.0f} s")
@@ -714,23 +732,32 @@ def main(argv=None):
                         help="folder for logs and JSON (the device tool sets $OUT)")
     parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of the whole script")
     parser.add_argument("--test-timeout-s", type=float, default=180, help="limit of the kernel test run")
+    parser.add_argument("--only", default=",".join(GROUPS),
+                        help=f"comma-separated groups of stages to run, of {','.join(GROUPS)} (default: all); "
+                             "for a short rerun after a fix, e.g. --only pipeline,kronfluence")
     parser.add_argument("--smoke", action="store_true",
                         help="check the script's plumbing on the CPU: a tiny model, every stage that runs without "
                              "CUDA (row alignment, pipeline, eigh)")
     args = parser.parse_args(argv)
+    groups = [g for g in args.only.split(",") if g]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown or not groups:
+        parser.error(f"--only takes a comma-separated subset of {','.join(GROUPS)}; got {args.only!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available() and not args.smoke:
         sys.exit("gpu_check needs a CUDA device; on the CPU run `python -m pytest tests/test_kernels.py` "
                  "(Triton interpreter), `python benchmarks/benchmark_kernels.py --quick`, or this script with --smoke")
-    run = Run(out, args.budget_s)
+    run = Run(out, args.budget_s, groups)
     res = run.results
     if args.smoke:  # every stage that can run on the CPU, at toy sizes
         cpu = torch.device("cpu")
-        res["row_alignment"] = run.stage("row alignment", lambda: row_alignment(cpu, widths=(17, 33), tokens=128))
+        res["row_alignment"] = run.stage("row alignment", lambda: row_alignment(cpu, widths=(17, 33), tokens=128),
+                                         group="rows")
         pipeline(run, SMOKE, cpu)
-        res["eigh"] = run.stage("eigh options", lambda: eigh_options(cpu, widths=(33, 65)))
-        res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(cpu, widths=(33, 65, 17), repeats=1))
+        res["eigh"] = run.stage("eigh options", lambda: eigh_options(cpu, widths=(33, 65)), group="eigh")
+        res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(cpu, widths=(33, 65, 17), repeats=1),
+                                          group="eigh")
         report(res, out)
         return
     res["environment"] = run.stage("environment", environment)
@@ -738,14 +765,15 @@ def main(argv=None):
     (out / "pytest.log").write_text("")
     first_tests = ["tests/test_kernels.py", "tests/test_streams.py"]  # the kernels, and eigh on CUDA streams
     res["tests"] = {"kernels": run.stage("tests", lambda: pytest_run(out, "kernels", first_tests, args.test_timeout_s),
-                                         needs_s=60)}
+                                         needs_s=60, group="tests")}
 
     import benchmark_kernels as bk
 
     res["matmul_tflops"] = run.stage("matmul rates", lambda: bk.matmul_rates(torch.device("cuda")), needs_s=20)
     if res["matmul_tflops"]:
         print("torch.matmul TFLOP/s: " + bk.format_rates(res["matmul_tflops"]), flush=True)
-    res["row_alignment"] = run.stage("row alignment", lambda: row_alignment(torch.device("cuda")), needs_s=260)
+    res["row_alignment"] = run.stage("row alignment", lambda: row_alignment(torch.device("cuda")), needs_s=260,
+                                     group="rows")
     # No exact fp32: on CUDA the launchers now run the reference for it (the kernels' FMA loops lost to
     # cuBLAS on the first run; see trustrepair.kernels._launch.runs_reference).
     plan = [(("squares_tiles", "squares"), ("tf32", "bf16")),
@@ -770,37 +798,43 @@ def main(argv=None):
                               f"reference {r['reference']['ms']:.3f} ms, rel err {r['rel_err']:.1e}", flush=True)
         return {"records": records}
 
-    res["kernels"] = run.stage("kernels", kernels, needs_s=240)
+    res["kernels"] = run.stage("kernels", kernels, needs_s=240, group="kernels")
     tiles = [r["trustrepair"].get("of_matmul") for r in (res.get("kernels") or {}).get("records", [])
              if r["op"] == "squares_tiles" and r["precision"] == "tf32"]
     res["tiles_of_tf32"] = min(tiles) if tiles and None not in tiles else None
 
     pipeline(run, PYTHIA, torch.device("cuda"))
     # The eigh measurements inform the next change to the fit; the goals above come first.
-    res["eigh"] = run.stage("eigh options", lambda: eigh_options(torch.device("cuda")), needs_s=40)
+    res["eigh"] = run.stage("eigh options", lambda: eigh_options(torch.device("cuda")), needs_s=40, group="eigh")
     from trustrepair.ekfac import EIGH_STREAMS
 
     res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda"), workers=EIGH_STREAMS),
-                                      needs_s=25)
+                                      needs_s=25, group="eigh")
     res["tests"]["other gpu tests"] = run.stage(
         "other gpu tests", lambda: pytest_run(out, "other gpu tests", ["-m", "gpu", "tests"]
                                               + [f"--ignore={path}" for path in first_tests], run.left() - 10),
-        needs_s=OTHER_GPU_TESTS_S)
+        needs_s=OTHER_GPU_TESTS_S, group="other-tests")
     report(res, out)
 
 
 def pipeline(run: Run, cfg: dict, device: torch.device) -> None:
-    """Stage 5 (see the module docstring); results into ``run.results``."""
+    """Stage 5 (see the module docstring); results into ``run.results``. Our runs are the group
+    ``pipeline``, kronfluence's the group ``kronfluence`` (see :data:`GROUPS`)."""
     res = run.results
+    if not (run.selected("pipeline") or run.selected("kronfluence")):
+        return
     inputs = run.stage("pipeline inputs", lambda: build_pipeline_inputs(cfg, device), needs_s=150)
     if inputs is not None:
         model, train, queries = inputs
         bs = cfg["batch_size"]
-        res["warm_up"] = run.stage("warm-up", lambda: warm_libraries(model, bs, cfg["seq_len"]), needs_s=120)
+        res["warm_up"] = run.stage("warm-up", lambda: warm_libraries(model, bs, cfg["seq_len"]), needs_s=120,
+                                   group="pipeline")
         res["floors"] = run.stage("epoch floors", lambda: floors(model, train, bs), needs_s=120)
         res["trustrepair_tf32"] = run.stage("trustrepair TF32", lambda: trustrepair_run(
-            model, train, queries, bs, precision="high", autocast=False, aggregated=True), needs_s=100)
-        anchor = run.stage("kronfluence setup", lambda: KronfluenceAnchor(model, train, queries, bs), needs_s=90)
+            model, train, queries, bs, precision="high", autocast=False, aggregated=True), needs_s=100,
+            group="pipeline")
+        anchor = run.stage("kronfluence setup", lambda: KronfluenceAnchor(model, train, queries, bs), needs_s=90,
+                           group="kronfluence")
         if anchor is not None:
             res["kronfluence_fp32"] = run.stage("kronfluence fp32", lambda: kronfluence_fit_and_pairwise(anchor),
                                                 needs_s=90)
@@ -812,9 +846,10 @@ def pipeline(run: Run, cfg: dict, device: torch.device) -> None:
             finally:
                 del os.environ["TRUSTREPAIR_DISABLE_TRITON"]
 
-        res["reference_fp32"] = run.stage("reference path fp32", reference, needs_s=50)
+        res["reference_fp32"] = run.stage("reference path fp32", reference, needs_s=50, group="pipeline")
         res["trustrepair_bf16"] = run.stage("trustrepair bf16 autocast", lambda: trustrepair_run(
-            model, train, queries, bs, precision="high", autocast=True, aggregated=True), needs_s=35)
+            model, train, queries, bs, precision="high", autocast=True, aggregated=True), needs_s=35,
+            group="pipeline")
         if res.get("kronfluence_fp32"):
             res["kronfluence_aggregated"] = run.stage("kronfluence aggregated", lambda: {
                 "pairwise": {k: v for k, v in anchor.pairwise(aggregate=True).items() if k != "scores"}}, needs_s=20)

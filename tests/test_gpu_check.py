@@ -27,3 +27,15 @@ def test_smoke_runs_every_cpu_stage(tmp_path):
     section = (tmp_path / "RESULTS_section.md").read_text()
     for heading in ("| goal | measured | verdict |", "contiguous vs row-padded", "by schedule", "eigh of one factor"):
         assert heading in section, heading
+
+
+def test_only_runs_the_selected_groups_and_rejects_unknown_ones(tmp_path):
+    script = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(script + ["--only", "eigh"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert {stages[name]["status"] for name in ("eigh options", "eigh schedules")} == {"ok"}
+    assert stages["row alignment"]["status"] == "not selected (--only)"
+    assert "pipeline inputs" not in stages  # neither our pipeline nor kronfluence's: no model is built
+    proc = subprocess.run(script + ["--only", "eigh,pipelines"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "--only takes a comma-separated subset" in proc.stderr
