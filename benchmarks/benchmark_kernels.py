@@ -79,6 +79,22 @@ def flops(op: str, batch: int, tokens: int, d_out: int, d_in: int, n_queries: in
     }[op]
 
 
+def tile_operand_bytes(batch: int, tokens: int, d_out: int, d_in: int, block_m: int, block_n: int,
+                       element_bytes: int) -> int:
+    """Bytes of projected tokens the squares tile kernel loads: every (block_m, block_n) output tile reads
+    its rows of Gt_b and At_b for all T tokens of every example, so
+
+        B T element_bytes (ceil(d_in / block_n) d_out + ceil(d_out / block_m) d_in).
+
+    Its FLOP per byte (2 B T d_out d_in over this) is about 2 block_m block_n / (element_bytes (block_m +
+    block_n)): 32 for 128 x 128 tiles of 4-byte (TF32) operands, 64 in bfloat16. Each tile is one
+    short product (inner dimension T) per example, so no larger reuse exists: this traffic comes from L2
+    (or HBM) whatever the schedule, and the kernel's rate is at most that intensity times the bandwidth
+    that serves it."""
+    n_tiles_m, n_tiles_n = -(-d_out // block_m), -(-d_in // block_n)
+    return batch * tokens * element_bytes * (n_tiles_n * d_out + n_tiles_m * d_in)
+
+
 def make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device, seed=0):
     """Random operands (every fifth token masked to zero, as padding would be) in the precision's dtype,
     activations (and on a GPU the query matrices) with aligned rows, as the pipeline hands them over
@@ -282,6 +298,8 @@ def run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, 
             record[name]["tflops"] = record["gflop"] / record[name]["ms"]
             if rates:
                 record[name]["of_matmul"] = record[name]["tflops"] / rates[precision]["tflops"]
+        if op == "squares_tiles" and "trustrepair" in results:
+            record["trustrepair"].update(tile_traffic(record, o["gt"].element_size()))
         if "trustrepair" in results:
             ref = results["reference"]
             record["rel_err"] = float((results["trustrepair"] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -290,6 +308,21 @@ def run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, 
     finally:
         torch.set_float32_matmul_precision(previous)
     return record
+
+
+def tile_traffic(record: dict, element_bytes: int) -> dict:
+    """The configuration the autotuner picked for the tile kernel's last call (the timed ``squares_tiles``)
+    and the operand traffic it implies (:func:`tile_operand_bytes`) over the measured median."""
+    from trustrepair.kernels import projected_gradients as pg
+
+    config = pg._example_tiles_kernel.best_config
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    moved = tile_operand_bytes(record["B"], record["T"], record["d_out"], record["d_in"], block_m, block_n,
+                               element_bytes)
+    return {"tile": f"{block_m}x{block_n}x{config.kwargs['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+                    + (" flat" if config.kwargs.get("FLATTEN") else ""),
+            "operand_gb": moved / 1e9, "flop_per_byte": record["gflop"] * 1e9 / moved,
+            "operand_tb_s": moved / 1e12 / (record["trustrepair"]["ms"] / 1e3)}
 
 
 def format_table(records: list[dict]) -> str:

@@ -721,6 +721,16 @@ def kernel_summary(kernels: dict | None) -> list[str]:
         lines.append(f"| {r['op']} | {r['layer']} | {r['precision']} | {fmt(o.get('ms'), '.3f')} | "
                      f"{r['reference']['ms']:.3f} | {fmt(r.get('speedup'))}x | {fmt(o.get('tflops'), '.1f')} | "
                      f"{fmt(100 * o['of_matmul'] if 'of_matmul' in o else None, '.0f')} % |")
+    traffic = [r for r in kernels["records"] if "tile" in (r.get("trustrepair") or {})]
+    if traffic:
+        lines += ["", "Tile kernel operand traffic (squares_tiles; projected tokens loaded per output tile and "
+                  "example, benchmark_kernels.tile_operand_bytes, over the median; 128 x 128 TF32 tiles do 32 FLOP "
+                  "per byte, so a rate R needs R / 32 of operand bandwidth from L2):", "",
+                  "| layer | prec | tile picked | GB loaded | FLOP/byte | TFLOP/s | operand TB/s |", "|---|---|---|---|---|---|---|"]
+        for r in traffic:
+            o = r["trustrepair"]
+            lines.append(f"| {r['layer']} | {r['precision']} | {o['tile']} | {o['operand_gb']:.2f} | "
+                         f"{o['flop_per_byte']:.1f} | {o['tflops']:.1f} | {o['operand_tb_s']:.2f} |")
     return lines
 
 

@@ -24,7 +24,12 @@ gradients). No P_b is ever written to memory:
 Multiply-adds per example: ``T (d_out^2 + d_in^2)`` for step 1, ``T d_out d_in`` for step 2, plus
 ``Q d_out d_in`` in scores mode, which also reads every query tile once per example, or once per two
 examples with the ``PAIRS`` configurations (two accumulators): for many queries that traffic, not the
-arithmetic, bounds the scores mode. Precision and devices: see :mod:`trustrepair.kernels._launch` (TF32
+arithmetic, bounds the scores mode. Operand traffic: the operands differ per example and each product is
+short (inner dimension T), so every output tile loads its rows of both operands for every example: about
+2 BLOCK_M BLOCK_N / (bytes (BLOCK_M + BLOCK_N)) FLOP per byte loaded, 32 for 128 x 128 TF32 tiles, which
+makes the squares mode's rate a multiple of the L2 bandwidth rather than of the tensor cores' peak
+(``benchmarks/benchmark_kernels.py``: ``tile_operand_bytes``; two register-resident accumulators rule out
+larger tiles). Precision and devices: see :mod:`trustrepair.kernels._launch` (TF32
 operands rounded to nearest before the products; float64 on CUDA runs the reference); outputs are float32
 (float64 for float64 operands). References: ``projected_gradient_squares_reference`` and
 ``projected_gradient_scores_reference`` in :mod:`trustrepair.contractions`.
