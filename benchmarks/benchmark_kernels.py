@@ -371,6 +371,16 @@ def run(ops=OPS, precisions=PRECISIONS, layers=None, batch=16, tokens=512, n_que
             "matmul_tflops": rates, "records": records}
 
 
+def resident_programs(registers: int, warps: int, shared_bytes: int) -> int:
+    """Programs of one kernel resident on one sm_90 multiprocessor at once: limited by its 64 K registers
+    (allocated per warp in units of 256), 228 KiB of shared memory (1 KiB of it reserved per program) and
+    64 warps (CUDA occupancy rules for compute capability 9.0)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = 65536 // (per_warp * warps)
+    by_shared = (228 * 1024) // (shared_bytes + 1024)
+    return min(by_registers, by_shared, 64 // warps, 32)
+
+
 def resource_report(arch: int = 90) -> list[str]:
     """Compiles every autotuning configuration of every kernel for sm_<arch> with Triton's bundled ptxas
     (no GPU needed) and reports registers, stack (spill) bytes and the wgmma / mma.sync instructions in the
@@ -395,8 +405,8 @@ def resource_report(arch: int = 90) -> list[str]:
          ["stride_gb", "stride_gt", "stride_ab", "stride_at", "d_out", "d_in"], ["stride_gi", "stride_aj"],
          {None: gd._low_rank_kernel.configs}),
     ]
-    lines = ["| kernel | mode | operands | config | registers | stack bytes | wgmma | mma.sync |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | mode | operands | config | registers | stack bytes | shared KiB | programs per SM | wgmma | "
+             "mma.sync |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, fn, operand_ptrs, fp32_ptrs, divisible, ones, modes in kernels:
         for operands, element, precision in [("tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee"),
                                              ("fp32", "fp32", "ieee")]:  # as _launch.input_precision decides
@@ -422,10 +432,14 @@ def resource_report(arch: int = 90) -> list[str]:
                                                text=True).stdout
                     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
                     ptx = compiled.asm["ptx"]
+                    shared = compiled.metadata.shared
+                    resident = (resident_programs(int(found.group(1)), config.num_warps, shared)
+                                if found else "?")
                     shape = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
                     lines.append(f"| {name} | {'' if mode is None else ('squares', 'scores')[mode]} | {operands} | "
                                  f"{shape}, warps={config.num_warps}, stages={config.num_stages} | "
                                  f"{found.group(1) if found else '?'} | {found.group(2) if found else '?'} | "
+                                 f"{shared / 1024:.0f} | {resident} | "
                                  f"{len(re.findall('wgmma.mma_async', ptx))} | {len(re.findall(r'mma[.]sync', ptx))} |")
                     print(lines[-1], flush=True)
     return lines

@@ -33,3 +33,14 @@ def test_squares_tiles_record_names_the_tile_and_its_traffic():
     assert ours["operand_gb"] * 1e9 == bk.tile_operand_bytes(2, 8, 40, 33, block_m, block_n, 4)
     assert ours["operand_tb_s"] == pytest.approx(ours["operand_gb"] / ours["ms"])
     assert record["rel_err"] < 1e-5
+
+
+@pytest.mark.parametrize("registers,warps,shared_kib,expected", [
+    (210, 8, 96, 1),   # registers: 216 x 32 x 8 = 55,296 of 65,536
+    (128, 8, 96, 2),   # registers exactly half the file
+    (146, 4, 48, 3),   # 152 x 32 per warp rounds up to 4,864: 3 x 4 x 4,864 <= 65,536 < 4 x ...
+    (32, 4, 100, 2),   # shared memory: 2 x (100 + 1) KiB <= 228 KiB
+    (16, 1, 0, 32),    # the 32-programs-per-SM cap
+])
+def test_resident_programs_follow_the_sm90_occupancy_rules(registers, warps, shared_kib, expected):
+    assert bk.resident_programs(registers, warps, shared_kib * 1024) == expected
