@@ -211,15 +211,18 @@ def _time_eigh(matrix: torch.Tensor, repeats: int = 3) -> float:
     return time_call(lambda: torch.linalg.eigh(matrix), matrix.device, repeats)["ms"] / 1e3
 
 
-def row_alignment(device: torch.device, widths=(769, 3073), tokens: int = 16 * 512) -> dict:
+def row_alignment(device: torch.device, widths=(768, 769, 3073), tokens: int = 16 * 512) -> dict:
     """Milliseconds of the fit's two products on a bias-folded (odd-width) operand, with its rows stored
     contiguously (leading dimension = the odd width, as before :mod:`trustrepair.alignment`) and padded
     (what the library hands the products now), in TF32 and bfloat16: the covariance update ``x^T x`` (x:
     ``tokens`` x width) and the eigenvalue-correction projection ``Q_A^T a_b^T`` for 16 examples of 512
-    tokens. :func:`benchmark_kernels.time_call` medians; the layouts hold the same values."""
+    tokens, the latter also in its single-GEMM form (``projected_gradients.PROJECTION = "gemm"``; width 768,
+    already aligned, is the control). :func:`benchmark_kernels.time_call` medians; the layouts hold the same
+    values."""
     from benchmark_kernels import time_call
 
     from trustrepair.alignment import aligned
+    from trustrepair.kernels.projected_gradients import project_tokens
 
     gen = torch.Generator(device=device).manual_seed(2)
     out = {}
@@ -238,6 +241,8 @@ def row_alignment(device: torch.device, widths=(769, 3073), tokens: int = 16 * 5
                     row[f"gram {layout}"] = time_call(lambda: xs.T @ xs, device)["ms"]
                     row[f"projection {layout}"] = time_call(lambda: torch.matmul(qs.T, batched.transpose(1, 2)),
                                                             device)["ms"]
+                row["projection gemm aligned"] = time_call(lambda: project_tokens(qs, batched, dtype, "gemm"),
+                                                           device)["ms"]
             finally:
                 torch.set_float32_matmul_precision(previous)
             out[f"{width} {precision}"] = row
@@ -250,11 +255,13 @@ def row_alignment_summary(rows: dict | None) -> list[str]:
     if not rows:
         return ["(row alignment not measured)"]
     lines = ["Odd-width (bias-folded) operands, contiguous vs row-padded storage (trustrepair.alignment), ms:", "",
-             "| width, precision | gram contiguous | gram aligned | projection contiguous | projection aligned |",
-             "|---|---|---|---|---|"]
+             "| width, precision | gram contiguous | gram aligned | projection contiguous | projection aligned | "
+             "projection one GEMM, aligned |", "|---|---|---|---|---|---|"]
     for key, row in rows.items():
-        lines.append(f"| {key} | " + " | ".join(fmt(row[k], '.3f') for k in (
-            "gram contiguous", "gram aligned", "projection contiguous", "projection aligned")) + " |")
+        lines.append(f"| {key} | " + " | ".join(fmt(row.get(k), '.3f') for k in (
+            "gram contiguous", "gram aligned", "projection contiguous", "projection aligned",
+            "projection gemm aligned")) + " |")
+    lines += ["", "(projection aligned: PROJECTION = \"batched\", the default; one GEMM: \"gemm\". Keep the faster.)"]
     return lines
 
 

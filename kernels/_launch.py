@@ -136,12 +136,15 @@ def _round_to_tf32_kernel(x_ptr, n, BLOCK: tl.constexpr):
 
 
 def round_to_tf32_(x: torch.Tensor) -> torch.Tensor:
-    """In place: every element of the contiguous float32 tensor ``x`` rounded to the nearest TF32 value
-    (:func:`round_to_tf32`), one read and one write per element; returns ``x``. A kernel fed such values
-    can skip its own rounding (its TF32 products then drop only zero bits). Twin:
-    :func:`round_to_tf32_reference`."""
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        raise ValueError(f"round_to_tf32_ takes a contiguous float32 tensor; got {x.dtype}, strides {x.stride()}")
+    """In place: every element of the float32 tensor ``x`` rounded to the nearest TF32 value
+    (:func:`round_to_tf32`), one read and one write per element; returns ``x``. ``x`` must cover its memory
+    densely in some order of its dimensions (contiguous, or a permutation of a contiguous tensor), which is
+    then walked as one flat array. A kernel fed such values can skip its own rounding (its TF32 products then
+    drop only zero bits). Twin: :func:`round_to_tf32_reference`."""
+    dense = x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d))) if x.dim() else x
+    if x.dtype != torch.float32 or not dense.is_contiguous():
+        raise ValueError(f"round_to_tf32_ takes a float32 tensor that covers its memory densely (contiguous in "
+                         f"some order of its dimensions); got {x.dtype}, shape {tuple(x.shape)}, strides {x.stride()}")
     check_device(x=x)
     if x.numel():
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():

@@ -10,9 +10,9 @@ eigenbasis it is ``P_b = Q_S^T G_b Q_A = (g_b Q_S)^T (a_b Q_A)``. One kernel, tw
 with query matrices ``W`` (Q, d_out, d_in) already in the eigenbasis (e.g. preconditioned query
 gradients). No P_b is ever written to memory:
 
-1. The tokens are projected with two batched GEMMs (cuBLAS, operands in the operand dtype): the
-   transposed projections ``Gt_b = Q_S^T g_b^T`` (d_out, T) and ``At_b = Q_A^T a_b^T`` (d_in, T), tokens
-   contiguous, so both tensor-core operands of step 2 are K-major (what Hopper's TF32 wgmma needs).
+1. The tokens are projected with two cuBLAS products (operands in the operand dtype; :data:`PROJECTION`):
+   the transposed projections ``Gt_b = Q_S^T g_b^T`` (d_out, T) and ``At_b = Q_A^T a_b^T`` (d_in, T), tokens
+   unit-stride, so both tensor-core operands of step 2 are K-major (what Hopper's TF32 wgmma needs).
    Under TF32 they are then rounded to nearest in place, or inside step 2 (:data:`TF32_ROUNDING`).
 2. Each program owns a (BLOCK_M, BLOCK_N) tile of the (d_out, d_in) output and a contiguous range of
    examples; per example it accumulates ``P_b[I, J] = Gt_b[I, :] At_b[J, :]^T`` over token blocks in
@@ -68,6 +68,21 @@ TF32_ROUNDING = "pass"
 Chosen before any GPU measurement of the two (the first H100 run predates the rounding);
 ``benchmarks/gpu_check.py`` times both (ops ``squares_round_pass`` and ``squares_round_kernel``) so the
 next GPU session keeps whichever is faster. Results are identical: the same rounding of the same values."""
+
+PROJECTION = "batched"
+"""How step 1 forms the token-major projections ``Q^T x_b^T`` (B, d, T) of a layer's B T tokens x (B, T, d):
+
+* ``"batched"``: ``torch.matmul(Q^T, x^T)``, which PyTorch runs as one batched product of B (d, d) x (d, T)
+  matrices (the basis broadcast); the result is contiguous;
+* ``"gemm"``: one (d, d) x (d, B T) product ``Q^T (x reshaped to (B T, d))^T`` into a (d, B T) matrix, handed
+  to the tile kernel as the (B, d, T) view with strides (T, B T, 1) (tokens still unit-stride).
+
+The first H100 run hints that the narrow projections are slow: its eigenvalue-correction op at the dense
+layer (768 x 769) spent about 0.44 ms in two projections of 9.7 GFLOP each (under 50 TFLOP/s in TF32),
+while qkv's and dense_h_to_4h's wide sides ran at 250-450. Whether batching, the odd width (aligned since)
+or the sizes themselves cost that is not known; gpu_check's "row alignment" stage times both forms at
+widths 768, 769 and 3073, so the next GPU session keeps the faster. Results agree to the products'
+rounding (same algebra, possibly another GEMM algorithm)."""
 
 # Scores mode keeps the output tile fixed, so the number of partial (B, Q) slices does not depend on
 # the configuration the autotuner picks; squares mode tunes the tile shape too.
@@ -263,14 +278,26 @@ def _check(a, g, q_a, q_s, queries=None) -> torch.dtype:
     return _launch.operand_dtype(a, g, *tensors.values())
 
 
-def _project(a, g, q_a, q_s, dtype):
+def project_tokens(basis: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, projection: str | None = None) -> torch.Tensor:
+    """``Q^T x_b^T`` for every example: (B, d, T) in ``dtype`` with unit-stride tokens, from a basis Q (d, d)
+    and tokens x (B, T, d), both used with aligned rows (:mod:`trustrepair.alignment`; a conversion to
+    ``dtype`` is made aligned). ``projection`` (default :data:`PROJECTION`) picks the product's form. Autocast
+    is off: the operand dtype, not an enclosing autocast region, sets the precision."""
+    projection = PROJECTION if projection is None else projection
+    if projection not in ("batched", "gemm"):
+        raise ValueError(f"projection must be 'batched' or 'gemm'; got {projection!r}")
+    basis, x = aligned(basis, dtype), aligned(x, dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if projection == "batched":
+            return torch.matmul(basis.T, x.transpose(1, 2))
+        batch, tokens, width = x.shape
+        return (basis.T @ x.reshape(batch * tokens, width).T).view(width, batch, tokens).transpose(0, 1)
+
+
+def _project(a, g, q_a, q_s, dtype, projection=None):
     """Token-major projections (Q_S^T g_b^T, Q_A^T a_b^T): (B, d_out, T) and (B, d_in, T) in ``dtype``
-    (autocast off: the operand dtype, not an enclosing autocast region, sets the precision), from
-    operands with aligned rows (:mod:`trustrepair.alignment`; a conversion to ``dtype`` is made aligned)."""
-    with torch.autocast(a.device.type, enabled=False):
-        gt = torch.matmul(aligned(q_s, dtype).T, aligned(g, dtype).transpose(1, 2))
-        at = torch.matmul(aligned(q_a, dtype).T, aligned(a, dtype).transpose(1, 2))
-    return gt, at
+    (:func:`project_tokens`)."""
+    return project_tokens(q_s, g, dtype, projection), project_tokens(q_a, a, dtype, projection)
 
 
 def _round_projected(gt: torch.Tensor, at: torch.Tensor, dtype: torch.dtype, rounding: str | None) -> bool:
@@ -287,22 +314,22 @@ def _round_projected(gt: torch.Tensor, at: torch.Tensor, dtype: torch.dtype, rou
 
 
 def _squares(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
-             rounding: str | None = None) -> torch.Tensor:
+             rounding: str | None = None, projection: str | None = None) -> torch.Tensor:
     dtype = _check(a, g, q_a, q_s)
     device = _launch.check_device(a=a, g=g, q_a=q_a, q_s=q_s)
     if _launch.runs_reference(dtype, device):
         return contractions.projected_gradient_squares_reference(a, g, q_a, q_s)
-    gt, at = _project(a, g, q_a, q_s, dtype)
+    gt, at = _project(a, g, q_a, q_s, dtype, projection)
     rounded = _round_projected(gt, at, dtype, rounding)
     return contract_example_tiles(gt, at, SQUARES, operands_rounded=rounded)
 
 
-def _scores(a, g, q_a, q_s, queries, rounding: str | None = None) -> torch.Tensor:
+def _scores(a, g, q_a, q_s, queries, rounding: str | None = None, projection: str | None = None) -> torch.Tensor:
     dtype = _check(a, g, q_a, q_s, queries)
     device = _launch.check_device(a=a, g=g, q_a=q_a, q_s=q_s, queries=queries)
     if _launch.runs_reference(dtype, device):
         return contractions.projected_gradient_scores_reference(a, g, q_a, q_s, queries)
-    gt, at = _project(a, g, q_a, q_s, dtype)
+    gt, at = _project(a, g, q_a, q_s, dtype, projection)
     rounded = _round_projected(gt, at, dtype, rounding)
     return contract_example_tiles(gt, at, SCORES, queries, operands_rounded=rounded)
 

@@ -316,6 +316,57 @@ def test_tf32_rounding_by_pass_or_in_kernel(kernel_name, rounding, poison_empty)
     _assert_rounded_operand_algebra(kernel_name, ops, out)
 
 
+@pytest.mark.parametrize("kernel_name", ["squares", "scores"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=["batch1", "dout1", "square65"])
+def test_both_projection_forms_match_the_reference(kernel_name, case, poison_empty):
+    """``projected_gradients.PROJECTION``: the batched and the single-GEMM projection (whose token-major
+    operands are strided views) both meet the float32 rule, with TF32 rounding by a pass over those views
+    under "high" precision, and produce the same operand values."""
+    ops = _draw(case, seed=zlib.crc32(f"projection{kernel_name}{case}".encode()))
+    reference = OPS[kernel_name][1]
+    truth = reference(_f64(ops))
+    for projection in ("batched", "gemm"):
+        for precision in ("highest", "high"):
+            with matmul_precision(precision):
+                if kernel_name == "squares":
+                    out = pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"], projection=projection)
+                else:
+                    out = pg._scores(ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"], projection=projection)
+            name = f"{kernel_name} {projection} {precision}"
+            if precision == "highest":
+                assert_within_rule(name, out, truth, reference(ops))
+            else:  # TF32 operands: about 2^-11 relative per operand (the rule's own test is test_tf32_within_rule)
+                error = (out.double().cpu() - truth.cpu()).abs().max().item()
+                assert out.shape == truth.shape and error <= 1e-2 * truth.abs().max().item() + 1e-12, (name, error)
+    for basis, x in ((ops["q_a"], ops["a"]), (ops["q_s"], ops["g"])):
+        batched, gemm = (pg.project_tokens(basis, x, torch.float32, form) for form in ("batched", "gemm"))
+        assert batched.shape == gemm.shape == (x.shape[0], x.shape[2], x.shape[1])
+        assert gemm.shape[2] < 2 or gemm.stride(2) == 1, "tokens must stay unit-stride for the tile kernel"
+        torch.testing.assert_close(gemm, batched, rtol=1e-5, atol=1e-5)
+    for batch, tokens in ((2, 0), (0, 5)):  # empty batches project to empty operands in both forms
+        empty = ops["a"].new_zeros(batch, tokens, ops["a"].shape[2])
+        for form in ("batched", "gemm"):
+            assert pg.project_tokens(ops["q_a"], empty, torch.float32, form).shape == (batch, empty.shape[2], tokens)
+
+
+def test_unknown_projection_is_refused():
+    ops = _draw((2, 5, 17, 3, 2, 2), seed=3)
+    with pytest.raises(ValueError, match="'batched' or 'gemm'"):
+        pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"], projection="einsum")
+
+
+def test_round_to_tf32_takes_permuted_dense_tensors_only():
+    """The in-place pass walks dense memory: a permutation of a contiguous tensor rounds like the tensor
+    itself; a strided slice (gaps in memory) is refused rather than partly rounded."""
+    gen = torch.Generator().manual_seed(29)
+    base = torch.randn(6, 5, 7, generator=gen).to(DEVICE)
+    permuted = base.clone().permute(1, 0, 2)
+    _launch.round_to_tf32_(permuted)
+    assert torch.equal(permuted.permute(1, 0, 2).cpu().double(), _tf32(base))
+    with pytest.raises(ValueError, match="densely"):
+        _launch.round_to_tf32_(base.clone()[:, ::2])
+
+
 def test_unknown_tf32_rounding_is_refused():
     ops = _draw((2, 5, 17, 3, 2, 2), seed=3)
     with matmul_precision("high"), pytest.raises(ValueError, match="'pass' or 'kernel'"):
