@@ -211,17 +211,20 @@ def _time_eigh(matrix: torch.Tensor, repeats: int = 3) -> float:
     return time_call(lambda: torch.linalg.eigh(matrix), matrix.device, repeats)["ms"] / 1e3
 
 
-def row_alignment(device: torch.device, widths=(768, 769, 3073), tokens: int = 16 * 512) -> dict:
+def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: int = 16 * 512) -> dict:
     """Milliseconds of the fit's two products on a bias-folded (odd-width) operand, with its rows stored
     contiguously (leading dimension = the odd width, as before :mod:`trustrepair.alignment`) and padded
     (what the library hands the products now), in TF32 and bfloat16: the covariance update ``x^T x`` (x:
     ``tokens`` x width) and the eigenvalue-correction projection ``Q_A^T a_b^T`` for 16 examples of 512
     tokens, the latter also in its single-GEMM form (``projected_gradients.PROJECTION = "gemm"``; width 768,
-    already aligned, is the control). :func:`benchmark_kernels.time_call` medians; the layouts hold the same
-    values."""
+    already aligned, is the control). The fit's covariance update itself, ``add_gram_upper_`` (upper block
+    triangle, about half the multiply-adds, one product per block row) is timed beside the full product in
+    TF32 at blocks 256 (today's :data:`trustrepair.contractions.GRAM_BLOCK`) and 1024, to choose the block
+    on a GPU. :func:`benchmark_kernels.time_call` medians; the layouts hold the same values."""
     from benchmark_kernels import time_call
 
     from trustrepair.alignment import aligned
+    from trustrepair.contractions import add_gram_upper_
     from trustrepair.kernels.projected_gradients import project_tokens
 
     gen = torch.Generator(device=device).manual_seed(2)
@@ -243,6 +246,10 @@ def row_alignment(device: torch.device, widths=(768, 769, 3073), tokens: int = 1
                                                             device)["ms"]
                 row["projection gemm aligned"] = time_call(lambda: project_tokens(qs, batched, dtype, "gemm"),
                                                            device)["ms"]
+                if dtype == torch.float32:  # the covariances accumulate in float32
+                    acc = torch.zeros(width, width, device=device)
+                    for block in (256, 1024):
+                        row[f"gram upper {block}"] = time_call(lambda: add_gram_upper_(acc, xs, block), device)["ms"]
             finally:
                 torch.set_float32_matmul_precision(previous)
             out[f"{width} {precision}"] = row
@@ -255,13 +262,16 @@ def row_alignment_summary(rows: dict | None) -> list[str]:
     if not rows:
         return ["(row alignment not measured)"]
     lines = ["Odd-width (bias-folded) operands, contiguous vs row-padded storage (trustrepair.alignment), ms:", "",
-             "| width, precision | gram contiguous | gram aligned | projection contiguous | projection aligned | "
-             "projection one GEMM, aligned |", "|---|---|---|---|---|---|"]
+             "| width, precision | gram contiguous | gram aligned | gram upper, block 256 | gram upper, block 1024 | "
+             "projection contiguous | projection aligned | projection one GEMM, aligned |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, row in rows.items():
         lines.append(f"| {key} | " + " | ".join(fmt(row.get(k), '.3f') for k in (
-            "gram contiguous", "gram aligned", "projection contiguous", "projection aligned",
-            "projection gemm aligned")) + " |")
-    lines += ["", "(projection aligned: PROJECTION = \"batched\", the default; one GEMM: \"gemm\". Keep the faster.)"]
+            "gram contiguous", "gram aligned", "gram upper 256", "gram upper 1024", "projection contiguous",
+            "projection aligned", "projection gemm aligned")) + " |")
+    lines += ["", "(gram: full x^T x; gram upper: the fit's add_gram_upper_, aligned rows, about half the products, "
+              "contractions.GRAM_BLOCK[\"cuda\"] sets the block. projection aligned: PROJECTION = \"batched\", the default; "
+              "one GEMM: \"gemm\". Keep the faster of each.)"]
     return lines
 
 

@@ -156,6 +156,16 @@ def test_gram_upper_and_symmetrisation_equal_the_full_product(rows, width, block
     assert torch.equal(out[below], start[below]), "entries below the diagonal blocks must be untouched"
     with pytest.raises(ValueError, match="add_gram_upper_ needs"):
         C.add_gram_upper_(torch.zeros(width + 1, width + 1, dtype=torch.float64), x)
+    with pytest.raises(ValueError, match="block width >= 1"):
+        C.add_gram_upper_(start.clone(), x, block=0)
+
+
+def test_gram_upper_default_block_is_the_module_setting(monkeypatch):
+    """GRAM_BLOCK (chosen per device class from gpu_check's timings) sets the default block."""
+    x = torch.randn(6, 10, dtype=torch.float64)
+    monkeypatch.setitem(C.GRAM_BLOCK, "cpu", 3)
+    out = C.add_gram_upper_(torch.zeros(10, 10, dtype=torch.float64), x)
+    assert out[9, 0] == 0 and out[3, 2] == 0 and out[2, 0] != 0, "block 3: only the diagonal blocks of 3 rows"
 
 
 @pytest.mark.parametrize("shape", SHAPES)

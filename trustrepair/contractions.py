@@ -357,7 +357,15 @@ def low_rank_ghost_dots(a: torch.Tensor, g: torch.Tensor, left: torch.Tensor,
     return out
 
 
-def add_gram_upper_(out: torch.Tensor, x: torch.Tensor, block: int = 256) -> torch.Tensor:
+GRAM_BLOCK = {"cpu": 256, "cuda": 256}
+"""Block width of :func:`add_gram_upper_` per device type (others use the CPU's): 256 keeps every product
+wide enough to run near peak on a CPU. On a GPU fewer, larger products may win despite the extra
+multiply-adds (a 3073-wide factor makes 13 launches at 256, the last one 1 x 1, each over 8192 token rows);
+benchmarks/gpu_check.py's "row alignment" stage times 256, 1024 and the full product there (not yet run),
+so the CUDA entry is the CPU's until that measurement says otherwise."""
+
+
+def add_gram_upper_(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """In place, the upper block triangle of ``out += x^T x`` (a covariance update over token rows).
 
     Block row i gets ``x[:, i]^T x[:, i:]``, one wide product per block, so about half the multiply-adds
@@ -369,12 +377,15 @@ def add_gram_upper_(out: torch.Tensor, x: torch.Tensor, block: int = 256) -> tor
     Args:
         out: (d, d) accumulator, same dtype as ``x``.
         x: (rows, d) token rows (masked rows zero).
-        block: block width (256 keeps every product wide enough to run near peak on a CPU).
+        block: block width (default: :data:`GRAM_BLOCK` of ``x``'s device type).
     Returns:
         ``out``.
     """
     if x.dim() != 2 or tuple(out.shape) != (x.shape[1], x.shape[1]):
         raise ValueError(f"add_gram_upper_ needs out (d, d) and x (rows, d); got {tuple(out.shape)} and {tuple(x.shape)}")
+    block = GRAM_BLOCK.get(x.device.type, GRAM_BLOCK["cpu"]) if block is None else block
+    if block < 1:
+        raise ValueError(f"add_gram_upper_ needs a block width >= 1; got {block}")
     width = x.shape[1]
     for start in range(0, width, block):
         stop = min(start + block, width)
