@@ -317,7 +317,7 @@ def test_tf32_rounding_by_pass_or_in_kernel(kernel_name, rounding, poison_empty)
 
 
 @pytest.mark.parametrize("kernel_name", ["squares", "scores"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=["batch1", "dout1", "square65"])
+@pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=["dout1", "square65"])  # few: each compiles on CUDA
 def test_both_projection_forms_match_the_reference(kernel_name, case, poison_empty):
     """``projected_gradients.PROJECTION``: the batched and the single-GEMM projection (whose token-major
     operands are strided views) both meet the float32 rule, with TF32 rounding by a pass over those views
