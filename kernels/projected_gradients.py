@@ -81,7 +81,7 @@ The first H100 run hints that the narrow projections are slow: its eigenvalue-co
 layer (768 x 769) spent about 0.44 ms in two projections of 9.7 GFLOP each (under 50 TFLOP/s in TF32),
 while qkv's and dense_h_to_4h's wide sides ran at 250-450. Whether batching, the odd width (aligned since)
 or the sizes themselves cost that is not known; gpu_check's "row alignment" stage times both forms at
-widths 768, 769 and 3073, so the next GPU session keeps the faster. Results agree to the products'
+widths 768, 769, 3072 and 3073, so the next GPU session keeps the faster. Results agree to the products'
 rounding (same algebra, possibly another GEMM algorithm)."""
 
 # Scores mode keeps the output tile fixed, so the number of partial (B, Q) slices does not depend on
@@ -278,7 +278,8 @@ def _check(a, g, q_a, q_s, queries=None) -> torch.dtype:
     return _launch.operand_dtype(a, g, *tensors.values())
 
 
-def project_tokens(basis: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, projection: str | None = None) -> torch.Tensor:
+def project_tokens(basis: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
+                   projection: str | None = None) -> torch.Tensor:
     """``Q^T x_b^T`` for every example: (B, d, T) in ``dtype`` with unit-stride tokens, from a basis Q (d, d)
     and tokens x (B, T, d), both used with aligned rows (:mod:`trustrepair.alignment`; a conversion to
     ``dtype`` is made aligned). ``projection`` (default :data:`PROJECTION`) picks the product's form. Autocast
