@@ -78,9 +78,9 @@ it (``benchmarks/gpu_check.py``'s "eigh schedules" times 1 against 4 workers). R
 class ModuleFactors:
     """EK-FAC factors of one layer.
 
-    The eigenbases that :func:`fit_ekfac`, :meth:`EKFACFactors.to` and :meth:`EKFACFactors.load` hand out
-    have aligned rows (:mod:`trustrepair.alignment`: the odd width of a bias-folded Q_A would otherwise
-    misalign every product with it, in the Lambda pass and in query preconditioning alike).
+    The eigenbases are stored with aligned rows (:mod:`trustrepair.alignment`; a copy on construction when
+    they are not): the odd width of a bias-folded Q_A would otherwise misalign every product with it, in
+    query projections and preconditioning, whether the factors were fitted, moved or loaded.
 
     Attributes:
         q_a: (d_in [+ 1], d_in [+ 1]) eigenvectors (columns) of the activation covariance A.
@@ -96,6 +96,9 @@ class ModuleFactors:
     lambda_: torch.Tensor
     n_tokens: int
     n_examples: int
+
+    def __post_init__(self):
+        self.q_a, self.q_s = aligned(self.q_a), aligned(self.q_s)
 
 
 class EKFACFactors:
@@ -124,10 +127,9 @@ class EKFACFactors:
                 f"{self.arguments.get('n_examples')} examples)")
 
     def to(self, device) -> "EKFACFactors":
-        """The factors on ``device`` (a new object; tensors already there are not copied), eigenbases with
-        aligned rows (:class:`ModuleFactors`)."""
-        moved = {name: ModuleFactors(aligned(f.q_a.to(device)), aligned(f.q_s.to(device)), f.lambda_.to(device),
-                                     f.n_tokens, f.n_examples) for name, f in self.modules.items()}
+        """The factors on ``device`` (a new object; tensors already there are not copied)."""
+        moved = {name: ModuleFactors(f.q_a.to(device), f.q_s.to(device), f.lambda_.to(device), f.n_tokens,
+                                     f.n_examples) for name, f in self.modules.items()}
         return EKFACFactors(moved, self.arguments, self.fingerprint, self.timings, self.versions)
 
     def damping(self, name: str, damping: float | None = None) -> float:
@@ -283,8 +285,8 @@ class EKFACFactors:
             raise ValueError(f"{tensor_path} and {meta_path} come from different saves (an interrupted save?); "
                              f"save the factors again")
         modules = {
-            name: ModuleFactors(aligned(tensors[f"{name}/q_a"]), aligned(tensors[f"{name}/q_s"]),
-                                tensors[f"{name}/lambda"], counts["n_tokens"], counts["n_examples"])
+            name: ModuleFactors(tensors[f"{name}/q_a"], tensors[f"{name}/q_s"], tensors[f"{name}/lambda"],
+                                counts["n_tokens"], counts["n_examples"])
             for name, counts in meta["counts"].items()
         }
         factors = cls(modules, meta["arguments"], meta["fingerprint"], meta["timings"], meta["versions"])
@@ -394,6 +396,7 @@ def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progres
                        lambda item: torch.empty(item[0].shape, dtype=dtype, device=item[0].device),
                        cost=lambda item: item[0].shape[0] ** 3, desc="EK-FAC eigendecomposition", progress=progress,
                        workers=_eigh_workers([s for s, _ in sums]))
+    # aligned once here, for the Lambda pass's products and then the returned factors
     bases = {layer.name: (aligned(vectors[2 * i]), aligned(vectors[2 * i + 1])) for i, layer in enumerate(layers)}
     timings["eigendecomposition"] = time.perf_counter() - start
 
