@@ -33,13 +33,17 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
    the PyTorch reference path in exact fp32 (``TRUSTREPAIR_DISABLE_TRITON=1``: fit and pairwise, the
    "fp32 reference scores"); trustrepair under bf16 autocast; kronfluence's aggregate_query_gradients
    mode (a speed reference only).
-6. eigh, to choose how the fit's eigendecomposition should run: per factor width (cuSOLVER float64 /
-   float32, MAGMA, CPU LAPACK) and per schedule of a fit's many factors (sequential, stacked by width,
-   concurrent CUDA streams, host + device);
-7. the ``gpu``-marked tests of the other test files (today the distributed engine on two gloo ranks
+6. eigh schedules of a fit's many factors (sequential, stacked by width, concurrent CUDA streams, host +
+   device);
+7. the library's tunables chosen from the tables above (:mod:`knobs`: TF32 rounding place, projection
+   form, Gram block, eigh streams, which scoring contractions go to Triton) and, where a choice differs
+   from today's default, our TF32 pipeline run again with the choices applied (its own rows in the
+   pipeline and goals tables, against the same kronfluence run): commit the "CHANGE" lines whose rows win;
+   then eigh options per factor width (cuSOLVER float64 / float32, MAGMA, CPU LAPACK), for a later change;
+8. the ``gpu``-marked tests of the other test files (today the distributed engine on two gloo ranks
    sharing the GPU: three processes, each compiling and autotuning the kernels), with whatever budget is
    left (estimated at two minutes, not yet measured; 45 s was not enough), appended to ``$OUT/pytest.log``;
-8. a table last, with the issue's goals and whether each was met; every number in ``$OUT/gpu_check.json``
+9. a table last, with the issue's goals and whether each was met; every number in ``$OUT/gpu_check.json``
    and a ready-to-append section in ``$OUT/RESULTS_section.md`` (for benchmarks/RESULTS.md).
 
 A rerun after a fix need not repeat everything: ``--only`` names the groups of stages to run (see
@@ -423,13 +427,15 @@ def build_pipeline_inputs(cfg: dict, device: torch.device):
     return model, train, queries
 
 
-def warm_libraries(model, bs: int, tokens: int) -> dict:
+def warm_libraries(model, bs: int, tokens: int, n_queries: int | None = None) -> dict:
     """Outside every timing: one float64 eigh per factor width (cuSOLVER's handle and lazily loaded
     kernels), and the eigenvalue-correction contraction at every layer shape in TF32 and bfloat16 at the
     pipeline's batch and length (the Triton autotuner keys on the shape, so a kernel stage that ran first
     has already tuned these and this costs milliseconds; if it was skipped, the tuning happens here, at
-    the real sizes, instead of inside the first fit). Returns seconds per part."""
-    from trustrepair.contractions import projected_gradient_squares
+    the real sizes, instead of inside the first fit). With ``n_queries``, also the scoring contractions
+    that :data:`trustrepair.contractions.TRITON_OPS` sends to Triton, with that many matrices and with
+    one. Returns seconds per part."""
+    from trustrepair.contractions import ghost_dots, projected_gradient_scores, projected_gradient_squares, uses_triton
     from trustrepair.modules import find_modules
 
     device = next(model.parameters()).device
@@ -447,6 +453,12 @@ def warm_libraries(model, bs: int, tokens: int) -> dict:
         with matmul_precision("high"):
             projected_gradient_squares(a, g, q_a, q_s)
             projected_gradient_squares(a.bfloat16(), g.bfloat16(), q_a, q_s)
+            for count in ((n_queries, 1) if n_queries else ()):
+                mats = torch.randn(count, d_out, d_in, device=device)
+                if uses_triton("ghost_dots", a):
+                    ghost_dots(a, g, mats)
+                if uses_triton("projected_gradient_scores", a):
+                    projected_gradient_scores(a, g, q_a, q_s, mats)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     out["squares_s"] = time.perf_counter() - start
@@ -638,20 +650,24 @@ def verdict(value, goal, higher_is_better=True):
 
 
 def pipeline_table(res: dict) -> list[str]:
-    ours, ref, bf16, kron, kagg, floor = (res.get(k) or {} for k in
-                                          ("trustrepair_tf32", "reference_fp32", "trustrepair_bf16",
-                                           "kronfluence_fp32", "kronfluence_aggregated", "floors"))
+    ours, ref, bf16, kron, kagg, floor, tuned = (res.get(k) or {} for k in
+                                                 ("trustrepair_tf32", "reference_fp32", "trustrepair_bf16",
+                                                  "kronfluence_fp32", "kronfluence_aggregated", "floors",
+                                                  "trustrepair_tf32_tuned"))
     sec = lambda run, key: (run.get(key) or {}).get("seconds")
     epoch_fp32 = (floor.get("fp32") or {}).get("seconds")
     rows = [("one fwd+bwd epoch fp32 / tf32 / bf16",
              " / ".join(fmt((floor.get(k) or {}).get("seconds")) for k in ("fp32", "tf32", "bf16")), "-", "-", "-")]
     stages = [("EK-FAC fit, trustrepair TF32", ours, "fit"),
+              ("EK-FAC fit, trustrepair TF32, tuned tunables", tuned, "fit"),
               ("EK-FAC fit, trustrepair bf16 autocast", bf16, "fit"),
               ("EK-FAC fit, reference path fp32", ref, "fit"),
               ("pairwise 32 queries, trustrepair TF32", ours, "pairwise"),
+              ("pairwise, trustrepair TF32, tuned tunables", tuned, "pairwise"),
               ("pairwise, trustrepair bf16 autocast", bf16, "pairwise"),
               ("pairwise, reference path fp32", ref, "pairwise"),
               ("aggregated (all 32 queries), trustrepair TF32", ours, "aggregated"),
+              ("aggregated, trustrepair TF32, tuned tunables", tuned, "aggregated"),
               ("aggregated, trustrepair bf16 autocast", bf16, "aggregated")]
     for label, run, key in stages:
         k = sec(kron, "fit" if key == "fit" else "pairwise")
@@ -663,8 +679,8 @@ def pipeline_table(res: dict) -> list[str]:
              "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     lines += ["", "Fit stages, seconds (covariance / eigendecomposition / lambda / rest of the call):", ""]
-    for label, run in [("trustrepair TF32", ours), ("trustrepair bf16 autocast", bf16),
-                       ("reference path fp32", ref), ("kronfluence fp32", kron)]:
+    for label, run in [("trustrepair TF32", ours), ("trustrepair TF32, tuned tunables", tuned),
+                       ("trustrepair bf16 autocast", bf16), ("reference path fp32", ref), ("kronfluence fp32", kron)]:
         fit = run.get("fit") or {}
         parts = [(fit.get("stages") or {}).get(k) for k in ("covariance", "eigendecomposition", "lambda")]
         rest = fit["seconds"] - sum(parts) if "seconds" in fit and None not in parts else None
@@ -673,8 +689,8 @@ def pipeline_table(res: dict) -> list[str]:
 
 
 def goals_table(res: dict) -> list[str]:
-    ours, bf16, kron, floor = (res.get(k) or {} for k in ("trustrepair_tf32", "trustrepair_bf16",
-                                                          "kronfluence_fp32", "floors"))
+    ours, bf16, kron, floor, tuned = (res.get(k) or {} for k in ("trustrepair_tf32", "trustrepair_bf16",
+                                                                 "kronfluence_fp32", "floors", "trustrepair_tf32_tuned"))
     sec = lambda run, key: (run.get(key) or {}).get("seconds")
     kernel_share = res.get("tiles_of_tf32")
     epoch_fp32 = (floor.get("fp32") or {}).get("seconds")
@@ -693,6 +709,17 @@ def goals_table(res: dict) -> list[str]:
          GOALS["spearman_bf16"], True),
         ("tile kernel >= 50 % of TF32 matmul (worst layer)", kernel_share, GOALS["tiles_of_tf32"], True),
     ]
+    if tuned:  # the same goals with the tunables this run chose (commit them if these rows are better)
+        checks += [
+            ("EK-FAC fit >= 4x faster than kronfluence (TF32, tuned tunables)",
+             ratio(sec(kron, "fit"), sec(tuned, "fit")), GOALS["fit_speedup"], True),
+            ("pairwise >= 4x faster than kronfluence (TF32, tuned tunables)",
+             ratio(sec(kron, "pairwise"), sec(tuned, "pairwise")), GOALS["pairwise_speedup"], True),
+            ("aggregated <= 1.2x one fp32 epoch (tuned tunables)", ratio(sec(tuned, "aggregated"), epoch_fp32),
+             GOALS["aggregated_over_epoch"], False),
+            ("Spearman TF32 pairwise, tuned tunables, vs fp32 reference >= 0.99",
+             res.get("spearman_tuned_vs_reference"), GOALS["spearman_fp32"], True),
+        ]
     lines = ["| goal | measured | verdict |", "|---|---|---|"]
     lines += [f"| {name} | {fmt(value, '.3f')} | {verdict(value, goal, hib)} |" for name, value, goal, hib in checks]
     planted = res.get("planted")
@@ -781,10 +808,11 @@ def main(argv=None):
         cpu = torch.device("cpu")
         res["row_alignment"] = run.stage("row alignment", lambda: row_alignment(cpu, widths=(17, 33), tokens=128),
                                          group="rows")
-        pipeline(run, SMOKE, cpu)
+        inputs = pipeline(run, SMOKE, cpu)
         res["eigh"] = run.stage("eigh options", lambda: eigh_options(cpu, widths=(33, 65)), group="eigh")
         res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(cpu, widths=(33, 65, 17), repeats=1),
                                           group="eigh")
+        tuned_pipeline(run, SMOKE, inputs, even_unchanged=True)  # the plumbing, whatever the CPU's tables say
         report(res, out)
         return
     res["environment"] = run.stage("environment", environment)
@@ -830,13 +858,15 @@ def main(argv=None):
              if r["op"] == "squares_tiles" and r["precision"] == "tf32"]
     res["tiles_of_tf32"] = min(tiles) if tiles and None not in tiles else None
 
-    pipeline(run, PYTHIA, torch.device("cuda"))
-    # The eigh measurements inform the next change to the fit; the goals above come first.
-    res["eigh"] = run.stage("eigh options", lambda: eigh_options(torch.device("cuda")), needs_s=40, group="eigh")
+    inputs = pipeline(run, PYTHIA, torch.device("cuda"))
+    # After the goals: the eigh schedules (one of the tunables), the tuned pipeline run, then the per-width
+    # eigh options, which only inform a later change.
     from trustrepair.ekfac import EIGH_STREAMS
 
     res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda"), workers=EIGH_STREAMS),
                                       needs_s=25, group="eigh")
+    tuned_pipeline(run, PYTHIA, inputs)
+    res["eigh"] = run.stage("eigh options", lambda: eigh_options(torch.device("cuda")), needs_s=40, group="eigh")
     res["tests"]["other gpu tests"] = run.stage(
         "other gpu tests", lambda: pytest_run(out, "other gpu tests", ["-m", "gpu", "tests"]
                                               + [f"--ignore={path}" for path in first_tests], run.left() - 10),
@@ -844,12 +874,13 @@ def main(argv=None):
     report(res, out)
 
 
-def pipeline(run: Run, cfg: dict, device: torch.device) -> None:
+def pipeline(run: Run, cfg: dict, device: torch.device):
     """Stage 5 (see the module docstring); results into ``run.results``. Our runs are the group
-    ``pipeline``, kronfluence's the group ``kronfluence`` (see :data:`GROUPS`)."""
+    ``pipeline``, kronfluence's the group ``kronfluence`` (see :data:`GROUPS`). Returns the inputs (model,
+    training examples, queries) for :func:`tuned_pipeline`, or None."""
     res = run.results
     if not (run.selected("pipeline") or run.selected("kronfluence")):
-        return
+        return None
     inputs = run.stage("pipeline inputs", lambda: build_pipeline_inputs(cfg, device), needs_s=150)
     if inputs is not None:
         model, train, queries = inputs
@@ -883,17 +914,49 @@ def pipeline(run: Run, cfg: dict, device: torch.device) -> None:
         if anchor is not None:
             anchor.tmp.cleanup()
         compare(res)
+    return inputs
+
+
+def tuned_pipeline(run: Run, cfg: dict, inputs, even_unchanged: bool = False) -> None:
+    """Chooses the library's tunables from this run's tables (:mod:`knobs`) and, where a choice differs
+    from today's default, runs our TF32 pipeline again with the choices applied (their kernels tuned and
+    warmed first, outside the timing), so the defaults and the choices are timed against the same
+    kronfluence run. ``even_unchanged`` runs it anyway (the CPU smoke run checks the plumbing)."""
+    import knobs
+
+    res = run.results
+    choices = knobs.choose(res)
+    res["knobs"] = choices
+    values = knobs.changed(choices)
+    print("tunables from this run's tables:\n" + "\n".join(knobs.describe(choices) or ["(none measured)"]), flush=True)
+    if inputs is None or not (values or even_unchanged):
+        return
+    model, train, queries = inputs
+    bs = cfg["batch_size"]
+
+    def tuned():
+        with knobs.applied(values):
+            warm_libraries(model, bs, cfg["seq_len"], n_queries=len(queries))
+            result = trustrepair_run(model, train, queries, bs, precision="high", autocast=False, aggregated=True)
+        result["knobs"] = values
+        return result
+
+    res["trustrepair_tf32_tuned"] = run.stage("trustrepair TF32, tuned", tuned, needs_s=40, group="pipeline")
+    compare(res)
 
 
 def compare(res: dict) -> None:
     """Spearman correlations and planted-example recovery from the stored scores."""
-    ours, ref, bf16, kron = (res.get(k) or {} for k in ("trustrepair_tf32", "reference_fp32", "trustrepair_bf16",
-                                                        "kronfluence_fp32"))
+    ours, ref, bf16, kron, tuned = (res.get(k) or {} for k in ("trustrepair_tf32", "reference_fp32",
+                                                               "trustrepair_bf16", "kronfluence_fp32",
+                                                               "trustrepair_tf32_tuned"))
     if "pairwise_scores" in ref:
         if "pairwise_scores" in ours:
             res["spearman_tf32_vs_reference"] = spearman(ours["pairwise_scores"], ref["pairwise_scores"])
         if "pairwise_scores" in bf16:
             res["spearman_bf16_vs_reference"] = spearman(bf16["pairwise_scores"], ref["pairwise_scores"])
+        if "pairwise_scores" in tuned:
+            res["spearman_tuned_vs_reference"] = spearman(tuned["pairwise_scores"], ref["pairwise_scores"])
         if "pairwise_scores" in kron:
             res["spearman_kronfluence_vs_reference"] = spearman(-kron["pairwise_scores"], ref["pairwise_scores"])
     if "pairwise_scores" in ours and "pairwise_scores" in kron:
@@ -902,6 +965,8 @@ def compare(res: dict) -> None:
         res["planted"] = planted_recovery(ours["pairwise_scores"], ours.get("aggregated_scores"))
     if "pairwise_scores" in bf16:
         res["planted_bf16"] = planted_recovery(bf16["pairwise_scores"], bf16.get("aggregated_scores"))
+    if "pairwise_scores" in tuned:
+        res["planted_tuned"] = planted_recovery(tuned["pairwise_scores"], tuned.get("aggregated_scores"))
 
 
 def report(res: dict, out: Path) -> None:
@@ -917,13 +982,19 @@ def report(res: dict, out: Path) -> None:
             + (format_rates(rates) if rates else "not measured"),
             f"Tests: {res.get('tests')}",
             "Correlations: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("spearman")),
-            f"Planted (TF32): {res.get('planted')}; planted (bf16): {res.get('planted_bf16')}",
+            f"Planted (TF32): {res.get('planted')}; planted (bf16): {res.get('planted_bf16')}; planted (TF32, tuned "
+            f"tunables): {res.get('planted_tuned')}",
             "Stages: " + "; ".join(f"{k}: {v.get('status')}" for k, v in res["stages"].items())]
     kernels = kernel_summary(res.get("kernels")) + ["", *row_alignment_summary(res.get("row_alignment")), "",
                                                     *eigh_summary(res.get("eigh")), "",
                                                     *eigh_schedules_summary(res.get("eigh_schedules"))]
     pipeline = pipeline_table(res)
     goals = goals_table(res)
+    if res.get("knobs") is not None:
+        import knobs
+
+        goals += ["", "Tunables chosen from this run's tables (benchmarks/knobs.py; the tuned rows above ran with the "
+                  "changed ones):", "", *(knobs.describe(res["knobs"]) or ["- (none measured)"])]
     section = ["## Triton kernels on a GPU (issue 5)", "", *head, "",
                "Kernels: B = 16 examples x T = 512 tokens per call, Pythia-160M layer shapes (d_out, d_in incl. bias), "
                "Q = 32, rank 8; do_bench medians; FLOP formulas in benchmarks/benchmark_kernels.py.", "", *kernels, "",

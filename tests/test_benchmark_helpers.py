@@ -44,3 +44,60 @@ def test_squares_tiles_record_names_the_tile_and_its_traffic():
 ])
 def test_resident_programs_follow_the_sm90_occupancy_rules(registers, warps, shared_kib, expected):
     assert bk.resident_programs(registers, warps, shared_kib * 1024) == expected
+
+
+def _record(op, layer, ours_ms, reference_ms, precision="tf32"):
+    return {"op": op, "layer": layer, "precision": precision, "trustrepair": {"ms": ours_ms},
+            "reference": {"ms": reference_ms}}
+
+
+def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily():
+    import knobs
+
+    from trustrepair import contractions, ekfac
+    from trustrepair.kernels import projected_gradients as pg
+
+    res = {
+        "kernels": {"records": [
+            _record("squares_round_pass", "dense", 1.0, 9.0), _record("squares_round_kernel", "dense", 0.5, 9.0),
+            _record("squares_round_pass", "qkv", 2.0, 9.0), _record("squares_round_kernel", "qkv", 2.2, 9.0),
+            _record("ghost", "dense", 3.0, 1.0), _record("ghost_k1", "dense", 0.1, 0.2),  # Triton loses overall
+            _record("scores", "dense", 0.5, 1.0),  # Triton wins
+            _record("ghost", "dense", 0.01, 9.0, precision="bf16"),  # other precisions do not count
+        ]},
+        "row_alignment": {  # weights: 768 twice, 769 three times
+            "768 tf32": {"projection aligned": 1.0, "projection gemm aligned": 1.6, "gram upper 256": 1.0,
+                         "gram upper 1024": 0.5, "gram aligned": 0.9},
+            "769 tf32": {"projection aligned": 1.0, "projection gemm aligned": 0.7, "gram upper 256": 1.0,
+                         "gram upper 1024": 0.9, "gram aligned": 0.9},
+            "769 bf16": {"projection aligned": 9.0, "projection gemm aligned": 0.1},
+        },
+        "eigh_schedules": {"workers": 4, "sequential": {"seconds": 2.0}, "streams": {"seconds": 1.0}},
+    }
+    choices = knobs.choose(res)
+    assert choices["TF32_ROUNDING"]["value"] == "kernel"  # summed over layers: 2.7 ms against 3.0
+    assert choices["TF32_ROUNDING"]["evidence"] == {"pass": 3.0, "kernel": pytest.approx(2.7)}
+    assert choices["PROJECTION"]["value"] == "batched"  # 2 x 1.0 + 3 x 1.0 = 5.0 against 2 x 1.6 + 3 x 0.7 = 5.3
+    assert choices["GRAM_BLOCK_CUDA"]["value"] == 1024  # 3.7 against 5.0 (256) and 4.5 (full)
+    assert choices["EIGH_STREAMS"]["value"] == 4
+    assert choices["TRITON_OPS"]["value"] == contractions.TRITON_OPS | {"projected_gradient_scores"}
+    values = knobs.changed(choices)
+    assert "PROJECTION" not in values and values["GRAM_BLOCK_CUDA"] == 1024
+    before = (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS, contractions.TRITON_OPS)
+    with pytest.raises(RuntimeError), knobs.applied(values):
+        assert contractions.GRAM_BLOCK["cuda"] == 1024 and pg.TF32_ROUNDING == values["TF32_ROUNDING"]
+        assert "projected_gradient_scores" in contractions.TRITON_OPS
+        raise RuntimeError("a failed run still restores the defaults")
+    assert (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS,
+            contractions.TRITON_OPS) == before
+    lines = knobs.describe(choices)
+    assert any(line.startswith("- GRAM_BLOCK_CUDA: 1024 (default 256; CHANGE)") for line in lines)
+    with pytest.raises(ValueError, match="unknown tunables"), knobs.applied({"BLOCK": 1}):
+        pass
+
+
+def test_knobs_without_measurements_choose_nothing():
+    import knobs
+
+    assert knobs.choose({}) == {}
+    assert knobs.choose({"row_alignment": {"768 tf32": {"projection aligned": 1.0}}}) == {}  # gemm not measured

@@ -1,0 +1,130 @@
+"""The library's GPU tunables, chosen from gpu_check's own tables and applied for a second pipeline run.
+
+Each tunable below was set before a GPU measured its alternatives; gpu_check's earlier stages time those
+alternatives directly. :func:`choose` reads the tables, :func:`applied` sets the module constants for the
+duration of a run, so one device call measures the pipeline with the defaults and with the choices, and
+the session reading the result only commits the constants that won there.
+
+* ``projected_gradients.TF32_ROUNDING`` ("pass" | "kernel"): the kernel table's ``squares_round_pass`` and
+  ``squares_round_kernel`` rows (TF32), summed over the layers;
+* ``projected_gradients.PROJECTION`` ("batched" | "gemm"): the row-alignment table's "projection aligned"
+  and "projection gemm aligned" (TF32);
+* ``contractions.GRAM_BLOCK["cuda"]`` (256 | 1024 | :data:`FULL`): "gram upper 256", "gram upper 1024" and
+  the full product "gram aligned" (TF32);
+* ``ekfac.EIGH_STREAMS`` (1 | the stage's workers): the eigh schedules' "sequential" and "streams";
+* ``contractions.TRITON_OPS``: "ghost_dots" joins when the Triton ghost kernel's TF32 times (32 matrices
+  and one, every layer) sum below its reference's; "projected_gradient_scores" likewise with ``scores``.
+
+Row-alignment widths are weighted by how many of one Pythia-160M block's covariance factors and
+projections have that width (:data:`WIDTH_WEIGHTS`: 768 twice, 769 three times, 3072 twice counting
+qkv's 2304, 3073 once); other widths (the CPU smoke run's) weigh 1.
+"""
+from __future__ import annotations
+
+import contextlib
+
+FULL = 1 << 30
+"""A Gram block wider than any factor: ``add_gram_upper_`` then forms the full product in one call."""
+
+WIDTH_WEIGHTS = {768: 2, 769: 3, 3072: 2, 3073: 1}
+
+
+def choose(res: dict) -> dict[str, dict]:
+    """name -> {"value", "default", "evidence"} for every tunable whose alternatives ``res`` (gpu_check's
+    results) measured; evidence holds each option's summed milliseconds (seconds for the eigh schedules)."""
+    from trustrepair import contractions, ekfac
+    from trustrepair.kernels import projected_gradients as pg
+
+    choices = {}
+    records = [r for r in (res.get("kernels") or {}).get("records", []) if r.get("precision") == "tf32"]
+
+    def kernel_ms(op, provider="trustrepair"):
+        times = [r[provider]["ms"] for r in records if r["op"] == op and (r.get(provider) or {}).get("ms")]
+        return sum(times) if times else None
+
+    rounding = {"pass": kernel_ms("squares_round_pass"), "kernel": kernel_ms("squares_round_kernel")}
+    _pick(choices, "TF32_ROUNDING", pg.TF32_ROUNDING, rounding)
+
+    rows = {int(key.split()[0]): row for key, row in (res.get("row_alignment") or {}).items()
+            if key.endswith("tf32")}
+
+    def weighted(column):
+        if not rows or any(row.get(column) is None for row in rows.values()):
+            return None
+        return sum(WIDTH_WEIGHTS.get(width, 1) * row[column] for width, row in rows.items())
+
+    _pick(choices, "PROJECTION", pg.PROJECTION,
+          {"batched": weighted("projection aligned"), "gemm": weighted("projection gemm aligned")})
+    _pick(choices, "GRAM_BLOCK_CUDA", contractions.GRAM_BLOCK["cuda"],
+          {256: weighted("gram upper 256"), 1024: weighted("gram upper 1024"), FULL: weighted("gram aligned")})
+
+    schedules = res.get("eigh_schedules") or {}
+    seconds = {name: (schedules.get(name) or {}).get("seconds") if isinstance(schedules.get(name), dict) else None
+               for name in ("sequential", "streams")}
+    _pick(choices, "EIGH_STREAMS", ekfac.EIGH_STREAMS,
+          {1: seconds["sequential"], schedules.get("workers", ekfac.EIGH_STREAMS): seconds["streams"]})
+
+    ops = set(contractions.TRITON_OPS)
+    evidence = {}
+    for name, kernel_ops in (("ghost_dots", ("ghost", "ghost_k1")), ("projected_gradient_scores", ("scores",))):
+        ours = [kernel_ms(op) for op in kernel_ops]
+        reference = [kernel_ms(op, "reference") for op in kernel_ops]
+        if None in ours or None in reference:
+            continue
+        evidence[name] = {"triton": sum(ours), "reference": sum(reference)}
+        ops = ops | {name} if sum(ours) < sum(reference) else ops - {name}
+    if evidence:
+        choices["TRITON_OPS"] = {"value": frozenset(ops), "default": contractions.TRITON_OPS, "evidence": evidence}
+    return choices
+
+
+def _pick(choices: dict, name: str, default, options: dict) -> None:
+    """The fastest measured option, when every option was measured."""
+    if options and None not in options.values():
+        choices[name] = {"value": min(options, key=options.get), "default": default, "evidence": options}
+
+
+def changed(choices: dict[str, dict]) -> dict:
+    """name -> value for the choices that differ from today's defaults."""
+    return {name: c["value"] for name, c in choices.items() if c["value"] != c["default"]}
+
+
+@contextlib.contextmanager
+def applied(values: dict):
+    """Sets the named tunables (names as :func:`choose` returns them) for the block, then restores them."""
+    from trustrepair import contractions, ekfac
+    from trustrepair.kernels import projected_gradients as pg
+
+    places = {"TF32_ROUNDING": (pg, "TF32_ROUNDING"), "PROJECTION": (pg, "PROJECTION"),
+              "EIGH_STREAMS": (ekfac, "EIGH_STREAMS"), "TRITON_OPS": (contractions, "TRITON_OPS")}
+    unknown = set(values) - set(places) - {"GRAM_BLOCK_CUDA"}
+    if unknown:
+        raise ValueError(f"unknown tunables {sorted(unknown)}; known: {sorted(places) + ['GRAM_BLOCK_CUDA']}")
+    saved = {name: getattr(*places[name]) for name in values if name in places}
+    saved_block = contractions.GRAM_BLOCK["cuda"]
+    try:
+        for name, value in values.items():
+            if name == "GRAM_BLOCK_CUDA":
+                contractions.GRAM_BLOCK["cuda"] = value
+            else:
+                setattr(*places[name], value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(*places[name], value)
+        contractions.GRAM_BLOCK["cuda"] = saved_block
+
+
+def describe(choices: dict[str, dict]) -> list[str]:
+    """One line per measured tunable: the choice, today's default and the evidence."""
+    def show(value):
+        if isinstance(value, frozenset):
+            return sorted(value)
+        return "full" if value == FULL else value
+
+    lines = []
+    for name, c in choices.items():
+        verdict = "keep the default" if c["value"] == c["default"] else "CHANGE"
+        evidence = {show(option): (round(v, 4) if isinstance(v, float) else v) for option, v in c["evidence"].items()}
+        lines.append(f"- {name}: {show(c['value'])} (default {show(c['default'])}; {verdict}); measured {evidence}")
+    return lines
