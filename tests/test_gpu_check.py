@@ -19,13 +19,14 @@ def test_smoke_runs_every_cpu_stage(tmp_path):
     stages = results["stages"]
     expected = {"row alignment", "pipeline inputs", "warm-up", "epoch floors", "trustrepair TF32", "kronfluence setup",
                 "kronfluence fp32", "reference path fp32", "trustrepair bf16 autocast", "kronfluence aggregated",
-                "eigh options", "eigh schedules", "trustrepair TF32, tuned"}
+                "eigh options", "eigh schedules", "trustrepair TF32, tuned", "trustrepair bf16 autocast, tuned"}
     assert expected <= set(stages), sorted(expected - set(stages))
     assert all(stage["status"] == "ok" for stage in stages.values()), stages
     for schedule in ("sequential", "stacked", "streams", "hybrid"):
         assert results["eigh_schedules"][schedule]["max_eigenvalue_diff"] < 1e-12
     section = (tmp_path / "RESULTS_section.md").read_text()
     assert results["spearman_tuned_vs_reference"] > 0.99 and results["planted_tuned"]["pairwise_ok"]
+    assert results["spearman_bf16_tuned_vs_reference"] > 0.98
     for heading in ("| goal | measured | verdict |", "contiguous vs row-padded", "by schedule", "eigh of one factor",
                     "Tunables chosen from this run's tables", "EK-FAC fit, trustrepair TF32, tuned tunables"):
         assert heading in section, heading
