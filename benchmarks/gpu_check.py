@@ -48,7 +48,9 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 
 A rerun after a fix need not repeat everything: ``--only`` names the groups of stages to run (see
 :data:`GROUPS`), e.g. ``bash benchmarks/gpu_check.sh --only pipeline,kronfluence`` (the goals' ratios
-need kronfluence from the same run) or ``--only tests`` for the compiled kernel tests alone.
+need kronfluence from the same run) or ``--only tests`` for the compiled kernel tests alone. If the tuned
+runs of stage 7 were skipped for time, ``--only rows,eigh,pipeline,kronfluence`` (about 5 minutes) reruns
+what they need (without the kernel table, TF32 rounding and Triton routing keep their defaults).
 """
 from __future__ import annotations
 
