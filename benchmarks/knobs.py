@@ -12,8 +12,9 @@ the session reading the result only commits the constants that won there.
 * ``contractions.GRAM_BLOCK["cuda"]`` (256 | 1024 | :data:`FULL`): "gram upper 256", "gram upper 1024" and
   the full product "gram aligned" (TF32);
 * ``ekfac.EIGH_STREAMS`` (1 | the stage's workers): the eigh schedules' "sequential" and "streams";
-* ``contractions.TRITON_OPS``: "ghost_dots" joins when the Triton ghost kernel's TF32 times (32 matrices
-  and one, every layer) sum below its reference's; "projected_gradient_scores" likewise with ``scores``.
+* ``contractions.TRITON_OPS``: an operation is routed to Triton when its kernel's TF32 times, summed over
+  the layers, are below its reference's: "projected_gradient_squares" (``squares``), "ghost_dots"
+  (``ghost`` and ``ghost_k1``: 32 matrices and one), "projected_gradient_scores" (``scores``).
 
 Row-alignment widths are weighted by how many of one Pythia-160M block's covariance factors and
 projections have that width (:data:`WIDTH_WEIGHTS`: 768 twice, 769 three times, 3072 twice counting
@@ -66,7 +67,8 @@ def choose(res: dict) -> dict[str, dict]:
 
     ops = set(contractions.TRITON_OPS)
     evidence = {}
-    for name, kernel_ops in (("ghost_dots", ("ghost", "ghost_k1")), ("projected_gradient_scores", ("scores",))):
+    for name, kernel_ops in (("projected_gradient_squares", ("squares",)), ("ghost_dots", ("ghost", "ghost_k1")),
+                             ("projected_gradient_scores", ("scores",))):
         ours = [kernel_ms(op) for op in kernel_ops]
         reference = [kernel_ms(op, "reference") for op in kernel_ops]
         if None in ours or None in reference:

@@ -63,6 +63,7 @@ def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily():
             _record("squares_round_pass", "qkv", 2.0, 9.0), _record("squares_round_kernel", "qkv", 2.2, 9.0),
             _record("ghost", "dense", 3.0, 1.0), _record("ghost_k1", "dense", 0.1, 0.2),  # Triton loses overall
             _record("scores", "dense", 0.5, 1.0),  # Triton wins
+            _record("squares", "dense", 0.7, 0.6),  # the reference wins: squares leaves TRITON_OPS
             _record("ghost", "dense", 0.01, 9.0, precision="bf16"),  # other precisions do not count
         ]},
         "row_alignment": {  # weights: 768 twice, 769 three times
@@ -80,7 +81,7 @@ def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily():
     assert choices["PROJECTION"]["value"] == "batched"  # 2 x 1.0 + 3 x 1.0 = 5.0 against 2 x 1.6 + 3 x 0.7 = 5.3
     assert choices["GRAM_BLOCK_CUDA"]["value"] == 1024  # 3.7 against 5.0 (256) and 4.5 (full)
     assert choices["EIGH_STREAMS"]["value"] == 4
-    assert choices["TRITON_OPS"]["value"] == contractions.TRITON_OPS | {"projected_gradient_scores"}
+    assert choices["TRITON_OPS"]["value"] == frozenset({"projected_gradient_scores"})
     values = knobs.changed(choices)
     assert "PROJECTION" not in values and values["GRAM_BLOCK_CUDA"] == 1024
     before = (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS, contractions.TRITON_OPS)
