@@ -297,15 +297,16 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     * ``stacked``: one batched eigh per width (PyTorch picks the cuSOLVER driver for the batch);
     * ``streams``: ``workers`` at once, each on its own CUDA stream, widest first, by the library's
       :func:`trustrepair.streams.map_on_streams` (what ``fit_ekfac`` runs now, with ``EIGH_STREAMS``);
-    * ``hybrid``: the factors narrower than 1024 on the host's LAPACK (copies included) on one thread while
-      the wide ones run sequentially on ``device``.
+    * ``streams + host``: as ``streams``, with the factors narrower than 1024 eigendecomposed on the host's
+      LAPACK by the worker that takes them (copies included): the library's
+      :data:`trustrepair.ekfac.EIGH_HOST_BELOW` at 1024.
 
     Every schedule's eigenvalues are compared with the sequential ones (``max_eigenvalue_diff``): they run
     the same solver per matrix, so they must agree to rounding."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    import knobs
     from benchmark_kernels import time_call
 
+    from trustrepair.ekfac import eigh_float64
     from trustrepair.streams import map_on_streams
 
     gen = torch.Generator(device=device).manual_seed(1)
@@ -328,28 +329,14 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     def streams_schedule():
         return map_on_streams(lambda m: torch.linalg.eigh(m)[0], mats, device, workers)
 
-    def hybrid():
-        values = [None] * len(mats)
-        narrow = [i for i, m in enumerate(mats) if m.shape[0] < 1024]
-        # Copies both ways stay on this thread: on the default stream they would queue behind the eighs.
-        on_host = {i: mats[i].cpu() for i in narrow}
-
-        def host():
-            return {i: torch.linalg.eigh(m)[0] for i, m in on_host.items()}
-
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(host)
-            for i, m in enumerate(mats):
-                if i not in on_host:
-                    values[i] = torch.linalg.eigh(m)[0]
-            for i, v in pending.result().items():
-                values[i] = v.to(device)
-        return values
+    def streams_and_host():
+        with knobs.applied({"EIGH_HOST_BELOW": knobs.EIGH_HOST_WIDTH}):
+            return map_on_streams(lambda m: eigh_float64(m)[0], mats, device, workers)
 
     out = {"matrices": len(mats), "blocks": blocks, "workers": workers}
     baseline = None
     for name, schedule in (("sequential", sequential), ("stacked", stacked), ("streams", streams_schedule),
-                           ("hybrid", hybrid)):
+                           ("streams + host", streams_and_host)):
         try:
             values = schedule()
             if baseline is None:

@@ -11,7 +11,9 @@ the session reading the result only commits the constants that won there.
   and "projection gemm aligned" (TF32);
 * ``contractions.GRAM_BLOCK["cuda"]`` (256 | 1024 | :data:`FULL`): "gram upper 256", "gram upper 1024" and
   the full product "gram aligned" (TF32);
-* ``ekfac.EIGH_STREAMS`` (1 | the stage's workers): the eigh schedules' "sequential" and "streams";
+* ``ekfac.EIGH_STREAMS`` (1 | the stage's workers) and ``ekfac.EIGH_HOST_BELOW`` (0 |
+  :data:`EIGH_HOST_WIDTH`), together: the fastest of the eigh schedules "sequential" (1, 0), "streams"
+  (workers, 0) and "streams + host" (workers, 1024);
 * ``contractions.TRITON_OPS``: an operation is routed to Triton when its kernel's TF32 times, summed over
   the layers, are below its reference's: "projected_gradient_squares" (``squares``), "ghost_dots"
   (``ghost`` and ``ghost_k1``: 32 matrices and one), "projected_gradient_scores" (``scores``).
@@ -28,6 +30,10 @@ FULL = 1 << 30
 """A Gram block wider than any factor: ``add_gram_upper_`` then forms the full product in one call."""
 
 WIDTH_WEIGHTS = {768: 2, 769: 3, 3072: 2, 3073: 1}
+
+EIGH_HOST_WIDTH = 1024
+"""The ``EIGH_HOST_BELOW`` that the "streams + host" schedule runs: Pythia-160M's 768 / 769-wide factors on
+the host, its 2304-3073-wide ones on the device."""
 
 
 def choose(res: dict) -> dict[str, dict]:
@@ -60,10 +66,14 @@ def choose(res: dict) -> dict[str, dict]:
           {256: weighted("gram upper 256"), 1024: weighted("gram upper 1024"), FULL: weighted("gram aligned")})
 
     schedules = res.get("eigh_schedules") or {}
-    seconds = {name: (schedules.get(name) or {}).get("seconds") if isinstance(schedules.get(name), dict) else None
-               for name in ("sequential", "streams")}
-    _pick(choices, "EIGH_STREAMS", ekfac.EIGH_STREAMS,
-          {1: seconds["sequential"], schedules.get("workers", ekfac.EIGH_STREAMS): seconds["streams"]})
+    workers = schedules.get("workers", ekfac.EIGH_STREAMS)
+    settings = {"sequential": (1, 0), "streams": (workers, 0), "streams + host": (workers, EIGH_HOST_WIDTH)}
+    seconds = {name: schedules[name]["seconds"] for name in settings if isinstance(schedules.get(name), dict)}
+    if len(seconds) == len(settings):
+        best = min(seconds, key=seconds.get)
+        for name, value, default in (("EIGH_STREAMS", settings[best][0], ekfac.EIGH_STREAMS),
+                                     ("EIGH_HOST_BELOW", settings[best][1], ekfac.EIGH_HOST_BELOW)):
+            choices[name] = {"value": value, "default": default, "evidence": seconds}
 
     ops = set(contractions.TRITON_OPS)
     evidence = {}
@@ -98,7 +108,8 @@ def applied(values: dict):
     from trustrepair.kernels import projected_gradients as pg
 
     places = {"TF32_ROUNDING": (pg, "TF32_ROUNDING"), "PROJECTION": (pg, "PROJECTION"),
-              "EIGH_STREAMS": (ekfac, "EIGH_STREAMS"), "TRITON_OPS": (contractions, "TRITON_OPS")}
+              "EIGH_STREAMS": (ekfac, "EIGH_STREAMS"), "EIGH_HOST_BELOW": (ekfac, "EIGH_HOST_BELOW"),
+              "TRITON_OPS": (contractions, "TRITON_OPS")}
     unknown = set(values) - set(places) - {"GRAM_BLOCK_CUDA"}
     if unknown:
         raise ValueError(f"unknown tunables {sorted(unknown)}; known: {sorted(places) + ['GRAM_BLOCK_CUDA']}")

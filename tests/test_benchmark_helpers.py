@@ -73,24 +73,27 @@ def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily():
                          "gram upper 1024": 0.9, "gram aligned": 0.9},
             "769 bf16": {"projection aligned": 9.0, "projection gemm aligned": 0.1},
         },
-        "eigh_schedules": {"workers": 4, "sequential": {"seconds": 2.0}, "streams": {"seconds": 1.0}},
+        "eigh_schedules": {"workers": 4, "sequential": {"seconds": 2.0}, "streams": {"seconds": 1.0},
+                           "streams + host": {"seconds": 0.8}},
     }
     choices = knobs.choose(res)
     assert choices["TF32_ROUNDING"]["value"] == "kernel"  # summed over layers: 2.7 ms against 3.0
     assert choices["TF32_ROUNDING"]["evidence"] == {"pass": 3.0, "kernel": pytest.approx(2.7)}
     assert choices["PROJECTION"]["value"] == "batched"  # 2 x 1.0 + 3 x 1.0 = 5.0 against 2 x 1.6 + 3 x 0.7 = 5.3
     assert choices["GRAM_BLOCK_CUDA"]["value"] == 1024  # 3.7 against 5.0 (256) and 4.5 (full)
-    assert choices["EIGH_STREAMS"]["value"] == 4
+    assert choices["EIGH_STREAMS"]["value"] == 4 and choices["EIGH_HOST_BELOW"]["value"] == knobs.EIGH_HOST_WIDTH
+    assert choices["EIGH_STREAMS"]["evidence"] == {"sequential": 2.0, "streams": 1.0, "streams + host": 0.8}
     assert choices["TRITON_OPS"]["value"] == frozenset({"projected_gradient_scores"})
     values = knobs.changed(choices)
     assert "PROJECTION" not in values and values["GRAM_BLOCK_CUDA"] == 1024
-    before = (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS, contractions.TRITON_OPS)
+    before = (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS,
+              ekfac.EIGH_HOST_BELOW, contractions.TRITON_OPS)
     with pytest.raises(RuntimeError), knobs.applied(values):
         assert contractions.GRAM_BLOCK["cuda"] == 1024 and pg.TF32_ROUNDING == values["TF32_ROUNDING"]
         assert "projected_gradient_scores" in contractions.TRITON_OPS
         raise RuntimeError("a failed run still restores the defaults")
     assert (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS,
-            contractions.TRITON_OPS) == before
+            ekfac.EIGH_HOST_BELOW, contractions.TRITON_OPS) == before
     lines = knobs.describe(choices)
     assert any(line.startswith("- GRAM_BLOCK_CUDA: 1024 (default 256; CHANGE)") for line in lines)
     with pytest.raises(ValueError, match="unknown tunables"), knobs.applied({"BLOCK": 1}):

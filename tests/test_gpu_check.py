@@ -22,7 +22,7 @@ def test_smoke_runs_every_cpu_stage(tmp_path):
                 "eigh options", "eigh schedules", "trustrepair TF32, tuned", "trustrepair bf16 autocast, tuned"}
     assert expected <= set(stages), sorted(expected - set(stages))
     assert all(stage["status"] == "ok" for stage in stages.values()), stages
-    for schedule in ("sequential", "stacked", "streams", "hybrid"):
+    for schedule in ("sequential", "stacked", "streams", "streams + host"):
         assert results["eigh_schedules"][schedule]["max_eigenvalue_diff"] < 1e-12
     section = (tmp_path / "RESULTS_section.md").read_text()
     assert results["spearman_tuned_vs_reference"] > 0.99 and results["planted_tuned"]["pairwise_ok"]

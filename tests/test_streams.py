@@ -48,3 +48,26 @@ def test_an_error_stops_new_items_and_is_raised():
     with pytest.raises(RuntimeError, match="item 0 failed"):
         map_on_streams(fn, list(range(50)), torch.device("cpu"), workers=2)
     assert len(seen) < 50, "the workers kept taking items after the failure"
+
+
+@pytest.mark.gpu
+def test_narrow_factors_on_the_host_match_the_device(monkeypatch):
+    """ekfac.EIGH_HOST_BELOW: CUDA factors narrower than it are eigendecomposed on the host, from concurrent
+    worker streams too; the eigenvectors come back to the device orthonormal and diagonalise the matrix
+    to the device solver's eigenvalues."""
+    from trustrepair import ekfac
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    mats = []
+    for n in (130, 70, 33):
+        x = torch.randn(2 * n, n, generator=gen, dtype=torch.float64, device="cuda")
+        mats.append(x.T @ x / (2 * n))
+    device_values = [ekfac.eigh_float64(m)[0] for m in mats]
+    monkeypatch.setattr(ekfac, "EIGH_HOST_BELOW", 100)  # 70 and 33 on the host, 130 on the device
+    mixed = map_on_streams(lambda m: ekfac.eigh_float64(m)[1], mats, torch.device("cuda"), 3)
+    for m, values, vectors in zip(mats, device_values, mixed):
+        assert vectors.is_cuda and vectors.dtype == torch.float64
+        eye = torch.eye(m.shape[0], dtype=torch.float64, device="cuda")
+        torch.testing.assert_close(vectors.T @ vectors, eye, atol=1e-12, rtol=0)
+        torch.testing.assert_close(vectors.T @ m @ vectors, torch.diag(values), atol=1e-12 * float(values.abs().max()),
+                                   rtol=0)

@@ -8,7 +8,8 @@ G_z = sum_t g_t a_t^T in three stages:
    over every non-padding token t of every example (prompt tokens included: they carry gradient
    through later tokens' losses), N the number of those tokens; a has the bias ones column;
 2. **eigendecomposition**: A = Q_A diag(.) Q_A^T and S = Q_S diag(.) Q_S^T, computed by ``eigh`` in
-   float64 on the symmetrised (A + A^T) / 2 (on a GPU several at once, :data:`EIGH_STREAMS`);
+   float64 on the symmetrised (A + A^T) / 2 (on a GPU several at once, :data:`EIGH_STREAMS`, the narrow
+   ones optionally on the host, :data:`EIGH_HOST_BELOW`);
 3. **eigenvalue correction** (a second pass, which needs the eigenbases):
    Lambda = (1 / n) sum_z (Q_S^T G_z Q_A) ** 2 (elementwise) over **all** n examples; an example
    with no labelled token has G_z = 0, contributes zero and is counted.
@@ -72,6 +73,16 @@ EIGH_STREAMS = 4
 cuSOLVER ``syevd`` of these widths leaves most of a large GPU idle; the first H100 run spent 2.67 s of a
 10.9 s fit on 96 of them one after another. Expected 1.5-2.5x on that stage; chosen before a GPU measured
 it (``benchmarks/gpu_check.py``'s "eigh schedules" times 1 against 4 workers). Results do not depend on it."""
+
+EIGH_HOST_BELOW = 0
+"""With factors on a CUDA device, those narrower than this are eigendecomposed by the host's LAPACK
+(float64 too; copied over and back) while the worker threads of :data:`EIGH_STREAMS` keep the wider ones
+on the device; 0 keeps every factor on the device. Why: the 60 of a Pythia-160M fit's 96 factors that are
+768-769 wide are each too small to fill a large GPU, and a many-core host can take them in parallel with
+the device's wide ones. Not chosen by measurement yet (gpu_check's "eigh schedules" stage times it as
+"streams + host" at 1024; ``benchmarks/knobs.py`` picks from that table). The host's and the device's
+solvers agree to rounding on the eigenvalues; eigenvectors of (near-)repeated eigenvalues may differ by a
+rotation within their eigenspace, which EK-FAC's eigenvalue correction absorbs."""
 
 
 @dataclass
@@ -471,10 +482,19 @@ def _eigh_workers(covariances: list[torch.Tensor]) -> int:
 
 
 def _eigenbasis(cov_sum: torch.Tensor, n_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """Eigenvectors (columns) of the symmetrised mean covariance, by eigh in float64."""
+    """Eigenvectors (columns) of the symmetrised mean covariance, by eigh in float64 (:func:`eigh_float64`)."""
     cov = cov_sum.to(torch.float64) / max(n_tokens, 1)
-    _, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+    _, vectors = eigh_float64((cov + cov.T) / 2)
     return vectors.to(dtype).contiguous()
+
+
+def eigh_float64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a float64 symmetric matrix, on the host when it lives on a CUDA device and is
+    narrower than :data:`EIGH_HOST_BELOW` (results returned to its device), on its own device otherwise."""
+    if matrix.is_cuda and matrix.shape[-1] < EIGH_HOST_BELOW:
+        values, vectors = torch.linalg.eigh(matrix.cpu())
+        return values.to(matrix.device), vectors.to(matrix.device)
+    return torch.linalg.eigh(matrix)
 
 
 def _lambda_pass(model, layers, examples, task, fisher, batch_size, seed, bases, dtype, matmul_dtype,
