@@ -23,7 +23,9 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 4. the covariance and projection products on odd-width operands, contiguous vs row-padded
    (:func:`row_alignment`); kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against
    the references, which on CUDA issue batched cuBLAS products (``trustrepair.contractions.cache_blocked``);
-5. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
+5. eigh schedules of a fit's many factors (sequential, stacked by width, concurrent CUDA streams, streams
+   with the narrow factors on the host), one of the tunables of stage 6;
+6. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
    50304, random init, seed 0; 512 training sequences of 512 tokens, the first half prompt; 32 queries
    with 256-token prompts and responses; every linear layer in the blocks; empirical Fisher; damping
    0.1 x mean(Lambda); batch 16 everywhere). Four training examples are replaced by copies of queries
@@ -31,15 +33,13 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
    aggregated scores. Runs: one forward+backward epoch (fp32, TF32, bf16 autocast; the floor);
    trustrepair with TF32 matmuls (fit, pairwise, aggregated); kronfluence 1.0.1 in fp32 (fit, pairwise);
    the PyTorch reference path in exact fp32 (``TRUSTREPAIR_DISABLE_TRITON=1``: fit and pairwise, the
-   "fp32 reference scores"); trustrepair under bf16 autocast; kronfluence's aggregate_query_gradients
-   mode (a speed reference only).
-6. eigh schedules of a fit's many factors (sequential, stacked by width, concurrent CUDA streams, host +
-   device);
-7. the library's tunables chosen from the tables above (:mod:`knobs`: TF32 rounding place, projection
-   form, Gram block, eigh streams, which scoring contractions go to Triton) and, where a choice differs
-   from today's default, our TF32 pipeline run again with the choices applied (its own rows in the
-   pipeline and goals tables, against the same kronfluence run): commit the "CHANGE" lines whose rows win;
-   then eigh options per factor width (cuSOLVER float64 / float32, MAGMA, CPU LAPACK), for a later change;
+   "fp32 reference scores"); trustrepair under bf16 autocast; then the library's tunables chosen from the
+   tables above (:mod:`knobs`: TF32 rounding place, projection form, Gram block, eigh streams and host,
+   which contractions go to Triton) and, where a choice differs from today's default, our TF32 and bf16
+   runs again with the choices applied (their own rows in the pipeline and goals tables, against the
+   same kronfluence run): commit the "CHANGE" lines whose rows win; last kronfluence's
+   aggregate_query_gradients mode (a speed reference only);
+7. eigh options per factor width (cuSOLVER float64 / float32, MAGMA, CPU LAPACK), for a later change;
 8. the ``gpu``-marked tests of the other test files (today the distributed engine on two gloo ranks
    sharing the GPU: three processes, each compiling and autotuning the kernels), with whatever budget is
    left (estimated at two minutes, not yet measured; 45 s was not enough), appended to ``$OUT/pytest.log``;
@@ -49,7 +49,7 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 A rerun after a fix need not repeat everything: ``--only`` names the groups of stages to run (see
 :data:`GROUPS`), e.g. ``bash benchmarks/gpu_check.sh --only pipeline,kronfluence`` (the goals' ratios
 need kronfluence from the same run) or ``--only tests`` for the compiled kernel tests alone. If the tuned
-runs of stage 7 were skipped for time, ``--only rows,eigh,pipeline,kronfluence`` (about 5 minutes) reruns
+runs of stage 6 were skipped for time, ``--only rows,eigh,pipeline,kronfluence`` (about 5 minutes) reruns
 what they need (without the kernel table, TF32 rounding and Triton routing keep their defaults).
 """
 from __future__ import annotations
@@ -807,11 +807,10 @@ def main(argv=None):
         cpu = torch.device("cpu")
         res["row_alignment"] = run.stage("row alignment", lambda: row_alignment(cpu, widths=(17, 33), tokens=128),
                                          group="rows")
-        inputs = pipeline(run, SMOKE, cpu)
-        res["eigh"] = run.stage("eigh options", lambda: eigh_options(cpu, widths=(33, 65)), group="eigh")
         res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(cpu, widths=(33, 65, 17), repeats=1),
                                           group="eigh")
-        tuned_pipeline(run, SMOKE, inputs, even_unchanged=True)  # the plumbing, whatever the CPU's tables say
+        pipeline(run, SMOKE, cpu, tune_even_unchanged=True)  # the tuned runs' plumbing, whatever the tables say
+        res["eigh"] = run.stage("eigh options", lambda: eigh_options(cpu, widths=(33, 65)), group="eigh")
         report(res, out)
         return
     res["environment"] = run.stage("environment", environment)
@@ -843,7 +842,7 @@ def main(argv=None):
             for op in ops:
                 for layer, shape in bk.PYTHIA_LAYERS.items():
                     for precision in precisions:
-                        if run.left() < 200:  # keep time for the pipeline
+                        if run.left() < 225:  # keep time for the eigh schedules and the pipeline
                             print(f"kernel benchmarks cut short at {op} {layer} {precision}", flush=True)
                             return {"records": records, "cut_short": True}
                         r = bk.run_op(op, layer, shape, precision, 16, 512, 32, 8, torch.device("cuda"),
@@ -859,14 +858,13 @@ def main(argv=None):
              if r["op"] == "squares_tiles" and r["precision"] == "tf32"]
     res["tiles_of_tf32"] = min(tiles) if tiles and None not in tiles else None
 
-    inputs = pipeline(run, PYTHIA, torch.device("cuda"))
-    # After the goals: the eigh schedules (one of the tunables), the tuned pipeline run, then the per-width
-    # eigh options, which only inform a later change.
     from trustrepair.ekfac import EIGH_STREAMS
 
+    # The eigh schedules feed one of the tunables that the pipeline's tuned runs apply.
     res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda"), workers=EIGH_STREAMS),
-                                      needs_s=25, group="eigh")
-    tuned_pipeline(run, PYTHIA, inputs)
+                                      needs_s=230, group="eigh")
+    pipeline(run, PYTHIA, torch.device("cuda"))
+    # The per-width eigh options only inform a later change.
     res["eigh"] = run.stage("eigh options", lambda: eigh_options(torch.device("cuda")), needs_s=40, group="eigh")
     res["tests"]["other gpu tests"] = run.stage(
         "other gpu tests", lambda: pytest_run(out, "other gpu tests", ["-m", "gpu", "tests"]
@@ -875,13 +873,13 @@ def main(argv=None):
     report(res, out)
 
 
-def pipeline(run: Run, cfg: dict, device: torch.device):
-    """Stage 5 (see the module docstring); results into ``run.results``. Our runs are the group
-    ``pipeline``, kronfluence's the group ``kronfluence`` (see :data:`GROUPS`). Returns the inputs (model,
-    training examples, queries) for :func:`tuned_pipeline`, or None."""
+def pipeline(run: Run, cfg: dict, device: torch.device, tune_even_unchanged: bool = False) -> None:
+    """Stage 5 (see the module docstring), with stage 7's tuned runs after the goals' runs and before the
+    speed reference; results into ``run.results``. Our runs are the group ``pipeline``, kronfluence's the
+    group ``kronfluence`` (see :data:`GROUPS`)."""
     res = run.results
     if not (run.selected("pipeline") or run.selected("kronfluence")):
-        return None
+        return
     inputs = run.stage("pipeline inputs", lambda: build_pipeline_inputs(cfg, device), needs_s=150)
     if inputs is not None:
         model, train, queries = inputs
@@ -909,13 +907,13 @@ def pipeline(run: Run, cfg: dict, device: torch.device):
         res["trustrepair_bf16"] = run.stage("trustrepair bf16 autocast", lambda: trustrepair_run(
             model, train, queries, bs, precision="high", autocast=True, aggregated=True), needs_s=35,
             group="pipeline")
+        tuned_pipeline(run, cfg, inputs, tune_even_unchanged)
         if res.get("kronfluence_fp32"):
             res["kronfluence_aggregated"] = run.stage("kronfluence aggregated", lambda: {
                 "pairwise": {k: v for k, v in anchor.pairwise(aggregate=True).items() if k != "scores"}}, needs_s=20)
         if anchor is not None:
             anchor.tmp.cleanup()
         compare(res)
-    return inputs
 
 
 def tuned_pipeline(run: Run, cfg: dict, inputs, even_unchanged: bool = False) -> None:
@@ -930,7 +928,7 @@ def tuned_pipeline(run: Run, cfg: dict, inputs, even_unchanged: bool = False) ->
     res["knobs"] = choices
     values = knobs.changed(choices)
     print("tunables from this run's tables:\n" + "\n".join(knobs.describe(choices) or ["(none measured)"]), flush=True)
-    if inputs is None or not (values or even_unchanged):
+    if not (values or even_unchanged):
         return
     model, train, queries = inputs
     bs = cfg["batch_size"]
@@ -947,7 +945,6 @@ def tuned_pipeline(run: Run, cfg: dict, inputs, even_unchanged: bool = False) ->
                                               group="pipeline")
     res["trustrepair_bf16_tuned"] = run.stage("trustrepair bf16 autocast, tuned", lambda: tuned(True), needs_s=25,
                                               group="pipeline")
-    compare(res)
 
 
 def compare(res: dict) -> None:
