@@ -351,7 +351,9 @@ def run(ops=OPS, precisions=PRECISIONS, layers=None, batch=16, tokens=512, n_que
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layers = layers or PYTHIA_LAYERS
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        progress("no CUDA device: the kernels run in Triton's interpreter (a code-path check; times mean nothing)")
+        progress("no CUDA device: the kernels run in Triton's interpreter (a code-path check; times mean nothing; "
+                 "no bfloat16, which the interpreter does not compute correctly)")
+        precisions = [p for p in precisions if p != "bf16"]
     elif device.type != "cuda":
         progress("no CUDA device: only the PyTorch reference runs (on the CPU); the Triton kernels need a GPU")
         precisions = [p for p in precisions if p != "tf32"]  # TF32 does not exist on the CPU
