@@ -654,10 +654,12 @@ def pipeline_table(res: dict) -> list[str]:
               ("pairwise 32 queries, trustrepair TF32", ours, "pairwise"),
               ("pairwise, trustrepair TF32, tuned tunables", tuned, "pairwise"),
               ("pairwise, trustrepair bf16 autocast", bf16, "pairwise"),
+              ("pairwise, trustrepair bf16 autocast, tuned tunables", bf16_tuned, "pairwise"),
               ("pairwise, reference path fp32", ref, "pairwise"),
               ("aggregated (all 32 queries), trustrepair TF32", ours, "aggregated"),
               ("aggregated, trustrepair TF32, tuned tunables", tuned, "aggregated"),
-              ("aggregated, trustrepair bf16 autocast", bf16, "aggregated")]
+              ("aggregated, trustrepair bf16 autocast", bf16, "aggregated"),
+              ("aggregated, trustrepair bf16 autocast, tuned tunables", bf16_tuned, "aggregated")]
     for label, run, key in stages:
         k = sec(kron, "fit" if key == "fit" else "pairwise")
         rows.append((label, fmt(sec(run, key)), fmt(k), fmt(ratio(k, sec(run, key))),
