@@ -138,11 +138,8 @@ def providers(op: str, o: dict) -> dict:
         from trustrepair.kernels import ghost_dots as gd
         from trustrepair.kernels import projected_gradients as pg
 
-        rounded = (o["gt"].dtype == torch.float32 and pg._launch.input_precision(o["gt"].dtype) == "tf32"
-                   and pg.TF32_ROUNDING == "pass")
-        if rounded:  # as the pipeline feeds the kernel: tokens rounded once, beforehand
-            pg.round_to_tf32_(o["gt"])
-            pg.round_to_tf32_(o["at"])
+        # as the pipeline feeds the kernel: under TF32 with TF32_ROUNDING "pass", tokens rounded once, beforehand
+        rounded = pg._round_projected(o["gt"], o["at"], o["gt"].dtype, None)
         out["trustrepair"] = {
             "squares": lambda: pg.projected_gradient_squares_triton(o["a"], o["g"], o["q_a"], o["q_s"]),
             "squares_tiles": lambda: pg.contract_example_tiles(o["gt"], o["at"], pg.SQUARES, operands_rounded=rounded),

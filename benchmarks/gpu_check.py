@@ -239,9 +239,7 @@ def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: i
         x = torch.randn(tokens, width, generator=gen, device=device)
         q = torch.linalg.qr(torch.randn(width, width, generator=gen, device=device))[0]
         for precision, dtype in (("tf32", torch.float32), ("bf16", torch.bfloat16)):
-            previous = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision("high")
-            try:
+            with matmul_precision("high"):
                 row = {}
                 for layout, make in (("contiguous", lambda t: t.to(dtype).contiguous()),
                                      ("aligned", lambda t: aligned(t, dtype))):
@@ -256,8 +254,6 @@ def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: i
                     acc = torch.zeros(width, width, device=device)
                     for block in (256, 1024):
                         row[f"gram upper {block}"] = time_call(lambda: add_gram_upper_(acc, xs, block), device)["ms"]
-            finally:
-                torch.set_float32_matmul_precision(previous)
             out[f"{width} {precision}"] = row
             print(f"row alignment, width {width} {precision}: "
                   + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()), flush=True)
