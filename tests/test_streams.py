@@ -71,3 +71,23 @@ def test_narrow_factors_on_the_host_match_the_device(monkeypatch):
         torch.testing.assert_close(vectors.T @ vectors, eye, atol=1e-12, rtol=0)
         torch.testing.assert_close(vectors.T @ m @ vectors, torch.diag(values), atol=1e-12 * float(values.abs().max()),
                                    rtol=0)
+
+
+@pytest.mark.gpu
+def test_first_cuda_linalg_call_of_a_process_from_many_workers():
+    """torch loads its CUDA linear-algebra library at the first linalg call; worker threads racing to make
+    that first call fail (pytorch/pytorch#90613) unless map_on_streams loads it first. Needs a fresh
+    process: this one has already made such calls."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from trustrepair.streams import map_on_streams\n"
+        "gen = torch.Generator().manual_seed(0)\n"
+        "mats = [(x @ x.T).double().cuda() for x in (torch.randn(n, n, generator=gen) for n in (300, 200, 100, 50) * 2)]\n"
+        "out = map_on_streams(lambda m: torch.linalg.eigh(m)[1], mats, torch.device('cuda'), workers=4)\n"
+        "assert all(torch.equal(v, torch.linalg.eigh(m)[1]) for m, v in zip(mats, out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -10,6 +10,11 @@ stream (where the inputs were made); results are synchronised before they are re
 the caller's stream, so the caching allocator cannot hand their memory to another stream too early.
 Every item is computed exactly as it would be alone, so results do not depend on ``workers``.
 
+Before the first worker starts, a CUDA caller's thread runs one tiny ``eigh``: torch loads its CUDA
+linear-algebra library (cuSOLVER / MAGMA wrappers) lazily at the first such call, and two threads making
+that first call at once fail with "lazy wrapper should be called at most once" (pytorch/pytorch#90613;
+the first H100 run of a fresh process's fit hit it). After one call on one thread every thread is safe.
+
 On a CPU the same threads run without streams (the tests use that to check ordering and errors); the
 library itself uses one worker there, since LAPACK and BLAS already use every core for one call.
 """
@@ -50,6 +55,8 @@ def map_on_streams(fn: Callable[[T], torch.Tensor], items: Sequence[T], device: 
         return results
 
     cuda = device.type == "cuda"
+    if cuda:
+        _load_cuda_linalg(device)
     caller = torch.cuda.current_stream(device) if cuda else None
     pending: queue.SimpleQueue[int] = queue.SimpleQueue()
     for index in range(len(items)):
@@ -92,3 +99,15 @@ def map_on_streams(fn: Callable[[T], torch.Tensor], items: Sequence[T], device: 
         for result in results:
             result.record_stream(caller)
     return results
+
+
+_cuda_linalg_loaded = False
+
+
+def _load_cuda_linalg(device: torch.device) -> None:
+    """Make torch load its lazily loaded CUDA linear-algebra library now, on this thread (once per process;
+    see the module docstring)."""
+    global _cuda_linalg_loaded
+    if not _cuda_linalg_loaded:
+        torch.linalg.eigh(torch.ones(1, 1, dtype=torch.float64, device=device))
+        _cuda_linalg_loaded = True
