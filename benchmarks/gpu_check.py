@@ -225,8 +225,8 @@ def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: i
     tokens, the latter also in its single-GEMM form (``projected_gradients.PROJECTION = "gemm"``; width 768,
     already aligned, is the control). The fit's covariance update itself, ``add_gram_upper_`` (upper block
     triangle, about half the multiply-adds, one product per block row) is timed beside the full product in
-    TF32 at blocks 256 (today's :data:`trustrepair.contractions.GRAM_BLOCK`) and 1024, to choose the block
-    on a GPU. :func:`benchmark_kernels.time_call` medians; the layouts hold the same values."""
+    TF32 at blocks 256 (the CPU's :data:`trustrepair.contractions.GRAM_BLOCK`) and 1024 (the GPU's since the
+    first H100 run of this stage), to check the block on a GPU. :func:`benchmark_kernels.time_call` medians; the layouts hold the same values."""
     from benchmark_kernels import time_call
 
     from trustrepair.alignment import aligned

@@ -357,12 +357,13 @@ def low_rank_ghost_dots(a: torch.Tensor, g: torch.Tensor, left: torch.Tensor,
     return out
 
 
-GRAM_BLOCK = {"cpu": 256, "cuda": 256}
+GRAM_BLOCK = {"cpu": 256, "cuda": 1024}
 """Block width of :func:`add_gram_upper_` per device type (others use the CPU's): 256 keeps every product
-wide enough to run near peak on a CPU. On a GPU fewer, larger products may win despite the extra
-multiply-adds (a 3073-wide factor makes 13 launches at 256, the last one 1 x 1, each over 8192 token rows);
-benchmarks/gpu_check.py's "row alignment" stage times 256, 1024 and the full product there (not yet run),
-so the CUDA entry is the CPU's until that measurement says otherwise."""
+wide enough to run near peak on a CPU. On a GPU fewer, larger products win despite the extra
+multiply-adds (at 256 a 3073-wide factor makes 13 launches, the last one 1 x 1). Measured on an H100
+(benchmarks/RESULTS.md, 2026-11-27), TF32, weighted over one Pythia-160M block's factor widths: 3.03 ms
+at 1024, 3.19 at 256, 3.70 for the full product; the whole fit's covariance pass took 3.11 s at 1024
+against 3.48 at 256 (TF32) and 2.94 against 3.30 (bf16 autocast) in the same run."""
 
 
 def add_gram_upper_(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
