@@ -51,11 +51,14 @@ def _record(op, layer, ours_ms, reference_ms, precision="tf32"):
             "reference": {"ms": reference_ms}}
 
 
-def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily():
+def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily(monkeypatch):
     import knobs
 
     from trustrepair import contractions, ekfac
     from trustrepair.kernels import projected_gradients as pg
+
+    monkeypatch.setitem(contractions.GRAM_BLOCK, "cuda", 256)  # the defaults this table is written against
+    monkeypatch.setattr(pg, "TF32_ROUNDING", "pass")
 
     res = {
         "kernels": {"records": [
@@ -98,6 +101,24 @@ def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily():
     assert any(line.startswith("- GRAM_BLOCK_CUDA: 1024 (default 256; CHANGE)") for line in lines)
     with pytest.raises(ValueError, match="unknown tunables"), knobs.applied({"BLOCK": 1}):
         pass
+
+
+def test_knobs_keep_the_default_unless_an_alternative_beats_it_by_the_margin(monkeypatch):
+    import knobs
+
+    from trustrepair.kernels import projected_gradients as pg
+
+    monkeypatch.setattr(pg, "TF32_ROUNDING", "pass")
+
+    def rounding(kernel_ms):
+        res = {"kernels": {"records": [_record("squares_round_pass", "dense", 1.0, 9.0),
+                                       _record("squares_round_kernel", "dense", kernel_ms, 9.0)]}}
+        return knobs.choose(res)["TF32_ROUNDING"]["value"]
+
+    assert rounding(1 - knobs.MARGIN / 2) == "pass"  # the first H100 run's 0.6 % stays the default
+    assert rounding(1 - 2 * knobs.MARGIN) == "kernel"
+    routed = {"kernels": {"records": [_record("squares", "dense", 1.0, 1.0 - knobs.MARGIN / 2)]}}
+    assert "projected_gradient_squares" in knobs.choose(routed)["TRITON_OPS"]["value"]  # within the margin
 
 
 def test_knobs_without_measurements_choose_nothing():
