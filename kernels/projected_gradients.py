@@ -12,8 +12,9 @@ gradients). No P_b is ever written to memory:
 
 1. The tokens are projected with two cuBLAS products (operands in the operand dtype; :data:`PROJECTION`):
    the transposed projections ``Gt_b = Q_S^T g_b^T`` (d_out, T) and ``At_b = Q_A^T a_b^T`` (d_in, T), tokens
-   unit-stride, so both tensor-core operands of step 2 are K-major (what Hopper's TF32 wgmma needs).
-   Under TF32 they are then rounded to nearest in place, or inside step 2 (:data:`TF32_ROUNDING`).
+   unit-stride, so both tensor-core operands of step 2 are K-major (what Hopper's TF32 wgmma needs);
+   on a GPU an odd width is first zero-padded to an even one (:data:`trustrepair.alignment.PAD_WIDTHS`)
+   and step 2 reads the true rows. Under TF32 they are then rounded to nearest in place, or inside step 2 (:data:`TF32_ROUNDING`).
 2. Each program owns a (BLOCK_M, BLOCK_N) tile of the (d_out, d_in) output and a contiguous range of
    examples; per example it accumulates ``P_b[I, J] = Gt_b[I, :] At_b[J, :]^T`` over token blocks in
    registers (``tl.dot``), then squares it into a running tile (squares) or contracts it with the
@@ -43,7 +44,7 @@ import triton
 import triton.language as tl
 
 from trustrepair import contractions
-from trustrepair.alignment import aligned
+from trustrepair.alignment import aligned, pads_widths, zero_padded
 from trustrepair.kernels import _launch
 from trustrepair.kernels._launch import round_to_tf32, round_to_tf32_
 
@@ -65,9 +66,10 @@ TF32_ROUNDING = "pass"
   (``warp_group_dot_wait`` with 0 pending) before the next step, where the unrounded loop keeps one in
   flight (1 pending), and it adds a third shared-memory buffer and 4 stores and loads per step.
 
-Chosen before any GPU measurement of the two (the first H100 run predates the rounding);
-``benchmarks/gpu_check.py`` times both (ops ``squares_round_pass`` and ``squares_round_kernel``) so the
-next GPU session keeps whichever is faster. Results are identical: the same rounding of the same values."""
+Measured on an H100 (benchmarks/RESULTS.md, second run): the squares op summed over Pythia-160M's four
+layer shapes took 4.446 ms with ``"pass"`` and 4.417 ms with ``"kernel"``, the same within do_bench's
+spread, and the pipeline's Lambda stage was no faster with ``"kernel"``; so ``"pass"`` stays.
+Results are identical: the same rounding of the same values."""
 
 PROJECTION = "batched"
 """How step 1 forms the token-major projections ``Q^T x_b^T`` (B, d, T) of a layer's B T tokens x (B, T, d):
@@ -77,11 +79,10 @@ PROJECTION = "batched"
 * ``"gemm"``: one (d, d) x (d, B T) product ``Q^T (x reshaped to (B T, d))^T`` into a (d, B T) matrix, handed
   to the tile kernel as the (B, d, T) view with strides (T, B T, 1) (tokens still unit-stride).
 
-The first H100 run hints that the narrow projections are slow: its eigenvalue-correction op at the dense
-layer (768 x 769) spent about 0.44 ms in two projections of 9.7 GFLOP each (under 50 TFLOP/s in TF32),
-while qkv's and dense_h_to_4h's wide sides ran at 250-450. Whether batching, the odd width (aligned since)
-or the sizes themselves cost that is not known; gpu_check's "row alignment" stage times both forms at
-widths 768, 769, 3072 and 3073, so the next GPU session keeps the faster. Results agree to the products'
+Measured on an H100 (benchmarks/RESULTS.md, second run), TF32 over 16 examples of 512 tokens: batched
+0.043 / 0.132 / 0.436 / 1.480 ms at widths 768 / 769 / 3072 / 3073, one GEMM 0.049 / 0.132 / 0.474 / 1.520;
+so ``"batched"`` stays. (The first run's slow narrow projections came from the odd widths: 769 takes three
+times 768's time in either form, see :mod:`trustrepair.alignment`.) Results agree to the products'
 rounding (same algebra, possibly another GEMM algorithm)."""
 
 # Scores mode keeps the output tile fixed, so the number of partial (B, Q) slices does not depend on
@@ -279,15 +280,22 @@ def _check(a, g, q_a, q_s, queries=None) -> torch.dtype:
 
 
 def project_tokens(basis: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
-                   projection: str | None = None) -> torch.Tensor:
-    """``Q^T x_b^T`` for every example: (B, d, T) in ``dtype`` with unit-stride tokens, from a basis Q (d, d)
-    and tokens x (B, T, d), both used with aligned rows (:mod:`trustrepair.alignment`; a conversion to
-    ``dtype`` is made aligned). ``projection`` (default :data:`PROJECTION`) picks the product's form. Autocast
-    is off: the operand dtype, not an enclosing autocast region, sets the precision."""
+                   projection: str | None = None, pad: bool | None = None) -> torch.Tensor:
+    """``Q^T x_b^T`` for every example: (B, d', T) in ``dtype`` with unit-stride tokens, from a basis Q (d, d)
+    and tokens x (B, T, d). ``d' = d`` with ``pad`` False: both operands used with aligned rows
+    (:mod:`trustrepair.alignment`; a conversion to ``dtype`` is made aligned). With ``pad`` True (default:
+    :func:`trustrepair.alignment.pads_widths` of ``x``'s device) the product runs on the zero-padded
+    operands (Q widened to (d', d'), x to (B, T, d'), d' = ``padded_width(d)``), so rows d.. of the result
+    are zero and ``result[:, :d]`` is the projection: even dimensions keep cuBLAS on its fast kernels.
+    ``projection`` (default :data:`PROJECTION`) picks the product's form. Autocast is off: the operand
+    dtype, not an enclosing autocast region, sets the precision."""
     projection = PROJECTION if projection is None else projection
     if projection not in ("batched", "gemm"):
         raise ValueError(f"projection must be 'batched' or 'gemm'; got {projection!r}")
-    basis, x = aligned(basis, dtype), aligned(x, dtype)
+    if pads_widths(x.device) if pad is None else pad:
+        basis, x = zero_padded(basis, dtype, dims=2), zero_padded(x, dtype)
+    else:
+        basis, x = aligned(basis, dtype), aligned(x, dtype)
     with torch.autocast(x.device.type, enabled=False):
         if projection == "batched":
             return torch.matmul(basis.T, x.transpose(1, 2))
@@ -296,8 +304,9 @@ def project_tokens(basis: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
 
 
 def _project(a, g, q_a, q_s, dtype, projection=None):
-    """Token-major projections (Q_S^T g_b^T, Q_A^T a_b^T): (B, d_out, T) and (B, d_in, T) in ``dtype``
-    (:func:`project_tokens`)."""
+    """Token-major projections (Q_S^T g_b^T, Q_A^T a_b^T): (B, d_out', T) and (B, d_in', T) in ``dtype``,
+    each possibly padded with zero rows (:func:`project_tokens`); the kernel reads their first d_out and
+    d_in rows."""
     return project_tokens(q_s, g, dtype, projection), project_tokens(q_a, a, dtype, projection)
 
 
@@ -322,7 +331,7 @@ def _squares(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Ten
         return contractions.projected_gradient_squares_reference(a, g, q_a, q_s)
     gt, at = _project(a, g, q_a, q_s, dtype, projection)
     rounded = _round_projected(gt, at, dtype, rounding)
-    return contract_example_tiles(gt, at, SQUARES, operands_rounded=rounded)
+    return contract_example_tiles(gt[:, :g.shape[2]], at[:, :a.shape[2]], SQUARES, operands_rounded=rounded)
 
 
 def _scores(a, g, q_a, q_s, queries, rounding: str | None = None, projection: str | None = None) -> torch.Tensor:
@@ -332,7 +341,7 @@ def _scores(a, g, q_a, q_s, queries, rounding: str | None = None, projection: st
         return contractions.projected_gradient_scores_reference(a, g, q_a, q_s, queries)
     gt, at = _project(a, g, q_a, q_s, dtype, projection)
     rounded = _round_projected(gt, at, dtype, rounding)
-    return contract_example_tiles(gt, at, SCORES, queries, operands_rounded=rounded)
+    return contract_example_tiles(gt[:, :g.shape[2]], at[:, :a.shape[2]], SCORES, queries, operands_rounded=rounded)
 
 
 @torch.library.custom_op("trustrepair::projected_gradient_squares", mutates_args=())

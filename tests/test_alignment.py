@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from trustrepair.alignment import ROW_ALIGNMENT, aligned, empty_aligned, is_aligned, padded_width
+from trustrepair.alignment import ROW_ALIGNMENT, aligned, empty_aligned, is_aligned, padded_width, zero_padded
 from trustrepair.modules import TrackedLayer
 
 
@@ -37,6 +37,29 @@ def test_aligned_copies_only_when_needed(dtype):
     assert is_aligned(out) and out.dtype == dtype and tuple(out.shape) == (3, 5, 17)
     assert torch.equal(out, odd.to(dtype))
     assert aligned(out) is out and aligned(out, dtype) is out
+
+
+@pytest.mark.parametrize("shape,dims", [((5, 769), 1), ((3, 7, 17), 1), ((9, 17), 2), ((2, 17, 8), 2), ((4, 1), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_padded_widens_with_zeros(shape, dims, dtype):
+    """The true values in the leading block, zeros in every new row and column (storage from torch.empty,
+    so a missed zero shows as garbage or NaN), aligned rows, the requested dtype."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    out = zero_padded(x, dtype, dims)
+    kept = shape[:len(shape) - dims]
+    assert tuple(out.shape) == kept + tuple(padded_width(n) for n in shape[len(shape) - dims:])
+    assert out.dtype == dtype and is_aligned(out)
+    lead = tuple(slice(0, n) for n in shape)
+    assert torch.equal(out[lead], x.to(dtype))
+    widened = torch.ones_like(out, dtype=torch.bool)
+    widened[lead] = False
+    assert torch.equal(out[widened], torch.zeros_like(out[widened]))
+
+
+def test_zero_padded_does_not_copy_an_even_aligned_operand():
+    x = torch.randn(6, 16)
+    assert zero_padded(x) is x and zero_padded(torch.randn(8, 24), dims=2).shape == (8, 24)
 
 
 @pytest.mark.parametrize("has_bias", [True, False])

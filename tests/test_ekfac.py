@@ -219,6 +219,25 @@ def test_empirical_factors_match_brute_force(arch):
     assert set(factors.timings) == {"covariance", "eigendecomposition", "lambda"}
 
 
+def test_zero_padded_covariances_give_the_same_factors(monkeypatch):
+    """``alignment.PAD_WIDTHS`` (on for CUDA): the Gram products on zero-padded widths (the tiny NeoX's
+    bias-folded widths are odd) give the unpadded fit's factors, in float64 to rounding."""
+    from trustrepair import alignment
+
+    model = make_tiny_neox()
+    examples = make_examples(9, seed=14)
+    fits = {}
+    for pad in (False, True):
+        monkeypatch.setitem(alignment.PAD_WIDTHS, "cpu", pad)
+        fits[pad] = fit_ekfac(model, examples, fisher="empirical", batch_size=4, progress=False)
+    assert any(l % ROW_ALIGNMENT for m in fits[True].modules.values() for l in m.q_a.shape)
+    for name, plain in fits[False].modules.items():
+        padded = fits[True].modules[name]
+        assert padded.q_a.shape == plain.q_a.shape and padded.n_tokens == plain.n_tokens
+        torch.testing.assert_close(padded.lambda_, plain.lambda_, rtol=1e-8, atol=1e-12 * plain.lambda_.max().item())
+    check_factors_against_brute_force(fits[True], model, examples)
+
+
 def test_sampled_factors_match_brute_force_with_the_same_draws():
     """The sampled (true) Fisher draws fresh targets in each pass; with those draws recorded, covariances
     and Lambda equal the brute-force ones built from them."""

@@ -349,6 +349,29 @@ def test_both_projection_forms_match_the_reference(kernel_name, case, poison_emp
             assert pg.project_tokens(ops["q_a"], empty, torch.float32, form).shape == (batch, empty.shape[2], tokens)
 
 
+@pytest.mark.parametrize("kernel_name", ["squares", "scores"])
+def test_zero_padded_projections_give_the_same_results(kernel_name, monkeypatch, poison_empty):
+    """``alignment.PAD_WIDTHS``: projections on zero-padded operands have the unpadded values in their
+    first rows and zeros after them, and the kernels read the true rows, so the results are those of the
+    unpadded path (the same products with extra zero terms)."""
+    from trustrepair import alignment
+
+    ops = _draw((3, 9, 17, 13, 3, 5), seed=29)
+    for form in ("batched", "gemm"):
+        plain = pg.project_tokens(ops["q_a"], ops["a"], torch.float32, form, pad=False)
+        padded = pg.project_tokens(ops["q_a"], ops["a"], torch.float32, form, pad=True)
+        assert padded.shape == (3, 24, 9) and padded.stride(2) == 1
+        torch.testing.assert_close(padded[:, :17], plain, rtol=1e-6, atol=1e-6)
+        assert torch.equal(padded[:, 17:], torch.zeros_like(padded[:, 17:]))
+    run = (lambda: pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"])) if kernel_name == "squares" else \
+        (lambda: pg._scores(ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"]))
+    results = {}
+    for pad in (False, True):
+        monkeypatch.setitem(alignment.PAD_WIDTHS, torch.device(DEVICE).type, pad)
+        results[pad] = run()
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_projection_is_refused():
     ops = _draw((2, 5, 17, 3, 2, 2), seed=3)
     with pytest.raises(ValueError, match="'batched' or 'gemm'"):

@@ -8,6 +8,14 @@ alignment as a condition of its fastest kernels; a slow fallback for odd bf16 di
 pytorch/pytorch#146817). Here such matrices live in storage whose rows are padded to
 :data:`ROW_ALIGNMENT` elements and are handed out as views of their true width, so every consumer sees
 the same shapes and values while the products read aligned rows. The padding elements are never read.
+
+Aligned rows are not enough on a GPU: the H100 run of 2026-11-27 (benchmarks/RESULTS.md) measured the
+products on an odd width 2.4-6x slower than on the even width one below it, stored either way (TF32 Gram
+``x^T x`` over 8192 rows: 0.185 ms at 769 against 0.077 at 768, 1.63 at 3073 against 0.68 at 3072;
+projection ``Q^T x^T``: 0.132 against 0.043 and 1.48 against 0.44; bf16 3.7-6x), so cuBLAS picks slower
+kernels for the dimension itself. There (:data:`PAD_WIDTHS`) the fit's products run on
+:func:`zero_padded` operands, whose odd dimensions are widened with zeros to :func:`padded_width`: the
+zero rows and columns add nothing to the sums they enter and the result is read back at the true width.
 """
 from __future__ import annotations
 
@@ -15,6 +23,18 @@ import torch
 
 ROW_ALIGNMENT = 8
 """Elements a row start is a multiple of: 16 bytes for 16-bit dtypes, 32 for float32, 64 for float64."""
+
+
+PAD_WIDTHS = {"cpu": False, "cuda": True}
+"""Per device type: whether the fit's Gram and projection products and the scoring pass's per-example
+slabs (:func:`trustrepair.contractions.ghost_dots_reference`) run on :func:`zero_padded` operands (see the
+module docstring for the measurement that chose it on CUDA). A CPU's BLAS runs odd widths at
+full speed, so there the copy would be pure cost."""
+
+
+def pads_widths(device: torch.device) -> bool:
+    """:data:`PAD_WIDTHS` for ``device``'s type (False for types it does not name)."""
+    return PAD_WIDTHS.get(device.type, False)
 
 
 def padded_width(width: int) -> int:
@@ -50,4 +70,22 @@ def aligned(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return x
     out = empty_aligned(*x.shape, dtype=dtype, device=x.device)
     out.copy_(x)
+    return out
+
+
+def zero_padded(x: torch.Tensor, dtype: torch.dtype | None = None, dims: int = 1) -> torch.Tensor:
+    """``x`` converted to ``dtype`` (default: its own) with each of its last ``dims`` dimensions widened to
+    :func:`padded_width` by zeros: the true values in the leading block, zeros after them; aligned rows.
+    When every such dimension is already a multiple of :data:`ROW_ALIGNMENT` this is :func:`aligned`
+    (no copy where none is needed); otherwise one copy of ``x`` plus the zeros of the new entries."""
+    dtype = x.dtype if dtype is None else dtype
+    sizes = x.shape[x.dim() - dims:]
+    if all(n == padded_width(n) for n in sizes):
+        return aligned(x, dtype)
+    out = torch.empty(*x.shape[:x.dim() - dims], *(padded_width(n) for n in sizes), dtype=dtype, device=x.device)
+    lead = (slice(None),) * (x.dim() - dims)
+    out[lead + tuple(slice(0, n) for n in sizes)].copy_(x)
+    for k, n in enumerate(sizes):
+        if n != padded_width(n):
+            out[lead + (slice(None),) * k + (slice(n, None),)].zero_()
     return out

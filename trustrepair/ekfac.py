@@ -6,7 +6,9 @@ G_z = sum_t g_t a_t^T in three stages:
 
 1. **covariances** (one forward + backward pass): A = sum_t a_t a_t^T / N and S = sum_t g_t g_t^T / N
    over every non-padding token t of every example (prompt tokens included: they carry gradient
-   through later tokens' losses), N the number of those tokens; a has the bias ones column;
+   through later tokens' losses), N the number of those tokens; a has the bias ones column; on a GPU
+   the Gram products run on zero-padded even widths (:data:`trustrepair.alignment.PAD_WIDTHS`) and are
+   read back at the true width;
 2. **eigendecomposition**: A = Q_A diag(.) Q_A^T and S = Q_S diag(.) Q_S^T, computed by ``eigh`` in
    float64 on the symmetrised (A + A^T) / 2 (on a GPU several at once, :data:`EIGH_STREAMS`, the narrow
    ones optionally on the host, :data:`EIGH_HOST_BELOW`);
@@ -54,7 +56,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trustrepair.alignment import aligned
+from trustrepair.alignment import aligned, padded_width, pads_widths, zero_padded
 from trustrepair.capture import TokenCapture, as_examples, describe_rows, padded_batches, unlabelled
 from trustrepair.contractions import add_gram_upper_, projected_gradient_squares, symmetric_from_upper
 from trustrepair.distributed import (all_reduce_counts, all_reduce_sum_, fail_together, is_main_process, map_once,
@@ -71,16 +73,18 @@ EIGH_STREAMS = 4
 (:func:`trustrepair.streams.map_on_streams`); fewer when free device memory is short
 (:func:`_eigh_workers`), and one on a CPU, where LAPACK already uses every core for one matrix. Why: one
 cuSOLVER ``syevd`` of these widths leaves most of a large GPU idle; the first H100 run spent 2.67 s of a
-10.9 s fit on 96 of them one after another. Expected 1.5-2.5x on that stage; chosen before a GPU measured
-it (``benchmarks/gpu_check.py``'s "eigh schedules" times 1 against 4 workers). Results do not depend on it."""
+10.9 s fit on 96 of them one after another. Measured on the second H100 run (``benchmarks/gpu_check.py``'s
+"eigh schedules", 16 factors): 0.381 s with 4 workers against 0.425 s one at a time, 1.1x, well under
+the 1.5-2.5x expected (cuSOLVER's float64 ``syevd`` synchronises with the host inside each call, so the
+streams overlap little); kept as the faster. Results do not depend on it."""
 
 EIGH_HOST_BELOW = 0
 """With factors on a CUDA device, those narrower than this are eigendecomposed by the host's LAPACK
 (float64 too; copied over and back) while the worker threads of :data:`EIGH_STREAMS` keep the wider ones
 on the device; 0 keeps every factor on the device. Why: the 60 of a Pythia-160M fit's 96 factors that are
 768-769 wide are each too small to fill a large GPU, and a many-core host can take them in parallel with
-the device's wide ones. Not chosen by measurement yet (gpu_check's "eigh schedules" stage times it as
-"streams + host" at 1024; ``benchmarks/knobs.py`` picks from that table). The host's and the device's
+the device's wide ones. Measured on the second H100 run ("eigh schedules", 16 factors, 16-core host):
+0.917 s at 1024 against 0.381 s on the device alone, so it stays 0. The host's and the device's
 solvers agree to rounding on the eigenvalues; eigenvectors of (near-)repeated eigenvalues may differ by a
 rotation within their eigenspace, which EK-FAC's eigenvalue correction absorbs."""
 
@@ -442,8 +446,10 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
     """Sums sum_t a_t a_t^T, sum_t g_t g_t^T and token counts per layer (padding rows are zero), over
     this rank's shard of the examples, then summed over ranks."""
     device = layers[0].module.weight.device
-    a_sums = [torch.zeros(l.folded_in, l.folded_in, dtype=dtype, device=device) for l in layers]
-    s_sums = [torch.zeros(l.d_out, l.d_out, dtype=dtype, device=device) for l in layers]
+    pad = pads_widths(device)  # Grams of zero-padded token rows: the padding rows and columns stay zero
+    operand, width = (zero_padded, padded_width) if pad else (aligned, lambda n: n)
+    a_sums = [torch.zeros(width(l.folded_in), width(l.folded_in), dtype=dtype, device=device) for l in layers]
+    s_sums = [torch.zeros(width(l.d_out), width(l.d_out), dtype=dtype, device=device) for l in layers]
     counts = [0] * len(layers)
     generator = _generator(layers, seed, 0)
     shard = shard_range(len(examples))
@@ -452,20 +458,21 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
                                                                "EK-FAC covariances", progress, task.collate)):
             rows = [shard.start + row for row in rows]
             mask = task.token_mask(batch)
-            n_valid, width = int(mask.sum()), mask.shape[1]
+            n_valid, tokens = int(mask.sum()), mask.shape[1]
 
             def on_layer(i, a, g):
-                a = aligned(a.reshape(-1, a.shape[-1]), dtype)
-                g = aligned(g.reshape(-1, g.shape[-1]), dtype)
+                a = operand(a.reshape(-1, a.shape[-1]), dtype)
+                g = operand(g.reshape(-1, g.shape[-1]), dtype)
                 add_gram_upper_(a_sums[i], a)
                 add_gram_upper_(s_sums[i], g)
-                counts[i] += n_valid * (a.shape[0] // (mask.shape[0] * width))
+                counts[i] += n_valid * (a.shape[0] // (mask.shape[0] * tokens))
 
             capture.run(_training_objective(model, task, batch, fisher, generator), mask,
                         describe_rows("training set", number, rows), on_layer)
     all_reduce_sum_(a_sums + s_sums)
     counts = all_reduce_counts(counts)
-    return {l.name: (symmetric_from_upper(a_sums[i]), symmetric_from_upper(s_sums[i]), counts[i])
+    return {l.name: (symmetric_from_upper(a_sums[i][:l.folded_in, :l.folded_in]),
+                     symmetric_from_upper(s_sums[i][:l.d_out, :l.d_out]), counts[i])
             for i, l in enumerate(layers)}
 
 
