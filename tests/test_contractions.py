@@ -177,14 +177,18 @@ def test_low_rank_ghost_dots_equal_ghost_dots_of_the_product(shape):
     assert_close(C.low_rank_ghost_dots(a, g, left, right), _naive_ghost(a, g, left @ right), 1e-12, "low rank")
 
 
-@pytest.mark.parametrize("blocking", ["CPU slabs", "GPU batched products"])
+@pytest.mark.parametrize("blocking", ["CPU slabs", "GPU batched products", "GPU batched products, zero-padded"])
 @pytest.mark.parametrize("ghost_path", [PER_TOKEN, FORM_GRADIENT])
 def test_chunks_slabs_and_tiles_give_the_same_result(ghost_path, blocking, monkeypatch):
     """Every chunking gives the same results, for the CPU's cache-sized slabs and for the batched
-    products a GPU gets (forced here on the CPU), both against the float64 naive loops."""
+    products a GPU gets (forced here on the CPU; with ``alignment.PAD_WIDTHS`` on, its slabs are formed
+    at the even width 24 of the odd 17), both against the float64 naive loops."""
+    from trustrepair import alignment
+
     a, g, q_a, q_s, u = _operands((6, 5, 17, 9))
     _force(monkeypatch, *ghost_path)
     monkeypatch.setattr(C, "cache_blocked", lambda device: blocking == "CPU slabs")
+    monkeypatch.setitem(alignment.PAD_WIDTHS, "cpu", blocking.endswith("zero-padded"))
     assert_close(C.projected_gradient_squares_reference(a, g, q_a, q_s), _naive_squares(a, g, q_a, q_s), 1e-12,
                  f"squares, {blocking}")
     assert_close(C.ghost_dots_reference(a, g, u), _naive_ghost(a, g, u), 1e-12, f"ghost, {blocking}")

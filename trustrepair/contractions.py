@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from trustrepair.alignment import aligned, empty_aligned, padded_width
+from trustrepair.alignment import aligned, empty_aligned, padded_width, pads_widths, zero_padded
 
 CHUNK_ELEMENTS = 1 << 24
 """Largest intermediate (elements) one chunk of a contraction may allocate: 64 MiB in float32."""
@@ -291,7 +291,9 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
       memory-bound with a huge inner dimension and an output of B x K entries, which leaves most of the
       card idle (the first H100 run's version of it moved about 0.7 TB/s); there the slab, stored with
       aligned rows, is contracted row by row instead, one batched product of (B, d_in) x (d_in, K)
-      matrices per row, summed over the rows: the same multiply-adds, each operand still read once.
+      matrices per row, summed over the rows: the same multiply-adds, each operand still read once. Where
+      :data:`trustrepair.alignment.PAD_WIDTHS` is on (CUDA), an odd-width ``a`` is zero-padded to an
+      even width first, so the slab products run on even dimensions, and their true columns are used.
 
     Args:
         a: (B, T, d_in) activations, zero at masked tokens.
@@ -315,6 +317,7 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
         out.zero_()
         g_t = g.transpose(1, 2)
         blocked = cache_blocked(a.device)
+        wide = zero_padded(a) if not blocked and pads_widths(a.device) else None  # even slab widths (alignment)
         step = max(1, (TILE_ELEMENTS if blocked else CHUNK_ELEMENTS) // max(1, batch * padded_width(d_in)))
         for start in range(0, d_out, step):  # a slab of rows of every G_b, then all U_k at once
             rows = slice(start, min(start + step, d_out))
@@ -322,8 +325,11 @@ def ghost_dots_reference(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
                 slab = torch.bmm(g_t[:, rows], a)
                 out.addmm_(slab.reshape(batch, -1), u[:, rows].reshape(n_mats, -1).T)
             else:
-                slab = torch.bmm(g_t[:, rows], a, out=empty_aligned(batch, rows.stop - start, d_in, dtype=dtype,
-                                                                    device=a.device))
+                if wide is None:
+                    slab = torch.bmm(g_t[:, rows], a, out=empty_aligned(batch, rows.stop - start, d_in, dtype=dtype,
+                                                                        device=a.device))
+                else:
+                    slab = torch.bmm(g_t[:, rows], wide)[..., :d_in]
                 out += torch.bmm(slab.transpose(0, 1), u[:, rows].permute(1, 2, 0)).sum(dim=0)
     return out
 
