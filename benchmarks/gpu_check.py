@@ -20,7 +20,7 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
 3. ``torch.matmul`` TFLOP/s in fp32, TF32 and bf16 (8192^3), the denominators of every rate below, each
    after a second of warm-up and with the SM clock read under load (see
    :func:`benchmark_kernels.matmul_rates`);
-4. the covariance and projection products on odd-width operands, contiguous vs row-padded
+4. the covariance and projection products on odd-width operands, contiguous, row-padded and zero-padded
    (:func:`row_alignment`); kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against
    the references, which on CUDA issue batched cuBLAS products (``trustrepair.contractions.cache_blocked``);
 5. eigh schedules of a fit's many factors (sequential, stacked by width, concurrent CUDA streams, streams
@@ -226,10 +226,14 @@ def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: i
     already aligned, is the control). The fit's covariance update itself, ``add_gram_upper_`` (upper block
     triangle, about half the multiply-adds, one product per block row) is timed beside the full product in
     TF32 at blocks 256 (the CPU's :data:`trustrepair.contractions.GRAM_BLOCK`) and 1024 (the GPU's since the
-    first H100 run of this stage), to check the block on a GPU. :func:`benchmark_kernels.time_call` medians; the layouts hold the same values."""
+    first H100 run of this stage), to check the block on a GPU. Both products are also timed on operands
+    zero-padded to an even width (:func:`trustrepair.alignment.zero_padded`, the padding copies included:
+    what the fit runs on a GPU by default, :data:`trustrepair.alignment.PAD_WIDTHS`). The second H100 run
+    found odd widths 2.4-6x slower than even ones in either storage. :func:`benchmark_kernels.time_call`
+    medians; the layouts hold the same values."""
     from benchmark_kernels import time_call
 
-    from trustrepair.alignment import aligned
+    from trustrepair.alignment import aligned, padded_width, zero_padded
     from trustrepair.contractions import add_gram_upper_
     from trustrepair.kernels.projected_gradients import project_tokens
 
@@ -248,12 +252,17 @@ def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: i
                     row[f"gram {layout}"] = time_call(lambda: xs.T @ xs, device)["ms"]
                     row[f"projection {layout}"] = time_call(lambda: torch.matmul(qs.T, batched.transpose(1, 2)),
                                                             device)["ms"]
-                row["projection gemm aligned"] = time_call(lambda: project_tokens(qs, batched, dtype, "gemm"),
-                                                           device)["ms"]
+                row["projection gemm aligned"] = time_call(
+                    lambda: project_tokens(qs, batched, dtype, "gemm", pad=False), device)["ms"]
+                row["projection padded"] = time_call(
+                    lambda: project_tokens(qs, batched, dtype, "batched", pad=True), device)["ms"]
                 if dtype == torch.float32:  # the covariances accumulate in float32
                     acc = torch.zeros(width, width, device=device)
                     for block in (256, 1024):
                         row[f"gram upper {block}"] = time_call(lambda: add_gram_upper_(acc, xs, block), device)["ms"]
+                    wide = torch.zeros(padded_width(width), padded_width(width), device=device)
+                    row["gram upper 1024 padded"] = time_call(
+                        lambda: add_gram_upper_(wide, zero_padded(xs), 1024), device)["ms"]
             out[f"{width} {precision}"] = row
             print(f"row alignment, width {width} {precision}: "
                   + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()), flush=True)
@@ -263,17 +272,20 @@ def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: i
 def row_alignment_summary(rows: dict | None) -> list[str]:
     if not rows:
         return ["(row alignment not measured)"]
-    lines = ["Odd-width (bias-folded) operands, contiguous vs row-padded storage (trustrepair.alignment), ms:", "",
+    lines = ["Odd-width (bias-folded) operands: contiguous, row-padded (trustrepair.alignment) and zero-padded to an "
+             "even width (alignment.PAD_WIDTHS), ms:", "",
              "| width, precision | gram contiguous | gram aligned | gram upper, block 256 | gram upper, block 1024 | "
-             "projection contiguous | projection aligned | projection one GEMM, aligned |",
-             "|---|---|---|---|---|---|---|---|"]
+             "gram upper 1024, zero-padded | projection contiguous | projection aligned | projection one GEMM, aligned | "
+             "projection zero-padded |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, row in rows.items():
         lines.append(f"| {key} | " + " | ".join(fmt(row.get(k), '.3f') for k in (
-            "gram contiguous", "gram aligned", "gram upper 256", "gram upper 1024", "projection contiguous",
-            "projection aligned", "projection gemm aligned")) + " |")
+            "gram contiguous", "gram aligned", "gram upper 256", "gram upper 1024", "gram upper 1024 padded",
+            "projection contiguous", "projection aligned", "projection gemm aligned", "projection padded")) + " |")
     lines += ["", "(gram: full x^T x; gram upper: the fit's add_gram_upper_, aligned rows, about half the products, "
               "contractions.GRAM_BLOCK[\"cuda\"] sets the block. projection aligned: PROJECTION = \"batched\", the default; "
-              "one GEMM: \"gemm\". Keep the faster of each.)"]
+              "one GEMM: \"gemm\". Zero-padded columns include the padding copies; PAD_WIDTHS[\"cuda\"] (default on) "
+              "picks them. Keep the faster of each.)"]
     return lines
 
 

@@ -57,7 +57,10 @@ def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily(monke
     from trustrepair import contractions, ekfac
     from trustrepair.kernels import projected_gradients as pg
 
+    from trustrepair import alignment
+
     monkeypatch.setitem(contractions.GRAM_BLOCK, "cuda", 256)  # the defaults this table is written against
+    monkeypatch.setitem(alignment.PAD_WIDTHS, "cuda", True)
     monkeypatch.setattr(pg, "TF32_ROUNDING", "pass")
 
     res = {
@@ -71,9 +74,11 @@ def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily(monke
         ]},
         "row_alignment": {  # weights: 768 twice, 769 three times
             "768 tf32": {"projection aligned": 1.0, "projection gemm aligned": 1.6, "gram upper 256": 1.0,
-                         "gram upper 1024": 0.5, "gram aligned": 0.9},
+                         "gram upper 1024": 0.5, "gram aligned": 0.9, "gram upper 1024 padded": 0.5,
+                         "projection padded": 1.0},
             "769 tf32": {"projection aligned": 1.0, "projection gemm aligned": 0.7, "gram upper 256": 1.0,
-                         "gram upper 1024": 0.9, "gram aligned": 0.9},
+                         "gram upper 1024": 0.9, "gram aligned": 0.9, "gram upper 1024 padded": 1.5,
+                         "projection padded": 1.2},
             "769 bf16": {"projection aligned": 9.0, "projection gemm aligned": 0.1},
         },
         "eigh_schedules": {"workers": 4, "sequential": {"seconds": 2.0}, "streams": {"seconds": 1.0},
@@ -84,19 +89,21 @@ def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily(monke
     assert choices["TF32_ROUNDING"]["evidence"] == {"pass": 3.0, "kernel": pytest.approx(2.7)}
     assert choices["PROJECTION"]["value"] == "batched"  # 2 x 1.0 + 3 x 1.0 = 5.0 against 2 x 1.6 + 3 x 0.7 = 5.3
     assert choices["GRAM_BLOCK_CUDA"]["value"] == 1024  # 3.7 against 5.0 (256) and 4.5 (full)
+    assert choices["PAD_WIDTHS_CUDA"]["value"] is False  # 1.0 + 4.5 + 2.0 + 3.6 = 11.1 against 3.7 + 5.0 = 8.7
     assert choices["EIGH_STREAMS"]["value"] == 4 and choices["EIGH_HOST_BELOW"]["value"] == knobs.EIGH_HOST_WIDTH
     assert choices["EIGH_STREAMS"]["evidence"] == {"sequential": 2.0, "streams": 1.0, "streams + host": 0.8}
     assert choices["TRITON_OPS"]["value"] == frozenset({"projected_gradient_scores"})
     values = knobs.changed(choices)
     assert "PROJECTION" not in values and values["GRAM_BLOCK_CUDA"] == 1024
     before = (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS,
-              ekfac.EIGH_HOST_BELOW, contractions.TRITON_OPS)
+              ekfac.EIGH_HOST_BELOW, contractions.TRITON_OPS, dict(alignment.PAD_WIDTHS))
     with pytest.raises(RuntimeError), knobs.applied(values):
         assert contractions.GRAM_BLOCK["cuda"] == 1024 and pg.TF32_ROUNDING == values["TF32_ROUNDING"]
+        assert alignment.PAD_WIDTHS["cuda"] is False
         assert "projected_gradient_scores" in contractions.TRITON_OPS
         raise RuntimeError("a failed run still restores the defaults")
     assert (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS,
-            ekfac.EIGH_HOST_BELOW, contractions.TRITON_OPS) == before
+            ekfac.EIGH_HOST_BELOW, contractions.TRITON_OPS, dict(alignment.PAD_WIDTHS)) == before
     lines = knobs.describe(choices)
     assert any(line.startswith("- GRAM_BLOCK_CUDA: 1024 (default 256; CHANGE)") for line in lines)
     with pytest.raises(ValueError, match="unknown tunables"), knobs.applied({"BLOCK": 1}):

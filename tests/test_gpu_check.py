@@ -27,7 +27,7 @@ def test_smoke_runs_every_cpu_stage(tmp_path):
     section = (tmp_path / "RESULTS_section.md").read_text()
     assert results["spearman_tuned_vs_reference"] > 0.99 and results["planted_tuned"]["pairwise_ok"]
     assert results["spearman_bf16_tuned_vs_reference"] > 0.98
-    for heading in ("| goal | measured | verdict |", "contiguous vs row-padded", "by schedule", "eigh of one factor",
+    for heading in ("| goal | measured | verdict |", "zero-padded to an even width", "by schedule", "eigh of one factor",
                     "Tunables chosen from this run's tables", "EK-FAC fit, trustrepair TF32, tuned tunables"):
         assert heading in section, heading
 
