@@ -13,7 +13,8 @@ Every item is computed exactly as it would be alone, so results do not depend on
 Before the first worker starts, a CUDA caller's thread runs one tiny ``eigh``: torch loads its CUDA
 linear-algebra library (cuSOLVER / MAGMA wrappers) lazily at the first such call, and two threads making
 that first call at once fail with "lazy wrapper should be called at most once" (pytorch/pytorch#90613;
-the first H100 run of a fresh process's fit hit it). After one call on one thread every thread is safe.
+on an H100, a fresh process whose first linalg call was a fit's eigendecomposition hit it). After one
+call on one thread every thread is safe.
 
 On a CPU the same threads run without streams (the tests use that to check ordering and errors); the
 library itself uses one worker there, since LAPACK and BLAS already use every core for one call.
