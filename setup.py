@@ -47,7 +47,8 @@ ext_modules = [
 ]
 
 setup(
-    packages=["trustrepair", "trustrepair.kernels"],
+    packages=["trustrepair", "trustrepair.app", "trustrepair.data", "trustrepair.engine", "trustrepair.kernels",
+              "trustrepair.methods"],
     package_dir={"trustrepair": "trustrepair", "trustrepair.kernels": "kernels"},
     package_data={"trustrepair": ["py.typed", "*.pyi"]},
     ext_modules=ext_modules,

@@ -47,7 +47,7 @@ FIT_STAGES = ("covariance", "eigendecomposition", "lambda")  # fit_ekfac's own t
 
 def _rank_main(rank: int, world: int, threads: int, folder: str, quick: bool, repeats: int) -> None:
     """One process of a configuration: times every stage, writes rank{rank}.json and (rank 0) results.pt."""
-    import trustrepair.distributed as D
+    import trustrepair.engine.distributed as D
     from trustrepair import fit_ekfac, influence, pairwise_influence
 
     torch.set_num_threads(threads)

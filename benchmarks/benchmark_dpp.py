@@ -1,6 +1,6 @@
 """The C++ greedy log-det DPP selector against its numpy reference, in the same run.
 
-Providers (both through ``trustrepair.select.dpp_greedy``, so both pay the same Python validation):
+Providers (both through ``trustrepair.methods.selection.dpp_greedy``, so both pay the same Python validation):
 
 * ``reference``: ``engine="reference"``, the eager vectorised numpy greedy in float64 (numpy's default
   BLAS threads), the test oracle;
@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import trustrepair
 from trustrepair import _dpp
-from trustrepair.select import dpp_greedy, median_heuristic_gamma
+from trustrepair.methods.selection import dpp_greedy, median_heuristic_gamma
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

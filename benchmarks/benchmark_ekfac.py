@@ -39,7 +39,7 @@ import torch
 
 import trustrepair
 from trustrepair import fit_ekfac, influence, pairwise_influence
-from trustrepair.modules import find_modules
+from trustrepair.engine.layers import find_modules
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch, sequence_log_probs
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

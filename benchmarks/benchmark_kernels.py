@@ -15,7 +15,7 @@ used for the rates (2 per multiply-add):
 * ``ghost_k1``      ghost_dots with one matrix (aggregated influence of one aspect)
 * ``low_rank``      low_rank_ghost_dots, K = Q rank-r factor pairs: 2 B T K r (d_out + d_in)
 
-Providers: ``reference`` (``trustrepair.contractions``: the ``*_reference`` functions and the PyTorch
+Providers: ``reference`` (``trustrepair.engine.contractions``: the ``*_reference`` functions and the PyTorch
 ``low_rank_ghost_dots``; for ``squares_tiles`` the same tokens-first algebra, ``bmm`` then square-sum) and
 ``trustrepair`` (``trustrepair.kernels``). Precisions: ``fp32`` (exact float32 products,
 ``torch.set_float32_matmul_precision("highest")``; on CUDA the kernels' launchers then return the
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import torch
 
-from trustrepair import contractions
-from trustrepair.alignment import aligned
+from trustrepair.engine import contractions
+from trustrepair.engine.layout import aligned
 
 # Pythia-160M's block linears (d_out, d_in), the bias folded in as an input column.
 PYTHIA_LAYERS = {"query_key_value": (2304, 769), "dense": (768, 769), "dense_h_to_4h": (3072, 769),
@@ -98,7 +98,7 @@ def tile_operand_bytes(batch: int, tokens: int, d_out: int, d_in: int, block_m: 
 def make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device, seed=0):
     """Random operands (every fifth token masked to zero, as padding would be) in the precision's dtype,
     activations (and on a GPU the query matrices) with aligned rows, as the pipeline hands them over
-    (trustrepair.alignment)."""
+    (trustrepair.engine.layout)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     keep = (torch.arange(tokens, device=device) % 5 != 4).view(1, tokens, 1)

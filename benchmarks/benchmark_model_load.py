@@ -26,7 +26,7 @@ def main() -> None:
         import torch
         import transformers
 
-        from trustrepair.models import default_model_dir, load_causal_lm
+        from trustrepair.app.models import default_model_dir, load_causal_lm
 
         load_before = os.getloadavg()[0]
         start = time.perf_counter()

@@ -22,7 +22,7 @@ Stages, in order (a stage that raises is reported and the next one runs; the ker
    :func:`benchmark_kernels.matmul_rates`);
 4. the covariance and projection products on odd-width operands, contiguous, row-padded and zero-padded
    (:func:`row_alignment`); kernels: :mod:`benchmark_kernels` at the Pythia-160M layer shapes (B = 16, T = 512, Q = 32) against
-   the references, which on CUDA issue batched cuBLAS products (``trustrepair.contractions.cache_blocked``);
+   the references, which on CUDA issue batched cuBLAS products (``trustrepair.engine.contractions.cache_blocked``);
 5. eigh schedules of a fit's many factors (sequential, stacked by width, concurrent CUDA streams, streams
    with the narrow factors on the host), one of the tunables of stage 6;
 6. pipeline on a Pythia-160M-shaped GPT-NeoX (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab
@@ -219,22 +219,22 @@ def _time_eigh(matrix: torch.Tensor, repeats: int = 3) -> float:
 
 def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: int = 16 * 512) -> dict:
     """Milliseconds of the fit's two products on a bias-folded (odd-width) operand, with its rows stored
-    contiguously (leading dimension = the odd width, as before :mod:`trustrepair.alignment`) and padded
+    contiguously (leading dimension = the odd width, as before :mod:`trustrepair.engine.layout`) and padded
     (what the library hands the products now), in TF32 and bfloat16: the covariance update ``x^T x`` (x:
     ``tokens`` x width) and the eigenvalue-correction projection ``Q_A^T a_b^T`` for 16 examples of 512
     tokens, the latter also in its single-GEMM form (``projected_gradients.PROJECTION = "gemm"``; width 768,
     already aligned, is the control). The fit's covariance update itself, ``add_gram_upper_`` (upper block
     triangle, about half the multiply-adds, one product per block row) is timed beside the full product in
-    TF32 at blocks 256 (the CPU's :data:`trustrepair.contractions.GRAM_BLOCK`) and 1024 (the GPU's since the
+    TF32 at blocks 256 (the CPU's :data:`trustrepair.engine.contractions.GRAM_BLOCK`) and 1024 (the GPU's since the
     first H100 run of this stage), to check the block on a GPU. Both products are also timed on operands
-    zero-padded to an even width (:func:`trustrepair.alignment.zero_padded`, the padding copies included:
-    what the fit runs on a GPU by default, :data:`trustrepair.alignment.PAD_WIDTHS`). The second H100 run
+    zero-padded to an even width (:func:`trustrepair.engine.layout.zero_padded`, the padding copies included:
+    what the fit runs on a GPU by default, :data:`trustrepair.engine.layout.PAD_WIDTHS`). The second H100 run
     found odd widths 2.4-6x slower than even ones in either storage. :func:`benchmark_kernels.time_call`
     medians; the layouts hold the same values."""
     from benchmark_kernels import time_call
 
-    from trustrepair.alignment import aligned, padded_width, zero_padded
-    from trustrepair.contractions import add_gram_upper_
+    from trustrepair.engine.layout import aligned, padded_width, zero_padded
+    from trustrepair.engine.contractions import add_gram_upper_
     from trustrepair.kernels.projected_gradients import project_tokens
 
     gen = torch.Generator(device=device).manual_seed(2)
@@ -272,7 +272,7 @@ def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: i
 def row_alignment_summary(rows: dict | None) -> list[str]:
     if not rows:
         return ["(row alignment not measured)"]
-    lines = ["Odd-width (bias-folded) operands: contiguous, row-padded (trustrepair.alignment) and zero-padded to an "
+    lines = ["Odd-width (bias-folded) operands: contiguous, row-padded (trustrepair.engine.layout) and zero-padded to an "
              "even width (alignment.PAD_WIDTHS), ms:", "",
              "| width, precision | gram contiguous | gram aligned | gram upper, block 256 | gram upper, block 1024 | "
              "gram upper 1024, zero-padded | projection contiguous | projection aligned | projection one GEMM, aligned | "
@@ -301,21 +301,21 @@ def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, bloc
     matrices on the first H100 run) should run:
 
     * ``sequential``: one ``torch.linalg.eigh`` after another on ``device``, as ``fit_ekfac`` did before
-      :data:`trustrepair.ekfac.EIGH_STREAMS`;
+      :data:`trustrepair.engine.ekfac.EIGH_STREAMS`;
     * ``stacked``: one batched eigh per width (PyTorch picks the cuSOLVER driver for the batch);
     * ``streams``: ``workers`` at once, each on its own CUDA stream, widest first, by the library's
-      :func:`trustrepair.streams.map_on_streams` (what ``fit_ekfac`` runs now, with ``EIGH_STREAMS``);
+      :func:`trustrepair.engine.streams.map_on_streams` (what ``fit_ekfac`` runs now, with ``EIGH_STREAMS``);
     * ``streams + host``: as ``streams``, with the factors narrower than 1024 eigendecomposed on the host's
       LAPACK by the worker that takes them (copies included): the library's
-      :data:`trustrepair.ekfac.EIGH_HOST_BELOW` at 1024.
+      :data:`trustrepair.engine.ekfac.EIGH_HOST_BELOW` at 1024.
 
     Every schedule's eigenvalues are compared with the sequential ones (``max_eigenvalue_diff``): they run
     the same solver per matrix, so they must agree to rounding."""
     import knobs
     from benchmark_kernels import time_call
 
-    from trustrepair.ekfac import eigh_float64
-    from trustrepair.streams import map_on_streams
+    from trustrepair.engine.ekfac import eigh_float64
+    from trustrepair.engine.streams import map_on_streams
 
     gen = torch.Generator(device=device).manual_seed(1)
     mats = []
@@ -430,10 +430,10 @@ def warm_libraries(model, bs: int, tokens: int, n_queries: int | None = None) ->
     pipeline's batch and length (the Triton autotuner keys on the shape, so a kernel stage that ran first
     has already tuned these and this costs milliseconds; if it was skipped, the tuning happens here, at
     the real sizes, instead of inside the first fit). With ``n_queries``, also the scoring contractions
-    that :data:`trustrepair.contractions.TRITON_OPS` sends to Triton, with that many matrices and with
+    that :data:`trustrepair.engine.contractions.TRITON_OPS` sends to Triton, with that many matrices and with
     one. Returns seconds per part."""
-    from trustrepair.contractions import ghost_dots, projected_gradient_scores, projected_gradient_squares, uses_triton
-    from trustrepair.modules import find_modules
+    from trustrepair.engine.contractions import ghost_dots, projected_gradient_scores, projected_gradient_squares, uses_triton
+    from trustrepair.engine.layers import find_modules
 
     device = next(model.parameters()).device
     shapes = sorted({layer.shape for layer in find_modules(model)})
@@ -519,8 +519,8 @@ def floors(model, train, bs) -> dict:
 
 def trustrepair_run(model, train, queries, bs, *, precision: str, autocast: bool, aggregated: bool) -> dict:
     """fit_ekfac, pairwise_influence and (optionally) influence, timed; scores kept for the comparisons."""
-    from trustrepair.ekfac import fit_ekfac
-    from trustrepair.influence import influence, pairwise_influence
+    from trustrepair.engine.ekfac import fit_ekfac
+    from trustrepair.methods.scoring import influence, pairwise_influence
 
     matmul_dtype = torch.bfloat16 if autocast else None
     device_type = next(model.parameters()).device.type
@@ -565,7 +565,7 @@ class KronfluenceAnchor:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments
 
-        from trustrepair.modules import find_modules
+        from trustrepair.engine.layers import find_modules
 
         modules = [layer.name for layer in find_modules(model)]
         self.train_rows, self.query_rows = kronfluence_rows(train, queries)
@@ -868,7 +868,7 @@ def main(argv=None):
              if r["op"] == "squares_tiles" and r["precision"] == "tf32"]
     res["tiles_of_tf32"] = min(tiles) if tiles and None not in tiles else None
 
-    from trustrepair.ekfac import EIGH_STREAMS
+    from trustrepair.engine.ekfac import EIGH_STREAMS
 
     # The eigh schedules feed one of the tunables that the pipeline's tuned runs apply.
     res["eigh_schedules"] = run.stage("eigh schedules", lambda: eigh_schedules(torch.device("cuda"), workers=EIGH_STREAMS),

@@ -11,7 +11,7 @@ the session reading the result only commits the constants that won there.
   and "projection gemm aligned" (TF32);
 * ``contractions.GRAM_BLOCK["cuda"]`` (256 | 1024 | :data:`FULL`): "gram upper 256", "gram upper 1024" and
   the full product "gram aligned" (TF32);
-* ``alignment.PAD_WIDTHS["cuda"]`` (True | False): "gram upper 1024 padded" plus "projection padded" against
+* ``layout.PAD_WIDTHS["cuda"]`` (True | False): "gram upper 1024 padded" plus "projection padded" against
   "gram upper 1024" plus "projection aligned" (TF32), the fit's two products with and without the
   zero-padding;
 * ``ekfac.EIGH_STREAMS`` (1 | the stage's workers) and ``ekfac.EIGH_HOST_BELOW`` (0 |
@@ -49,7 +49,7 @@ the host, its 2304-3073-wide ones on the device."""
 def choose(res: dict) -> dict[str, dict]:
     """name -> {"value", "default", "evidence"} for every tunable whose alternatives ``res`` (gpu_check's
     results) measured; evidence holds each option's summed milliseconds (seconds for the eigh schedules)."""
-    from trustrepair import alignment, contractions, ekfac
+    from trustrepair.engine import contractions, ekfac, layout
     from trustrepair.kernels import projected_gradients as pg
 
     choices = {}
@@ -78,7 +78,7 @@ def choose(res: dict) -> dict[str, dict]:
     padded, plain = weighted("gram upper 1024 padded"), weighted("gram upper 1024")
     padded_projection, plain_projection = weighted("projection padded"), weighted("projection aligned")
     if None not in (padded, plain, padded_projection, plain_projection):
-        _pick(choices, "PAD_WIDTHS_CUDA", alignment.PAD_WIDTHS["cuda"],
+        _pick(choices, "PAD_WIDTHS_CUDA", layout.PAD_WIDTHS["cuda"],
               {True: padded + padded_projection, False: plain + plain_projection})
 
     schedules = res.get("eigh_schedules") or {}
@@ -132,13 +132,13 @@ def changed(choices: dict[str, dict]) -> dict:
 @contextlib.contextmanager
 def applied(values: dict):
     """Sets the named tunables (names as :func:`choose` returns them) for the block, then restores them."""
-    from trustrepair import alignment, contractions, ekfac
+    from trustrepair.engine import contractions, ekfac, layout
     from trustrepair.kernels import projected_gradients as pg
 
     places = {"TF32_ROUNDING": (pg, "TF32_ROUNDING"), "PROJECTION": (pg, "PROJECTION"),
               "EIGH_STREAMS": (ekfac, "EIGH_STREAMS"), "EIGH_HOST_BELOW": (ekfac, "EIGH_HOST_BELOW"),
               "TRITON_OPS": (contractions, "TRITON_OPS")}
-    entries = {"GRAM_BLOCK_CUDA": contractions.GRAM_BLOCK, "PAD_WIDTHS_CUDA": alignment.PAD_WIDTHS}  # their "cuda" key
+    entries = {"GRAM_BLOCK_CUDA": contractions.GRAM_BLOCK, "PAD_WIDTHS_CUDA": layout.PAD_WIDTHS}  # their "cuda" key
     unknown = set(values) - set(places) - set(entries)
     if unknown:
         raise ValueError(f"unknown tunables {sorted(unknown)}; known: {sorted(places) + sorted(entries)}")

@@ -1,7 +1,7 @@
 """Triton kernels of trustrepair, installed as ``trustrepair.kernels``.
 
 Each operation lives in its own module with its private ``@triton.jit`` kernel, the launcher and the
-public function; the pure-PyTorch reference of every kernel is in :mod:`trustrepair.contractions`, whose
+public function; the pure-PyTorch reference of every kernel is in :mod:`trustrepair.engine.contractions`, whose
 dispatchers send CUDA tensors of the operations in ``TRITON_OPS`` here (``TRUSTREPAIR_DISABLE_TRITON=1``
 forces the reference).
 

@@ -4,7 +4,7 @@
   (``TRITON_INTERPRET=1`` in the environment before this package was imported; the tests do that).
 * In what precision: the operands of a kernel's matrix products share one dtype, the promotion of the
   activations' and gradients' dtypes (float32, bfloat16 or float16), or float64 when any operand is
-  float64 (as in :func:`trustrepair.contractions.compute_dtype`). Products accumulate in float32, or in
+  float64 (as in :func:`trustrepair.engine.contractions.compute_dtype`). Products accumulate in float32, or in
   float64 for float64 operands, and results are returned in that accumulator dtype.
 * TF32: a float32 product uses TF32 tensor cores exactly when PyTorch's own float32 matmuls do
   (``torch.get_float32_matmul_precision() != "highest"``). The kernels then round both operands of
@@ -63,7 +63,7 @@ def check_device(**tensors: torch.Tensor) -> torch.device:
             raise ValueError("Triton's interpreter does not compute bfloat16 correctly; pass float32 or float64 "
                              "CPU tensors (bfloat16 kernels need a CUDA device)")
         return first
-    hint = ("run them through trustrepair.contractions, whose PyTorch path serves CPU tensors, or set "
+    hint = ("run them through trustrepair.engine.contractions, whose PyTorch path serves CPU tensors, or set "
             "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter")
     raise ValueError(f"Triton kernels need CUDA tensors; got tensors on {first}: {hint}")
 

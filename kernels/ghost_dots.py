@@ -20,8 +20,8 @@ Two kernels:
 Precision and devices: see :mod:`trustrepair.kernels._launch` (TF32 operands rounded to nearest before
 each product; float64 on CUDA runs the reference); outputs are float32 (float64 for float64 operands),
 partial sums reduced in a fixed order (deterministic). References:
-:func:`trustrepair.contractions.ghost_dots_reference` and
-:func:`trustrepair.contractions.low_rank_ghost_dots` (whose own twin is the full reference).
+:func:`trustrepair.engine.contractions.ghost_dots_reference` and
+:func:`trustrepair.engine.contractions.low_rank_ghost_dots` (whose own twin is the full reference).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trustrepair import contractions
+from trustrepair.engine import contractions
 from trustrepair.kernels import _launch
 from trustrepair.kernels._launch import round_to_tf32
 from trustrepair.kernels.projected_gradients import SCORES, contract_example_tiles
@@ -180,7 +180,7 @@ def ghost_dots_triton(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torc
         u: (K, d_out, d_in) matrices in the layer's own basis (read in the accumulator dtype).
     Returns:
         (B, K), float32 (float64 for float64 operands). Custom op ``trustrepair::ghost_dots``; twin of
-        :func:`trustrepair.contractions.ghost_dots_reference`.
+        :func:`trustrepair.engine.contractions.ghost_dots_reference`.
     """
     return _ghost_dots_op(a, g, u)
 
@@ -197,7 +197,7 @@ def low_rank_ghost_dots_triton(a: torch.Tensor, g: torch.Tensor, left: torch.Ten
         left: (K, d_out, r) and right: (K, r, d_in) factors (cast to the operand dtype).
     Returns:
         (B, K), float32 (float64 for float64 operands). Custom op ``trustrepair::low_rank_ghost_dots``;
-        twin of :func:`trustrepair.contractions.low_rank_ghost_dots`, and equal to
+        twin of :func:`trustrepair.engine.contractions.low_rank_ghost_dots`, and equal to
         ``ghost_dots_reference(a, g, left @ right)``.
     """
     return _low_rank_op(a, g, left, right)

@@ -13,7 +13,7 @@ gradients). No P_b is ever written to memory:
 1. The tokens are projected with two cuBLAS products (operands in the operand dtype; :data:`PROJECTION`):
    the transposed projections ``Gt_b = Q_S^T g_b^T`` (d_out, T) and ``At_b = Q_A^T a_b^T`` (d_in, T), tokens
    unit-stride, so both tensor-core operands of step 2 are K-major (what Hopper's TF32 wgmma needs);
-   on a GPU an odd width is first zero-padded to an even one (:data:`trustrepair.alignment.PAD_WIDTHS`)
+   on a GPU an odd width is first zero-padded to an even one (:data:`trustrepair.engine.layout.PAD_WIDTHS`)
    and step 2 reads the true rows. Under TF32 they are then rounded to nearest in place, or inside step 2 (:data:`TF32_ROUNDING`).
 2. Each program owns a (BLOCK_M, BLOCK_N) tile of the (d_out, d_in) output and a contiguous range of
    examples; per example it accumulates ``P_b[I, J] = Gt_b[I, :] At_b[J, :]^T`` over token blocks in
@@ -33,7 +33,7 @@ makes the squares mode's rate a multiple of the L2 bandwidth rather than of the 
 larger tiles). Precision and devices: see :mod:`trustrepair.kernels._launch` (TF32
 operands rounded to nearest before the products; float64 on CUDA runs the reference); outputs are float32
 (float64 for float64 operands). References: ``projected_gradient_squares_reference`` and
-``projected_gradient_scores_reference`` in :mod:`trustrepair.contractions`.
+``projected_gradient_scores_reference`` in :mod:`trustrepair.engine.contractions`.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from trustrepair import contractions
-from trustrepair.alignment import aligned, pads_widths, zero_padded
+from trustrepair.engine import contractions
+from trustrepair.engine.layout import aligned, pads_widths, zero_padded
 from trustrepair.kernels import _launch
 from trustrepair.kernels._launch import round_to_tf32, round_to_tf32_
 
@@ -82,7 +82,7 @@ PROJECTION = "batched"
 Measured on an H100 (benchmarks/RESULTS.md, second run), TF32 over 16 examples of 512 tokens: batched
 0.043 / 0.132 / 0.436 / 1.480 ms at widths 768 / 769 / 3072 / 3073, one GEMM 0.049 / 0.132 / 0.474 / 1.520;
 so ``"batched"`` stays. (The first run's slow narrow projections came from the odd widths: 769 takes three
-times 768's time in either form, see :mod:`trustrepair.alignment`.) Results agree to the products'
+times 768's time in either form, see :mod:`trustrepair.engine.layout`.) Results agree to the products'
 rounding (same algebra, possibly another GEMM algorithm)."""
 
 # Scores mode keeps the output tile fixed, so the number of partial (B, Q) slices does not depend on
@@ -283,8 +283,8 @@ def project_tokens(basis: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
                    projection: str | None = None, pad: bool | None = None) -> torch.Tensor:
     """``Q^T x_b^T`` for every example: (B, d', T) in ``dtype`` with unit-stride tokens, from a basis Q (d, d)
     and tokens x (B, T, d). ``d' = d`` with ``pad`` False: both operands used with aligned rows
-    (:mod:`trustrepair.alignment`; a conversion to ``dtype`` is made aligned). With ``pad`` True (default:
-    :func:`trustrepair.alignment.pads_widths` of ``x``'s device) the product runs on the zero-padded
+    (:mod:`trustrepair.engine.layout`; a conversion to ``dtype`` is made aligned). With ``pad`` True (default:
+    :func:`trustrepair.engine.layout.pads_widths` of ``x``'s device) the product runs on the zero-padded
     operands (Q widened to (d', d'), x to (B, T, d'), d' = ``padded_width(d)``), so rows d.. of the result
     are zero and ``result[:, :d]`` is the projection: even dimensions keep cuBLAS on its fast kernels.
     ``projection`` (default :data:`PROJECTION`) picks the product's form. Autocast is off: the operand
@@ -379,7 +379,7 @@ def projected_gradient_squares_triton(a: torch.Tensor, g: torch.Tensor, q_a: tor
         (d_out, d_in), float32 (float64 for float64 operands): the sum over the batch, elementwise
         squares. A ``torch.library`` custom op (``trustrepair::projected_gradient_squares``), so it
         traces under ``torch.compile``. Twin of
-        :func:`trustrepair.contractions.projected_gradient_squares_reference`.
+        :func:`trustrepair.engine.contractions.projected_gradient_squares_reference`.
     """
     return _squares_op(a, g, q_a, q_s)
 
@@ -394,6 +394,6 @@ def projected_gradient_scores_triton(a: torch.Tensor, g: torch.Tensor, q_a: torc
     Returns:
         (B, Q), float32 (float64 for float64 operands). Custom op
         ``trustrepair::projected_gradient_scores``; twin of
-        :func:`trustrepair.contractions.projected_gradient_scores_reference`.
+        :func:`trustrepair.engine.contractions.projected_gradient_scores_reference`.
     """
     return _scores_op(a, g, q_a, q_s, queries)

@@ -8,30 +8,34 @@ The public API is imported lazily so that ``import trustrepair`` stays cheap (no
     subset  = trustrepair.select_dpp(scores, embeddings, k=100, eta=1e4)
     result  = trustrepair.repair(model, factors, train, subset, beta=...)
 
-``influence``, ``repair`` and ``evaluate`` are functions at the package level (the API above) and also
-the names of the submodules that define them: import from those with ``from trustrepair.influence
-import ...`` (``import trustrepair.influence as m`` returns the function).
+The package has three layers, each importing only the ones below it:
+
+* :mod:`trustrepair.engine` -- EK-FAC factors and their fit, the token capture, the contractions with
+  their references and the routing to :mod:`trustrepair.kernels`, the parallel helpers;
+* :mod:`trustrepair.methods` -- influence scores, subset selection, the repair step, trust metrics;
+* :mod:`trustrepair.app` -- the command line and its run directory (settings, model loading, SFT,
+  the prefix cache, the report). The library never imports it.
+
+:mod:`trustrepair.task` (the model adapter) and :mod:`trustrepair.data` (dataset loaders) serve all three.
 
 Sign convention everywhere: a positive influence score means that raising the loss on that training
 example is predicted to improve (lower) the trust metric, i.e. the example is detrimental.
 """
-import sys
-import types
 from importlib import import_module
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "select_dpp": "trustrepair.select",
-    "fit_ekfac": "trustrepair.ekfac",
-    "EKFACFactors": "trustrepair.ekfac",
-    "influence": "trustrepair.influence",
-    "pairwise_influence": "trustrepair.influence",
+    "select_dpp": "trustrepair.methods.selection",
+    "fit_ekfac": "trustrepair.engine.ekfac",
+    "EKFACFactors": "trustrepair.engine.ekfac",
+    "influence": "trustrepair.methods.scoring",
+    "pairwise_influence": "trustrepair.methods.scoring",
     "CausalLMTask": "trustrepair.task",
-    "repair": "trustrepair.repair",
-    "RepairDelta": "trustrepair.repair",
-    "evaluate": "trustrepair.evaluate",
-    "run_demo": "trustrepair.pipeline",
+    "repair": "trustrepair.methods.repair_step",
+    "RepairDelta": "trustrepair.methods.repair_step",
+    "evaluate": "trustrepair.methods.metrics",
+    "run_demo": "trustrepair.app.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -47,18 +51,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(list(globals()) + __all__)
-
-
-class _PublicAPI(types.ModuleType):
-    """The package module. ``influence``, ``repair`` and ``evaluate`` name both a submodule and the
-    public function inside it; the import system binds a submodule to its package attribute when it is
-    first imported, which would shadow the function. Those bindings are dropped (the submodules stay
-    importable through ``sys.modules``: ``import trustrepair.influence``, ``from .influence import``)."""
-
-    def __setattr__(self, name, value):
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _PublicAPI

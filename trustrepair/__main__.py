@@ -1,4 +1,4 @@
-"""``python -m trustrepair ...``: the same command line as the ``trustrepair`` script."""
-from .cli import main
+"""``python -m trustrepair``: the command line (:mod:`trustrepair.app.cli`)."""
+from trustrepair.app.cli import main
 
 raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Type stub for the compiled module trustrepair._dpp (csrc/dpp_bindings.cpp, csrc/dpp_greedy.cpp).
 
-Users call trustrepair.select.select_dpp, which validates, normalises the scores and picks gamma.
+Users call trustrepair.methods.selection.select_dpp, which validates, normalises the scores and picks gamma.
 """
 import numpy as np
 import numpy.typing as npt

@@ -11,12 +11,12 @@ from .aspects import ASPECTS, SOURCES, default_data_dir, load_aspect, load_hh_sf
 from .batching import example_length, length_sorted_batches, padding_fraction
 from .bias import CROWS_GROUPS, DT_COUNTERPARTS, load_crows_pairs, load_decodingtrust
 from .ethics import load_ethics
-from .generic import load_trust_jsonl
-from .io import DataError
+from .trust_jsonl import load_trust_jsonl
+from .reading import DataError
 from .records import SFTRecord, TrustRecord, split, subsample
 from .sets import SFTSet, TrustSet
 from .sft_files import load_sft_jsonl, split_dialogue
-from .tokenize import tokenize_sft, tokenize_trust
+from .tokenization import tokenize_sft, tokenize_trust
 from .truthfulqa import load_truthfulqa
 
 __all__ = [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .bias import load_crows_pairs, load_decodingtrust
 from .ethics import load_ethics
-from .generic import load_trust_jsonl
+from .trust_jsonl import load_trust_jsonl
 from .sets import SFTSet, TrustSet
 from .sft_files import load_sft_jsonl
 from .truthfulqa import load_truthfulqa
@@ -98,7 +98,7 @@ def load_aspect(name: str, data_dir: str | Path | None = None, *, source: str | 
 
 
 def load_trust_file(path: str | Path, name: str | None = None) -> TrustSet:
-    """A trust set of any aspect from a JSON-lines file (see :mod:`trustrepair.data.generic`); the
+    """A trust set of any aspect from a JSON-lines file (see :mod:`trustrepair.data.trust_jsonl`); the
     name defaults to the file's stem."""
     path = Path(path)
     return TrustSet(name or path.name.split(".")[0], load_trust_jsonl(path))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import DataError, iter_csv, text_field
+from .reading import DataError, iter_csv, text_field
 from .records import TrustRecord
 
 TEMPLATE = "You are a helpful and respectful assistant. Tell me a fact about {target_group}\n\nAssistant:"

@@ -21,7 +21,7 @@ import difflib
 import re
 from pathlib import Path
 
-from .io import DataError, iter_csv, text_field
+from .reading import DataError, iter_csv, text_field
 from .records import TrustRecord
 
 PROMPT = ("You are a helpful and respectful assistant, and you must align with human morality. "

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
-from .io import DataError
+from .reading import DataError
 
 R = TypeVar("R")
 

@@ -6,9 +6,9 @@ from typing import Iterator
 
 import torch
 
-from .io import DataError
+from .reading import DataError
 from .records import SFTRecord, TrustRecord, split, subsample
-from .tokenize import tokenize_sft, tokenize_trust
+from .tokenization import tokenize_sft, tokenize_trust
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class TrustSet(_RecordSet):
     records: tuple[TrustRecord, ...]
 
     def tokenize(self, tokenizer, max_length: int, *, add_bos: bool = False) -> list[dict[str, dict[str, torch.Tensor]]]:
-        """Trust queries; see :func:`trustrepair.data.tokenize.tokenize_trust`."""
+        """Trust queries; see :func:`trustrepair.data.tokenization.tokenize_trust`."""
         return tokenize_trust(self.records, tokenizer, max_length, add_bos=add_bos)
 
 
@@ -60,5 +60,5 @@ class SFTSet(_RecordSet):
 
     def tokenize(self, tokenizer, max_length: int, *, add_bos: bool = False,
                  add_eos: bool = True) -> list[dict[str, torch.Tensor]]:
-        """Training examples; see :func:`trustrepair.data.tokenize.tokenize_sft`."""
+        """Training examples; see :func:`trustrepair.data.tokenization.tokenize_sft`."""
         return tokenize_sft(self.records, tokenizer, max_length, add_bos=add_bos, add_eos=add_eos)

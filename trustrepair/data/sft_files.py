@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .io import DataError, iter_jsonl, text_field
+from .reading import DataError, iter_jsonl, text_field
 from .records import SFTRecord
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import DataError, iter_csv, text_field
+from .reading import DataError, iter_csv, text_field
 from .records import TrustRecord
 
 TEMPLATE = "{question}\n\nAnswer:"

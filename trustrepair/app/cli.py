@@ -1,0 +1,212 @@
+"""``trustrepair`` command line: one subcommand per pipeline stage, plus ``demo`` (all of them).
+
+    trustrepair demo [--out runs/demo] [options]      every stage, then report.md
+    trustrepair sft | fit | score | select | repair | evaluate | report [--out DIR] [options]
+
+Each stage subcommand runs :class:`trustrepair.app.pipeline.Run`'s stage of that name, which first runs
+the earlier stages whose outputs are missing from the run directory and reuses those present, then
+prints where its output is. The options are generated from :class:`trustrepair.app.pipeline.DemoConfig`
+(one ``--kebab-case`` option per field, its help text from the field's metadata). Options left out
+take the values saved in ``DIR/config.json`` when the run directory already exists (so later stages
+need no repeated options), the ``DemoConfig`` defaults otherwise; an option that contradicts the
+saved settings is refused rather than mixing results of different settings.
+
+Exit codes: 0 success; 2 bad usage or input (argument errors, ``ValueError`` including the data
+module's ``DataError``, ``FileNotFoundError``), reported as one line on stderr (with the traceback
+at ``--log-level DEBUG``); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Sequence
+
+from trustrepair.app.settings import DemoConfig
+
+logger = logging.getLogger("trustrepair")
+
+DEFAULT_OUT = "runs/demo"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+USER_ERRORS = (ValueError, FileNotFoundError)  # trustrepair.data.DataError is a ValueError
+
+# subcommand -> (Run method, what it leaves in the run directory, one-line description)
+STAGES = {
+    "sft": ("stage_sft", "sft", "fine-tune the last blocks on the SFT split; evaluate pre- and post-SFT"),
+    "fit": ("stage_fit", "factors", "fit EK-FAC factors on the fine-tuned blocks' linear layers"),
+    "score": ("stage_score", "scores.safetensors", "influence of every SFT example on every aspect + embeddings"),
+    "select": ("stage_select", "selection.json", "choose the repair subsets (dpp, topk, random; common)"),
+    "repair": ("stage_repair", "repairs.json", "Newton repair per subset with the beta search; saved deltas"),
+    "evaluate": ("stage_evaluate", "evaluation.json", "pre / post / repaired on both halves of every aspect"),
+    "report": ("stage_report", "report.md", "tables, beta-sweep figure and top detrimental examples"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr, exit code 2 (argparse prints the usage block otherwise)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _optional_float(text: str) -> float | None:
+    """A float, or ``none`` for the field's automatic choice."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _option_kwargs(name: str, annotation) -> dict:
+    """argparse keywords for one DemoConfig field, from its resolved type annotation.
+
+    ``T | None`` with T a number accepts ``none``; ``tuple[T, ...]`` is ``nargs="+"`` of T.
+    """
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"DemoConfig.{name}: unsupported union {annotation}")
+        if inner[0] is str:
+            return {"type": str, "metavar": name.upper()}
+        if inner[0] is float:
+            return {"type": _optional_float, "metavar": "FLOAT|none"}
+        raise TypeError(f"DemoConfig.{name}: unsupported optional type {inner[0]}")
+    if typing.get_origin(annotation) is tuple:
+        return {"type": args[0], "nargs": "+", "metavar": name.rstrip("s").upper()}
+    if annotation is str:
+        return {"type": str, "metavar": name.upper()}
+    if annotation in (int, float):
+        return {"type": annotation, "metavar": annotation.__name__.upper()}
+    raise TypeError(f"DemoConfig.{name}: unsupported type {annotation}; extend trustrepair.app.cli._option_kwargs")
+
+
+def _with_default(help_text: str, value) -> str:
+    """The field's help plus its default; a None default's meaning is already in the help text."""
+    if value is None:
+        return help_text
+    return f"{help_text} (default: {' '.join(value) if isinstance(value, tuple) else value})"
+
+
+def config_options() -> argparse.ArgumentParser:
+    """A parent parser with one option per DemoConfig field (default: not given, see :func:`build_config`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("run settings (saved in DIR/config.json; omitted ones are read from it)")
+    hints = typing.get_type_hints(DemoConfig)
+    for f in dataclasses.fields(DemoConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help")
+        if not help_text:
+            raise TypeError(f"DemoConfig.{f.name} has no 'help' metadata")
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                           help=_with_default(help_text, default),
+                           **_option_kwargs(f.name, hints[f.name]))
+    return parser
+
+
+def common_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), metavar="DIR",
+                       help=f"run directory: stage outputs are written and reused there (default: {DEFAULT_OUT})")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                       help="logging level; DEBUG also prints tracebacks (default: INFO)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trustrepair",
+                     description="Find the fine-tuning examples that made a language model less trustworthy "
+                                 "and repair it (EK-FAC influence, DPP selection, Newton/PBRF repair).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parents = [config_options(), common_options()]
+    for name, (_, output, description) in STAGES.items():
+        commands.add_parser(name, parents=parents, help=description,
+                            description=f"{description}. Runs the earlier stages whose outputs are missing "
+                                        f"and reuses those present; writes DIR/{output}.")
+    commands.add_parser("demo", parents=parents, help="every stage in order, then the report",
+                        description="The whole pipeline (sft, fit, score, select, repair, evaluate, report), "
+                                    "reusing completed stages; writes DIR/report.md.")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> DemoConfig:
+    """The run's settings: the given options over ``DIR/config.json`` when it exists, else over the defaults.
+
+    An option that differs from a saved setting is kept, so :class:`Run` refuses the directory.
+    """
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)}
+    saved_path = Path(args.out) / "config.json"
+    if not saved_path.is_file():
+        return DemoConfig(**given)
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{saved_path} is not valid JSON ({exc}); delete it or use a new --out directory") from None
+    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"{saved_path} has settings this version does not know: {unknown}; "
+                         "use a new --out directory")
+    return DemoConfig(**{**saved, **given})
+
+
+def _configure_logging(level: str) -> None:
+    """trustrepair's messages at ``level``; other libraries' only from WARNING up."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logger.setLevel(level)
+
+
+def run_command(args: argparse.Namespace) -> Path:
+    """Run one subcommand; returns the path of its output."""
+    config = build_config(args)
+    progress = not args.quiet
+    if args.command == "demo":
+        from trustrepair.app.pipeline import run_demo
+
+        return run_demo(args.out, config, progress=progress)
+    method, output, _ = STAGES[args.command]
+    from trustrepair.app.pipeline import Run
+
+    run = Run(args.out, config, progress=progress)
+    getattr(run, method)()
+    return run.dir / output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trustrepair`` script and ``python -m trustrepair``; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error (2, already reported on one line)
+        return int(exc.code or 0)
+    _configure_logging(args.log_level)
+    from trustrepair.engine.distributed import init_from_env, is_distributed
+
+    launched = not is_distributed() and init_from_env()  # under torchrun: one group for the whole command
+    try:
+        output = run_command(args)
+    except USER_ERRORS as exc:
+        logger.debug("traceback", exc_info=True)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"trustrepair {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"trustrepair {args.command}: interrupted; completed stages in {args.out} are reused next time",
+              file=sys.stderr)
+        return 130
+    finally:
+        if launched:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    print(f"trustrepair {args.command}: done; output in {output}")
+    return 0

@@ -1,0 +1,363 @@
+"""Influence of training examples on trust metrics, with fitted EK-FAC factors.
+
+**Definition, sign and scale.** For an aspect j with metric F^j (the mean over its trust queries of
+log P(o|m) - log P(p|m); lower is better) and a training example z with summed loss L(z),
+
+    gamma^j(z) = - grad F^j^T (G + lambda I)^{-1} grad L(z),
+
+over the analysed layers' parameters, G the EK-FAC Fisher (:mod:`trustrepair.engine.ekfac`). It is the
+first-order *decrease* of F^j per unit beta of the repair step theta <- theta + beta (G + lambda I)^{-1}
+grad L(z) (the paper's Eq. 5-6). **Positive = detrimental**: raising this example's loss improves the
+aspect. Its units are those of F^j (nats of log-odds) per unit step, and it grows with the example's
+gradient norm (longer responses tend to score larger). Read as a classical influence function (model
+trained on the mean loss over n examples, Hessian ~ G), removing z changes F^j by about
+-gamma^j(z) / n. :func:`normalize_scores` maps scores to [0, 1] (the selection step's convention) when
+only their order and relative size matter.
+
+**Aggregated scores** (:func:`influence`, what subset selection needs) never form a per-example
+gradient: per layer, U_j = (G + lambda I)^{-1} grad F^j (d_out, d_in [+ 1]) is formed once per aspect,
+and in one batched backward pass over the training set every layer adds its ghost dot products
+<U_j, G_z> = sum_t g_t^T U_j a_t for all aspects at once (:func:`trustrepair.engine.contractions.ghost_dots`).
+Scoring the whole set costs one forward + backward pass without weight gradients plus, per aspect,
+T d_out d_in multiply-adds per example and layer (as much as one more weight-gradient product).
+
+**Pairwise scores** (:func:`pairwise_influence`, explanations per query) use the same identity with
+one U_q per query: since Q_A and Q_S are orthogonal, <(G + lambda I)^{-1} V_q, G_z> is an inner product
+in the original basis, so no training example's gradient is rotated into the eigenbasis. Each query's
+gradient has rank at most its 2T tokens, so it is projected into the eigenbasis token by token
+(:func:`trustrepair.engine.contractions.projected_gradients`), divided by Lambda + lambda there, and rotated
+back once (Q d_out d_in (d_out + d_in) multiply-adds per layer: for many queries the largest single
+cost). The contraction with the training set forms G_z once and multiplies it with all U_q; it reads
+every U_q once per batch, so on a CPU larger batches make it cheaper. With ``query_rank=r`` the
+division's result is factorised in the eigenbasis, only the rank-r factors are rotated back, and the
+contraction runs through the tokens: the approximate fast path.
+
+**Distributed.** Under ``torch.distributed`` (see :mod:`trustrepair.engine.distributed`) both functions are
+collective calls: every rank computes the (few) query gradients itself, each layer's preconditioning
+runs on one rank and is broadcast, every rank scores its contiguous shard of the training set, and the
+scores are all-gathered back into the original order, so every rank returns the full result. A failure
+while preconditioning or scoring on any rank raises on every rank.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trustrepair.engine.layout import aligned
+from trustrepair.engine.capture import TokenCapture, as_examples, describe_rows, padded_batches, unlabelled
+from trustrepair.engine.contractions import cache_blocked, ghost_dots, low_rank_ghost_dots, projected_gradients
+from trustrepair.engine.distributed import fail_together, gather_rows, map_once, progress_enabled, shard_range
+from trustrepair.engine.ekfac import EKFACFactors, factor_dtype
+from trustrepair.engine.lowrank import low_rank_factors, rotate_factors
+from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules
+from trustrepair.task import Batch, CausalLMTask, Task
+
+
+def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str, Sequence[Mapping]], *,
+              damping: float | None = None, batch_size: int = 8, task: Task | None = None,
+              progress: bool = True, timings: dict | None = None) -> dict[str, torch.Tensor]:
+    """Aggregated influence gamma^j(z) of every training example on every aspect's metric.
+
+    Args:
+        model: the model the factors were fitted on (layer names and shapes are checked).
+        factors: from :func:`trustrepair.fit_ekfac`.
+        train: sequence or map-style dataset of training examples.
+        trust: aspect name -> list of trust queries ``{"proponent": ex, "opponent": ex}``.
+        damping: ``None`` for 0.1 * mean(Lambda) per module, or an absolute float.
+        batch_size: training examples (or queries) per pass.
+        task: defaults to :class:`CausalLMTask`.
+        progress: tqdm bars (on rank 0 only under ``torch.distributed``).
+        timings: if a dict is given, it receives seconds per stage: ``query_gradients``,
+            ``precondition``, ``scores``.
+    Returns:
+        aspect -> (n_train,) scores, float32 (float64 for a float64 model); positive = detrimental (see
+        the module docstring for sign and scale). Equals the mean over the aspect's queries of
+        :func:`pairwise_influence`.
+    """
+    if not isinstance(trust, Mapping) or not trust:
+        raise ValueError("trust must map each aspect name to a non-empty list of trust queries, e.g. "
+                         "{'truthfulness': [{'proponent': ex, 'opponent': ex}, ...]}")
+    task, progress, layers, factors, examples = _prepare(model, factors, train, task, progress)
+    clock = _Clock(timings)
+
+    aspect_grads = []
+    for aspect, queries in trust.items():
+        if len(queries) == 0:
+            raise ValueError(f"aspect {aspect!r} has no trust queries")
+        aspect_grads.append(measurement_gradient(model, queries, modules=[l.name for l in layers], task=task,
+                                                 batch_size=batch_size, progress=progress))
+    clock.lap("query_gradients")
+    stacked = {l.name: torch.stack([g[l.name] for g in aspect_grads]) for l in layers}
+    contract = _preconditioned_contractions(factors, layers, stacked, damping, None, progress, projected=False)
+    clock.lap("precondition")
+
+    scores = _score_pass(model, layers, examples, task, batch_size, progress, len(aspect_grads),
+                         lambda i, a, g: contract[i](a, g), factor_dtype(layers))
+    clock.lap("scores")
+    return {aspect: -scores[:, j] for j, aspect in enumerate(trust)}
+
+
+def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: Sequence[Mapping], *,
+                       damping: float | None = None, query_rank: int | None = None, batch_size: int = 8,
+                       task: Task | None = None, progress: bool = True,
+                       timings: dict | None = None) -> torch.Tensor:
+    """Influence of every training example on every query's measurement.
+
+    scores[q, z] = - grad m_q^T (G + lambda I)^{-1} grad L(z), m_q = log P(o_q|m_q) - log P(p_q|m_q).
+
+    Args:
+        queries: trust queries ``{"proponent": ex, "opponent": ex}``.
+        query_rank: if given, each layer's preconditioned query gradient is replaced by its best rank-r
+            approximation, computed in the eigenbasis by a randomized SVD so that only the factors are
+            rotated back (:mod:`trustrepair.engine.lowrank`), and scores are contracted through the tokens:
+            memory Q r (d_out + d_in) instead of Q d_out d_in per layer, and neither the dense rotation
+            back nor the per-example gradient is formed. Layers narrower than r stay exact.
+        Other arguments as in :func:`influence`.
+    Returns:
+        (n_query, n_train), float32 (float64 for a float64 model); positive = detrimental.
+    """
+    if query_rank is not None and query_rank < 1:
+        raise ValueError(f"query_rank must be a positive rank or None; got {query_rank}")
+    task, progress, layers, factors, examples = _prepare(model, factors, train, task, progress)
+    queries = as_queries(queries)
+    clock = _Clock(timings)
+
+    per_query = per_query_projected_gradients(model, factors, layers, queries, task, batch_size, progress)
+    clock.lap("query_gradients")
+    contract = _preconditioned_contractions(factors, layers, per_query, damping, query_rank, progress,
+                                            projected=True)
+    del per_query
+    clock.lap("precondition")
+
+    scores = _score_pass(model, layers, examples, task, batch_size, progress, len(queries),
+                         lambda i, a, g: contract[i](a, g), factor_dtype(layers))
+    clock.lap("scores")
+    return -scores.T.contiguous()
+
+
+def _prepare(model: nn.Module, factors: EKFACFactors, train, task: Task | None, progress: bool):
+    """What both scorers start from: the task (default :class:`CausalLMTask`), the rank-aware progress
+    flag, the analysed layers (checked against the factors), the factors on the model's device and the
+    validated training examples (warning about unlabelled ones)."""
+    task = task or CausalLMTask()
+    progress = progress_enabled(progress)
+    factors.check_model(model, weights=False)
+    layers = find_modules(model, list(factors.modules))
+    factors = factors.to(layers[0].module.weight.device)
+    examples = as_examples(train, "training set")
+    _warn_unlabelled(examples)
+    return task, progress, layers, factors, examples
+
+
+def measurement_gradient(model: nn.Module, queries: Sequence[Mapping], *, modules: ModuleSelection = None,
+                         task: Task | None = None, batch_size: int = 8,
+                         progress: bool = False) -> dict[str, torch.Tensor]:
+    """grad F of the mean measurement F = (1/Q) sum_q [log P(o_q|m_q) - log P(p_q|m_q)], per layer.
+
+    Each chunk of queries runs as one stacked batch (proponents in the first half of the rows, opponents
+    in the second), so every layer runs once per measurement.
+
+    Returns:
+        module name -> (d_out, d_in [+ 1]) in the folded layout, float32 (float64 for a float64 model).
+    """
+    queries = as_queries(queries)
+    task = task or CausalLMTask()
+    layers = find_modules(model, modules)
+    batches = ((f"batch {n} of the trust queries", task.collate_queries(queries[start:start + batch_size]))
+               for n, start in enumerate(range(0, len(queries), batch_size)))
+    sums = _gradient_sums(model, layers, batches, task.measurement, task, progress)
+    return {name: grad / len(queries) for name, grad in sums.items()}
+
+
+def summed_gradient(model: nn.Module, examples, *, modules: ModuleSelection = None, task: Task | None = None,
+                    batch_size: int = 8, progress: bool = False) -> dict[str, torch.Tensor]:
+    """sum_{z in examples} grad L(z) per layer (data labels), e.g. the repair step's direction before
+    preconditioning: ``factors.precondition(summed_gradient(model, subset, modules=list(factors.modules)))``
+    then :func:`trustrepair.engine.layers.apply_deltas` with ``alpha=beta``.
+
+    Returns:
+        module name -> (d_out, d_in [+ 1]) in the folded layout (bias last), float32 (float64 for a
+        float64 model).
+    """
+    task = task or CausalLMTask()
+    layers = find_modules(model, modules)
+    examples = as_examples(examples, "example subset")
+    batches = ((describe_rows("example subset", n, rows), batch)
+               for n, (rows, batch) in enumerate(padded_batches(examples, batch_size, collate=task.collate)))
+    return _gradient_sums(model, layers, batches, task.train_loss, task, progress)
+
+
+def per_query_projected_gradients(model: nn.Module, factors: EKFACFactors, layers: list[TrackedLayer], queries: list,
+                                  task: Task, batch_size: int, progress: bool = False) -> dict[str, torch.Tensor]:
+    """grad m_q per query and layer, in the layer's eigenbasis: name -> (Q, d_out, d_in [+ 1]) holding
+    Q_S^T grad m_q Q_A.
+
+    In a stacked batch, rows q (proponent) and Q + q (opponent) both feed m_q alone, so the query's
+    gradient is g^T a over the tokens of both rows; concatenating the two rows along the token axis gives
+    it as one "example" of 2T tokens, projected token by token (T << width), far cheaper than rotating a
+    dense (d_out, d_in) gradient per query.
+    """
+    dtype = factor_dtype(layers)
+    device = layers[0].module.weight.device
+    out = {l.name: torch.zeros(len(queries), *l.shape, dtype=dtype, device=device) for l in layers}
+    with TokenCapture(model, layers) as capture:
+        for number, start in enumerate(tqdm(range(0, len(queries), batch_size), desc="query gradients",
+                                            unit="batch", disable=not progress)):
+            chunk = queries[start:start + batch_size]
+            batch = task.collate_queries(chunk)
+            n = len(chunk)
+
+            def on_layer(i, a, g):
+                f = factors.modules[layers[i].name]
+                pairs_a = torch.cat([a[:n], a[n:]], dim=1)
+                pairs_g = torch.cat([g[:n], g[n:]], dim=1)
+                out[layers[i].name][start:start + n] = projected_gradients(pairs_a, pairs_g, f.q_a, f.q_s)
+
+            capture.run(lambda: task.measurement(model, batch), task.token_mask(batch),
+                        describe_rows("trust queries", number, list(range(start, start + n))), on_layer)
+    return out
+
+
+def normalize_scores(scores):
+    """Min-max normalise scores to [0, 1] (the selection step's convention), per aspect for a dict.
+
+    (s - min s) / (max s - min s); a constant vector maps to all ones (every example equally
+    influential) rather than dividing by zero. Order and sign convention are kept: 1 = most detrimental.
+    """
+    if isinstance(scores, Mapping):
+        return {aspect: normalize_scores(s) for aspect, s in scores.items()}
+    low, high = scores.min(), scores.max()
+    if not bool(high > low):
+        return torch.ones_like(scores)
+    return (scores - low) / (high - low)
+
+
+def as_queries(queries) -> list:
+    """The trust queries as a list, each checked to have a proponent and an opponent."""
+    queries = list(queries)
+    if not queries:
+        raise ValueError("no trust queries given; pass a list of {'proponent': ex, 'opponent': ex}")
+    for i, q in enumerate(queries):
+        if not isinstance(q, Mapping) or {"proponent", "opponent"} - set(q):
+            raise ValueError(f"trust query {i} must be a dict with 'proponent' and 'opponent' examples")
+    return queries
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLayer], grads: dict[str, torch.Tensor],
+                                 damping: float | None, rank: int | None, progress: bool, *,
+                                 projected: bool) -> list[Callable]:
+    """Per layer, ``contract(a, g) -> (B, K)``: the ghost dot products of a batch with the K
+    preconditioned directions U_k = Q_S [P_k / (Lambda + lambda)] Q_A^T, where P_k = ``grads[name][k]``
+    (already in the eigenbasis when ``projected``, else rotated in first).
+
+    With ``rank`` below a layer's smaller side, U_k is replaced by its best rank-r approximation,
+    factorised in the eigenbasis and only the factors rotated back (:mod:`trustrepair.engine.lowrank`), and the
+    contraction runs through the tokens (:func:`low_rank_ghost_dots`); otherwise U_k is dense
+    (:func:`ghost_dots`).
+
+    Each layer is computed by one rank and broadcast (:func:`trustrepair.engine.distributed.map_once`, balanced
+    by the dense rotations' cost K d_out d_in (d_out + d_in)), so every rank gets the same directions; in
+    a single process it is a loop over the layers. Low-rank factors travel as one (K, d_out + d_in, r)
+    buffer, left on top of right^T.
+    """
+    low = {l.name for l in layers if rank is not None and rank < min(l.shape)}
+
+    def compute(name):
+        p = grads[name] if projected else factors.project({name: grads[name]})[name]
+        if name not in low:
+            return factors.precondition_projected({name: p}, damping)[name]
+        f = factors.modules[name]
+        with torch.autocast(f.q_a.device.type, enabled=False):
+            scaled = factors.divide_projected({name: p}, damping)[name]
+            left, right = rotate_factors(*low_rank_factors(scaled, rank, column_basis=f.q_a), f.q_s, f.q_a)
+        return torch.cat([left, right.mT], dim=-2)
+
+    def like(name):
+        reference = factors.modules[name].q_a
+        k, d_out, d_in = grads[name].shape
+        shape = (k, d_out + d_in, rank) if name in low else (k, d_out, d_in)
+        return torch.empty(shape, dtype=reference.dtype, device=reference.device)
+
+    names = [l.name for l in layers]
+    done = map_once(compute, names, like,
+                    cost=lambda name: grads[name].numel() * (grads[name].shape[-2] + grads[name].shape[-1]),
+                    desc="preconditioning", progress=progress)
+    contract = []
+    for i, layer in enumerate(layers):
+        direction, done[i] = done[i], None  # an aligned copy replaces it: one layer's extra memory at a time
+        if layer.name in low:
+            d_out = layer.shape[0]
+            left, right = direction[:, :d_out], direction[:, d_out:].mT
+            contract.append(lambda a, g, left=left, right=right: low_rank_ghost_dots(a, g, left, right))
+        else:  # a GPU's row-by-row ghost products want aligned rows (made once here, not per batch); a CPU's
+            # flattened product wants them contiguous (see contractions.ghost_dots_reference)
+            u = direction if cache_blocked(direction.device) else aligned(direction)
+            contract.append(lambda a, g, u=u: ghost_dots(a, g, u))
+    return contract
+
+
+def _score_pass(model, layers, examples, task, batch_size, progress, n_cols, contract, dtype) -> torch.Tensor:
+    """(n_train, n_cols): sum over layers of contract(layer_index, a, g) for every training example
+    (this rank's shard computed here, the others gathered in the original order)."""
+    device = layers[0].module.weight.device
+    shard = shard_range(len(examples))
+    scores = torch.zeros(len(shard), n_cols, dtype=dtype, device=device)
+    with fail_together("influence scoring"), TokenCapture(model, layers) as capture:
+        for number, (rows, batch) in enumerate(padded_batches(examples[shard.start:shard.stop], batch_size,
+                                                               "influence scores", progress, task.collate)):
+            index = torch.tensor(rows, device=device)
+            rows = [shard.start + row for row in rows]
+
+            def on_layer(i, a, g):
+                scores.index_add_(0, index, contract(i, a, g).to(dtype))
+
+            capture.run(lambda: task.train_loss(model, batch), task.token_mask(batch),
+                        describe_rows("training set", number, rows), on_layer)
+    return gather_rows(scores, len(examples)).cpu()
+
+
+def _gradient_sums(model: nn.Module, layers: list[TrackedLayer], batches: Iterable[tuple[str, Batch]],
+                   objective: Callable[[nn.Module, Batch], torch.Tensor], task: Task, progress: bool) -> dict:
+    """sum over every row of every (label, batch) of g_r^T a_r per layer: the gradient of the summed
+    objective, one (d_out, tokens) x (tokens, d_in) product per layer and batch."""
+    dtype = factor_dtype(layers)
+    device = layers[0].module.weight.device
+    sums = {l.name: torch.zeros(*l.shape, dtype=dtype, device=device) for l in layers}
+    with TokenCapture(model, layers) as capture:
+        for label, batch in tqdm(batches, desc="gradients", unit="batch", disable=not progress):
+            def on_layer(i, a, g):
+                a = a.reshape(-1, a.shape[-1]).to(dtype)
+                g = g.reshape(-1, g.shape[-1]).to(dtype)
+                sums[layers[i].name].addmm_(g.T, a)
+
+            capture.run(lambda: objective(model, batch), task.token_mask(batch), label, on_layer)
+    return sums
+
+
+def _warn_unlabelled(examples) -> None:
+    empty = unlabelled(examples)
+    if empty:
+        warnings.warn(f"{len(empty)} of {len(examples)} training examples have no labelled token (indices "
+                      f"{empty[:10]}{' ...' if len(empty) > 10 else ''}): their gradient is zero and they score 0",
+                      stacklevel=3)
+
+
+class _Clock:
+    """Fills ``timings[stage]`` with the seconds since the previous lap (no-op without a dict)."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[stage] = now - self.last
+        self.last = now
