@@ -1,6 +1,6 @@
 """Data-parallel EK-FAC on the CPU: 1 process against 2 gloo processes, same model, data and machine.
 
-Model, data and sizes are those of the EK-FAC benchmark (imported from ``benchmark_ekfac.py``, not
+Model, data and sizes are those of the EK-FAC benchmark (imported from ``benchmarks.benchmark_ekfac``, not
 copied): GPT-NeoX hidden 512, 8 layers, 256 training sequences of 64 tokens, 16 trust queries, batch 8,
 every block Linear, empirical Fisher (deterministic, so the runs' results can be compared exactly).
 ``--quick`` uses that benchmark's small configuration.
@@ -17,8 +17,8 @@ Reported: medians, the speed-up of each configuration against "1 x T" with the s
 against "1 x 1", peak extra resident memory per process, and the largest relative difference of the
 factors and scores from the first configuration's (the distributed path must not change results).
 
-    python benchmarks/benchmark_distributed.py --quick
-    python benchmarks/benchmark_distributed.py --write-results      # the full run, a few minutes
+    python -m benchmarks.benchmark_distributed --quick
+    python -m benchmarks.benchmark_distributed --write-results      # the full run, a few minutes
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_ekfac import FULL, QUICK, RESULTS, PeakMemory, make_data, make_model  # noqa: E402
+from benchmarks.benchmark_ekfac import FULL, QUICK, make_data, make_model
+from benchmarks.common import RESULTS, PeakMemory, cpu_name, replace_section, section_span
 
 HEADING = "## Data-parallel EK-FAC: 1 vs 2 processes (issue 6)"
 STAGES = ("fit", "aggregated", "pairwise")
@@ -179,8 +179,7 @@ def write_results(cfg: dict, args, report: str) -> None:
 
     import trustrepair
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     size = "quick" if args.quick else "full"
     subsection = "\n".join([
         f"### {size} size",
@@ -194,7 +193,7 @@ def write_results(cfg: dict, args, report: str) -> None:
         f"{cfg['heads']} heads, intermediate {cfg['intermediate']}, vocab {cfg['vocab']}, float32; {cfg['n_train']} x "
         f"{cfg['seq_len']} tokens (half prompt), {cfg['n_queries']} queries, batch {cfg['batch_size']}, all block "
         f"linears, empirical Fisher. Median of {args.repeats} per stage; a stage's time is its slowest rank's "
-        f"(barriers around it). Command: `python benchmarks/benchmark_distributed.py {' '.join(sys.argv[1:])}`. "
+        f"(barriers around it). Command: `python -m benchmarks.benchmark_distributed {' '.join(sys.argv[1:])}`. "
         f"Speed-up: summed medians of fit, aggregated and pairwise of the reference row over this row's. "
         f"Peak MiB: extra resident memory above the stage's start, largest over ranks. Max rel. diff.: largest "
         f"max-norm relative difference of every module's Lambda and of both score tensors from the first row's "
@@ -203,20 +202,10 @@ def write_results(cfg: dict, args, report: str) -> None:
         report,
         ""])
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n"
-    start = text.index(HEADING)
-    end = text.find("\n## ", start + len(HEADING))
-    end = len(text) if end == -1 else end + 1
-    section = text[start:end]
-    marker = f"### {size} size"
-    if marker in section:
-        sub_start = section.index(marker)
-        sub_end = section.find("\n### ", sub_start + len(marker))
-        section = section[:sub_start] + subsection + ("\n" + section[sub_end + 1:] if sub_end != -1 else "\n")
-    else:
-        section = section.rstrip("\n") + "\n\n" + subsection + "\n"
-    RESULTS.write_text(text[:start] + section + text[end:])
+    span = section_span(text, HEADING)
+    section = text[span[0]:span[1]] if span else HEADING + "\n"
+    section = replace_section(section, f"### {size} size", subsection, level=3)
+    RESULTS.write_text(replace_section(text, HEADING, section))
     print(f"wrote {RESULTS}")
 
 

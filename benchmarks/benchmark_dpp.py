@@ -25,34 +25,29 @@ Peak memory: the rise of the process's peak resident set (VmHWM, reset through /
 during one extra call, so C++ allocations are counted too (tracemalloc would miss them), with glibc told
 to return freed blocks to the OS. Linux with glibc only.
 
-    python benchmarks/benchmark_dpp.py                          # N = 2k, 10k, 50k, 200k (numpy up to 50k)
-    python benchmarks/benchmark_dpp.py --sizes 2000,10000       # a quick run
-    python benchmarks/benchmark_dpp.py --threads 1              # one thread for C++ and for numpy's BLAS
-    python benchmarks/benchmark_dpp.py --write-results          # append the table to benchmarks/RESULTS.md
+    python -m benchmarks.benchmark_dpp                          # N = 2k, 10k, 50k, 200k (numpy up to 50k)
+    python -m benchmarks.benchmark_dpp --sizes 2000,10000       # a quick run
+    python -m benchmarks.benchmark_dpp --threads 1              # one thread for C++ and for numpy's BLAS
+    python -m benchmarks.benchmark_dpp --write-results          # append the table to benchmarks/RESULTS.md
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 import trustrepair
+from benchmarks.common import RESULTS, cpu_name, peak_rss_rise_mib, unmap_large_frees, wall_times
 from trustrepair import _dpp
 from trustrepair.methods.selection import dpp_greedy, median_heuristic_gamma
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def clustered(n: int, d: int, seed: int = 0):
@@ -89,48 +84,18 @@ def copy_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / statistics.median(times)
 
 
-def return_freed_memory_to_the_os():
-    """glibc keeps freed blocks of up to 32 MiB resident once its mmap threshold has adapted, which would
-    hide later calls' allocations from the peak-RSS measurement: pin the threshold at 128 KiB (allocations
-    above it are mmapped and unmapped on free)."""
-    m_mmap_threshold = -3
-    if ctypes.CDLL(None).mallopt(m_mmap_threshold, 128 * 1024) != 1:
-        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: peak memory would be misreported")
-
-
-def peak_rss_rise_mib(fn) -> float:
-    """MiB by which the process's peak resident set rises while fn() runs."""
-    def status(field):
-        return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    before = status("VmRSS")
-    fn()
-    return (status("VmHWM") - before) / 1024
-
-
 def median_time(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-        if result is not None:
-            assert np.array_equal(out.indices, result.indices), "a provider changed its selection between calls"
-        result = out
-    return statistics.median(times), result
-
-
-def machine() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = re.search(r"Model name:\s+(.*)", lscpu)
-    return f"{model.group(1).strip() if model else platform.processor()}, {os.cpu_count()} cores"
+    """Median seconds of ``repeats`` calls of ``fn`` and its selection, asserted the same every call."""
+    times, results = wall_times(fn, repeats)
+    for out in results[1:]:
+        assert np.array_equal(out.indices, results[0].indices), "a provider changed its selection between calls"
+    return statistics.median(times), results[-1]
 
 
 def run(args) -> tuple[list[dict], dict]:
     info = {
         "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "load_before": os.getloadavg()[0],
         "versions": f"python {platform.python_version()}, numpy {np.__version__}, trustrepair "
                     f"{trustrepair.__version__} (SIMD variant {_dpp.simd_variant()})",
@@ -203,7 +168,7 @@ def report(rows, info, args) -> str:
         f"Workload: clustered float32 embeddings, d = {args.d}, k = {args.k}; medians of {args.repeats} calls "
         f"(numpy: {args.reference_repeats}); numpy reference run up to N = {args.reference_max:,}. Median-heuristic "
         f"gamma (not in the times): {gamma}. C++ and numpy selections identical (asserted). Command: "
-        "`python benchmarks/benchmark_dpp.py "
+        "`python -m benchmarks.benchmark_dpp "
         + " ".join(args.argv) + "`.",
         "Floor = kernel-entry bytes (entries x d x 4) / copy bandwidth; achieved GB/s = kernel-entry bytes / C++ "
         "time; rows read = candidate rows the lazy greedy fetched (each then serves several kernel entries); "
@@ -237,7 +202,7 @@ def main():
         env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     args.sizes = [int(v) for v in args.sizes.split(",")]
-    return_freed_memory_to_the_os()
+    unmap_large_frees()
     args.etas = [float(v) for v in args.etas.split(",")]
     rows, info = run(args)
     text = report(rows, info, args)

@@ -17,32 +17,27 @@ Also measured: on tiny float64 models, how well EK-FAC pairwise scores correlate
 damped-Fisher influence computed from explicit per-example gradients (full Fisher and its per-layer
 blocks, inverted through the Woodbury identity).
 
-    python benchmarks/benchmark_ekfac.py --quick
-    python benchmarks/benchmark_ekfac.py --write-results        # the full run (kronfluence takes minutes)
+    python -m benchmarks.benchmark_ekfac --quick
+    python -m benchmarks.benchmark_ekfac --write-results        # the full run (kronfluence takes minutes)
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime
-import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
-import time
-from pathlib import Path
 
 import torch
 
 import trustrepair
+from benchmarks.common import RESULTS, Timing, cpu_name, pearson, replace_section, spearman, timed
 from trustrepair import fit_ekfac, influence, pairwise_influence
 from trustrepair.engine.layers import find_modules
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch, sequence_log_probs
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADING = "## EK-FAC influence engine vs kronfluence (issue 3)"
 
 FULL = dict(hidden=512, layers=8, heads=8, intermediate=2048, vocab=1024, n_train=256, seq_len=64, n_queries=16,
@@ -92,50 +87,6 @@ def make_data(cfg, seed=1):
 # Measurement
 # ----------------------------------------------------------------------------------------------------
 
-class PeakMemory:
-    """Context manager: peak resident memory above the level at entry, sampled every 10 ms (MiB)."""
-
-    def __enter__(self):
-        _trim_heap()  # hand memory freed by earlier phases back, so that their leftovers do not hide this peak
-        self.start = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-        self.mib = (self.peak - self.start) / 2**20
-
-
-def _trim_heap() -> None:
-    """glibc's malloc_trim(0): return freed heap pages to the OS (no-op where unavailable)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def timed(fn):
-    """(result, wall seconds, process CPU seconds, peak extra MiB) of one call."""
-    with PeakMemory() as mem:
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return out, wall, cpu, mem.mib
-
-
 def floor_pass(model, train, batch_size):
     """One forward + backward over the training set, weights frozen, gradients to the analysed layers'
     outputs only (the graph starts at the first analysed outputs), nothing else computed."""
@@ -162,15 +113,6 @@ def floor_pass(model, train, batch_size):
             h.remove()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    rank = lambda v: torch.argsort(torch.argsort(v.double().flatten())).double()
-    return pearson(rank(x), rank(y))
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([x.double().flatten(), y.double().flatten()]))[0, 1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,8 +184,8 @@ def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_
     timings = {}
 
     def phase(name, fn):
-        _, wall, cpu, mib = timed(fn)
-        timings[name] = {"wall": wall, "cpu": cpu, "mib": mib}
+        t = timed(fn)
+        timings[name] = {"wall": t.seconds, "cpu": t.cpu_seconds, "mib": t.peak_mib}
 
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("bench", kmodel, kronfluence_task(modules), cpu=True, disable_tqdm=True,
@@ -340,46 +282,45 @@ def run(args):
     floor_pass(model, train[:bs], bs)  # warm-up
     totals, stages = {}, {}
 
-    def record(name, wall, cpu, mib):
+    def record(name, t: Timing):
+        """Keeps ``t``'s measures under ``name``; returns its result."""
         entry = totals.setdefault(name, {"wall": [], "cpu": [], "mib": []})
-        entry["wall"].append(wall)
-        entry["cpu"].append(cpu)
-        entry["mib"].append(mib)
+        entry["wall"].append(t.seconds)
+        entry["cpu"].append(t.cpu_seconds)
+        entry["mib"].append(t.peak_mib)
+        return t.value
 
     def record_stages(prefix, timings):
         for stage, seconds in timings.items():
             stages.setdefault(f"{prefix}{stage}", []).append(seconds)
 
     for repeat in range(args.repeats):
-        _, *measures = timed(lambda: floor_pass(model, train, bs))
-        record("floor", *measures)
-        factors, *measures = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs, progress=False))
-        record("fit", *measures)
+        record("floor", timed(lambda: floor_pass(model, train, bs)))
+        factors = record("fit", timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs,
+                                                        progress=False)))
         record_stages("fit: ", factors.timings)
         pair_timings = {}
-        ekfac_scores, *measures = timed(lambda: pairwise_influence(model, factors, train, queries, batch_size=bs,
-                                                                   progress=False, timings=pair_timings))
-        record("pairwise", *measures)
+        ekfac_scores = record("pairwise", timed(lambda: pairwise_influence(
+            model, factors, train, queries, batch_size=bs, progress=False, timings=pair_timings)))
         record_stages("pairwise: ", pair_timings)
         agg_timings = {}
-        aggregated, *measures = timed(lambda: influence(model, factors, train, {"all": queries}, batch_size=bs,
-                                                        progress=False, timings=agg_timings)["all"])
-        record("aggregated", *measures)
+        aggregated = record("aggregated", timed(lambda: influence(
+            model, factors, train, {"all": queries}, batch_size=bs, progress=False, timings=agg_timings)["all"]))
         record_stages("aggregated: ", agg_timings)
         print(f"repeat {repeat}: " + ", ".join(f"{k} {v['wall'][-1]:.1f}s wall / {v['cpu'][-1]:.1f}s CPU"
                                                for k, v in totals.items()), flush=True)
     if args.bf16:  # one run: on a CPU without bf16 hardware it is not expected to be faster
-        bf16_factors, *measures = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs,
-                                                          progress=False, matmul_dtype=torch.bfloat16))
-        record("fit (bf16 matmul mode)", *measures)
+        bf16_fit = timed(lambda: fit_ekfac(model, train, fisher="empirical", batch_size=bs, progress=False,
+                                           matmul_dtype=torch.bfloat16))
+        bf16_factors = record("fit (bf16 matmul mode)", bf16_fit)
         bf16_scores = pairwise_influence(model, bf16_factors, train, queries, batch_size=bs, progress=False)
-        print(f"bf16 fit {measures[0]:.1f}s", flush=True)
+        print(f"bf16 fit {bf16_fit.seconds:.1f}s", flush=True)
 
     kron = None
     if not args.no_kronfluence:
-        (kron_scores, kron_times), *measures = timed(lambda: kronfluence_pairwise(model, train, queries,
-                                                                                  modules=modules, batch_size=bs))
-        kron = {"scores": kron_scores, "times": kron_times, "mib": measures[2]}
+        whole = timed(lambda: kronfluence_pairwise(model, train, queries, modules=modules, batch_size=bs))
+        (kron_scores, kron_times) = whole.value
+        kron = {"scores": kron_scores, "times": kron_times, "mib": whole.peak_mib}
         print(f"kronfluence: {kron_times}", flush=True)
 
     med = {k: {m: statistics.median(v[m]) for m in ("wall", "cpu")} for k, v in totals.items()}
@@ -459,8 +400,7 @@ def write_results(cfg, args, report):
         kron_version = kronfluence.__version__
     except ImportError:
         kron_version = "not installed"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     section = "\n".join([
         HEADING, "",
         f"{datetime.date.today().isoformat()}; {cpu}, {args.threads} threads (a shared 2-core machine: other jobs ran "
@@ -471,16 +411,10 @@ def write_results(cfg, args, report):
         f"{cfg['intermediate']}, vocab {cfg['vocab']}, float32; {cfg['n_train']} x {cfg['seq_len']} tokens (half prompt), "
         f"{cfg['n_queries']} queries, batch {cfg['batch_size']}, all block linears, empirical Fisher, damping "
         f"0.1 x mean(Lambda). trustrepair and floor: median of {args.repeats}; kronfluence: one run. "
-        f"Command: `python benchmarks/benchmark_ekfac.py {' '.join(sys.argv[1:])}`.", "",
+        f"Command: `python -m benchmarks.benchmark_ekfac {' '.join(sys.argv[1:])}`.", "",
         report, ""])
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    RESULTS.write_text(replace_section(text, HEADING, section))
     print(f"wrote {RESULTS}")
 
 

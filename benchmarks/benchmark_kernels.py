@@ -29,10 +29,10 @@ the reference runs, on the CPU, timed with ``time.perf_counter`` after a warm-up
 with ``TRITON_INTERPRET=1`` in the environment the kernels run too, in Triton's interpreter, which checks
 the code path (its times mean nothing).
 
-    python benchmarks/benchmark_kernels.py                  # Pythia-160M layer shapes, B = 16, T = 512, Q = 32
-    python benchmarks/benchmark_kernels.py --quick          # small shapes (a CPU smoke run)
-    python benchmarks/benchmark_kernels.py --json out.json  # also write every number
-    python benchmarks/benchmark_kernels.py --resources      # no GPU needed: compile every autotuning
+    python -m benchmarks.benchmark_kernels                  # Pythia-160M layer shapes, B = 16, T = 512, Q = 32
+    python -m benchmarks.benchmark_kernels --quick          # small shapes (a CPU smoke run)
+    python -m benchmarks.benchmark_kernels --json out.json  # also write every number
+    python -m benchmarks.benchmark_kernels --resources      # no GPU needed: compile every autotuning
                                                             # configuration for sm_90, print registers,
                                                             # spills and whether wgmma was emitted
 """
@@ -42,13 +42,14 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import matmul_precision, quantiles, wall_times
 
 from trustrepair.engine import contractions
 from trustrepair.engine.layout import aligned
@@ -171,14 +172,8 @@ def time_call(fn, device: torch.device, repeats: int = 5) -> dict:
         median, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
         return {"ms": median, "p20": p20, "p80": p80, "peak_mib": peak}
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {"ms": statistics.median(times), "p20": times[len(times) // 5], "p80": times[(4 * len(times)) // 5],
-            "peak_mib": float("nan")}
+    times = quantiles(wall_times(fn, repeats)[0])
+    return {"ms": times["median"] * 1e3, "p20": times["p20"] * 1e3, "p80": times["p80"] * 1e3, "peak_mib": float("nan")}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -231,10 +226,8 @@ def matmul_rates(device: torch.device, size: int = 8192, warmup_s: float = 1.0, 
         {precision: {"tflops", "tflops_p20", "tflops_p80", "products_per_window", "sm_clock"}}.
     """
     rates = {}
-    previous = torch.get_float32_matmul_precision()
-    try:
-        for precision in PRECISIONS:
-            torch.set_float32_matmul_precision(MATMUL_PRECISION[precision])
+    for precision in PRECISIONS:
+        with matmul_precision(MATMUL_PRECISION[precision]):
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             pairs = [(torch.randn(size, size, device=device, dtype=dtype),
                       torch.randn(size, size, device=device, dtype=dtype)) for _ in range(3)]
@@ -249,26 +242,22 @@ def matmul_rates(device: torch.device, size: int = 8192, warmup_s: float = 1.0, 
             _run_for(product, warmup_s, device)
             calls, seconds = _run_for(product, window_s / 2, device)  # the per-product time at speed
             per_window = max(4, round(window_s / (seconds / calls)))
-            times = []
-            for _ in range(windows):
-                start = time.perf_counter()
+
+            def window():
                 for _ in range(per_window):
                     product()
                 _synchronize(device)
-                times.append(time.perf_counter() - start)
+
+            times = quantiles(wall_times(window, windows)[0])
             for _ in range(per_window):  # one more window, untimed, under which the clock is read
                 product()
             clock = sm_clock() if device.type == "cuda" else "n/a (cpu)"
             _synchronize(device)
-            times.sort()
             flop = 2 * size**3 * per_window
-            rates[precision] = {"tflops": flop / statistics.median(times) / 1e12,
-                                "tflops_p20": flop / times[(4 * len(times)) // 5] / 1e12,
-                                "tflops_p80": flop / times[len(times) // 5] / 1e12,
-                                "products_per_window": per_window, "sm_clock": clock}
+            rates[precision] = {"tflops": flop / times["median"] / 1e12, "tflops_p20": flop / times["p80"] / 1e12,
+                                "tflops_p80": flop / times["p20"] / 1e12, "products_per_window": per_window,
+                                "sm_clock": clock}
             del pairs, out
-    finally:
-        torch.set_float32_matmul_precision(previous)
     return rates
 
 
@@ -280,9 +269,7 @@ def format_rates(rates: dict) -> str:
 def run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, rates=None) -> dict:
     """Times every provider of one (op, layer shape, precision); returns one record."""
     d_out, d_in = shape
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(MATMUL_PRECISION[precision])
-    try:
+    with matmul_precision(MATMUL_PRECISION[precision]):
         o = make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device)
         calls = providers(op, o)
         record = {"op": op, "layer": layer, "d_out": d_out, "d_in": d_in, "precision": precision, "B": batch,
@@ -302,8 +289,6 @@ def run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, 
             record["rel_err"] = float((results["trustrepair"] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             record["speedup"] = record["reference"]["ms"] / record["trustrepair"]["ms"]
         del o, calls, results
-    finally:
-        torch.set_float32_matmul_precision(previous)
     return record
 
 

@@ -1,6 +1,6 @@
 """Load times of the offline default model: first de-quantisation (GGUF -> fp32 cache) vs cached loads.
 
-    python benchmarks/benchmark_model_load.py [--repeats 3]
+    python -m benchmarks.benchmark_model_load [--repeats 3]
 
 Uses a fresh temporary cache (``TRUSTREPAIR_CACHE``), so the first number is a real first run; prints a
 Markdown section for benchmarks/RESULTS.md with the machine, the date, the load average (the 2-core
@@ -15,6 +15,8 @@ import resource
 import statistics
 import tempfile
 import time
+
+from benchmarks.common import wall_times
 
 
 def main() -> None:
@@ -32,12 +34,10 @@ def main() -> None:
         start = time.perf_counter()
         folder = default_model_dir()
         first = time.perf_counter() - start
-        cached = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            model, _ = load_causal_lm()
-            cached.append(time.perf_counter() - start)
-            del model
+        def load_and_free() -> None:  # each model freed before the next load
+            load_causal_lm()
+
+        cached, _ = wall_times(load_and_free, args.repeats)
         size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         load_after = os.getloadavg()[0]

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from trustrepair.batching import chunked
 from trustrepair.engine.layers import TrackedLayer, apply_deltas, find_modules
 from trustrepair.task import CausalLMTask, Task
 
@@ -93,11 +94,6 @@ def _check_subset(train: Sequence, subset: Sequence[int]) -> list[int]:
     return subset
 
 
-def _batches(items: Sequence, batch_size: int):
-    for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
-
-
 def newton_direction(model: torch.nn.Module, factors, train: Sequence, subset: Sequence[int], *,
                      task: Task | None = None, damping: float | None = None,
                      batch_size: int = 8, progress: bool = False) -> RepairDelta:
@@ -156,13 +152,13 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
     params = _layer_parameters(layers)
     post = [p.detach().clone() for p in params]
     post_folded = {layer.name: layer.folded_weight() for layer in layers}
-    kl_batches = [task.collate(chunk) for chunk in _batches(list(kl_examples), batch_size)]
+    kl_batches = [task.collate(chunk) for chunk in chunked(list(kl_examples), batch_size)]
     with torch.no_grad():
         post_log_probs = [_token_log_probs(model, task, b) for b in kl_batches]
     n_kl_tokens = sum(lp.shape[0] for lp in post_log_probs)
     if n_kl_tokens == 0:
         raise ValueError("kl_examples have no labelled tokens")
-    subset_batches = [task.collate([train[i] for i in chunk]) for chunk in _batches(subset, batch_size)]
+    subset_batches = [task.collate([train[i] for i in chunk]) for chunk in chunked(subset, batch_size)]
     requires_grad = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
