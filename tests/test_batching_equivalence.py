@@ -8,8 +8,17 @@ from trustrepair.app.sft import epoch_batches
 from trustrepair.batching import chunked, length_sorted_batches, padded_batches, padding_fraction
 from trustrepair.data.batching import length_sorted_batches as data_batches, padding_fraction as data_padding
 from trustrepair.engine.capture import padded_batches as capture_batches
-from trustrepair.methods.metrics import _length_sorted_chunks
-from trustrepair.methods.repair_step import _batches
+
+
+def _length_sorted_chunks(lengths, batch_size):   # methods/metrics.py, before
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _batches(items, batch_size):                   # methods/repair_step.py, before
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
 
 
 def _cases():

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trustrepair.app.models import freeze_all_but_last_blocks, save_causal_lm
+from trustrepair.batching import chunked, length_sorted_batches
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, Task
 
 DEFAULT_LR = 1e-4
@@ -98,12 +99,9 @@ def loss_tokens(example) -> int:
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, order: str, generator: torch.Generator) -> list[list[int]]:
     """Index batches for one epoch (see ``SFTArguments.order``); every index appears once."""
-    n = len(lengths)
     if order == "shuffle":
-        perm = torch.randperm(n, generator=generator).tolist()
-        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-    by_length = sorted(range(n), key=lambda i: (lengths[i], i))
-    batches = [by_length[i:i + batch_size] for i in range(0, n, batch_size)]
+        return chunked(torch.randperm(len(lengths), generator=generator).tolist(), batch_size)
+    batches = length_sorted_batches(lengths, batch_size)
     return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
 
 

@@ -17,13 +17,8 @@ from typing import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from trustrepair.batching import example_length, length_sorted_batches
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, Task
-
-
-def _length_sorted_chunks(lengths: Sequence[int], batch_size: int):
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
 
 
 @torch.no_grad()
@@ -33,9 +28,8 @@ def query_log_odds(model: torch.nn.Module, queries: Sequence[Mapping], *, task: 
     if len(queries) == 0:
         raise ValueError("no trust queries to evaluate; pass at least one {'proponent', 'opponent'} pair")
     task = task or CausalLMTask()
-    lengths = [max(len(q["proponent"]["input_ids"]), len(q["opponent"]["input_ids"])) for q in queries]
     out = torch.empty(len(queries), dtype=torch.float64)
-    chunks = list(_length_sorted_chunks(lengths, batch_size))
+    chunks = length_sorted_batches([example_length(q) for q in queries], batch_size)
     for idx in tqdm(chunks, desc=desc, disable=not progress, leave=False):
         values = task.measurement(model, task.collate_queries([queries[i] for i in idx]))
         out[idx] = values.detach().double().cpu()
@@ -48,9 +42,8 @@ def perplexity(model: torch.nn.Module, examples: Sequence[Mapping], *, task: Tas
     """Token-weighted perplexity exp(sum NLL / labelled tokens) over ``examples``."""
     task = task or CausalLMTask()
     total_nll, total_tokens = 0.0, 0
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    for idx in tqdm(list(_length_sorted_chunks(lengths, batch_size)), desc="perplexity", disable=not progress,
-                    leave=False):
+    chunks = length_sorted_batches([example_length(ex) for ex in examples], batch_size)
+    for idx in tqdm(chunks, desc="perplexity", disable=not progress, leave=False):
         batch = task.collate([examples[i] for i in idx])
         total_nll += float(task.train_loss(model, batch).double().sum())
         total_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
