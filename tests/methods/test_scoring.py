@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_examples, make_queries, make_tiny_llama, make_tiny_neox
-from test_ekfac import assert_rel, per_example_gradients
+from engine.test_ekfac import assert_rel, per_example_gradients  # tests/engine: importable whatever runs first
 from trustrepair import fit_ekfac, influence, pairwise_influence
 from trustrepair.methods.scoring import measurement_gradient, normalize_scores, summed_gradient
 from trustrepair.engine.lowrank import low_rank_factors
