@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from trustrepair.app import report as report_module
-from trustrepair.app.settings import STRATEGIES
+from trustrepair.methods.selection import STRATEGIES
 from trustrepair.methods.metrics import relative_change_pct
 from trustrepair.app.report import FIGURE_NAME, SNIPPET_CHARS, TOP_N, summarize, write_report
 
@@ -202,7 +202,8 @@ def test_report_without_common_target_and_a_diverged_point(tmp_path):
 
 
 def test_atomic_overwrite_leaves_no_temporary_files(tmp_path, monkeypatch):
-    from trustrepair.app import pipeline, report
+    from trustrepair.app import report
+    from trustrepair.engine import storage
 
     write_report(make_results(5, common=False), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -218,8 +219,7 @@ def test_atomic_overwrite_leaves_no_temporary_files(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     # A failure at the rename of every writer leaves the old file and no temporary file.
-    monkeypatch.setattr("trustrepair.app.settings.os.replace", broken)
-    monkeypatch.setattr(pipeline.os, "replace", broken)
+    monkeypatch.setattr(storage.os, "replace", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         write_report(make_results(6, common=False), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -14,7 +14,6 @@ from torch import nn
 from conftest import make_examples, make_queries, make_tiny_llama, make_tiny_neox
 from trustrepair import EKFACFactors, fit_ekfac
 from trustrepair.engine.layout import ROW_ALIGNMENT, is_aligned
-from trustrepair.engine.ekfac import atomic_write
 from trustrepair.engine.layers import apply_deltas, find_modules
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch
 
@@ -419,45 +418,32 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     first.save(tmp_path)
     before = {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)}
 
-    import trustrepair.engine.ekfac as ekfac
+    import trustrepair.engine.storage as storage
 
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ekfac.os, "replace", failing_replace)
+    monkeypatch.setattr(storage.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         second.save(tmp_path)
     monkeypatch.undo()
     assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)} == before
 
     # Interrupted between the tensor file and the metadata: the save ids differ.
-    real_write = ekfac.atomic_write
+    real_write = storage.atomic_write
 
-    def stop_before_json(path, write):
+    def stop_before_json(path, write, **kwargs):
         if path.name == "factors.json":
             raise KeyboardInterrupt
-        real_write(path, write)
+        real_write(path, write, **kwargs)
 
-    monkeypatch.setattr(ekfac, "atomic_write", stop_before_json)
+    monkeypatch.setattr(storage, "atomic_write", stop_before_json)
     with pytest.raises(KeyboardInterrupt):
         second.save(tmp_path)
     monkeypatch.undo()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     with pytest.raises(ValueError, match="come from different saves"):
         EKFACFactors.load(tmp_path)
-
-
-def test_atomic_write_removes_the_temporary_file_on_failure(tmp_path):
-    target = tmp_path / "x.bin"
-    target.write_bytes(b"old")
-
-    def partial(tmp):
-        tmp.write_bytes(b"half")
-        raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, partial)
-    assert os.listdir(tmp_path) == ["x.bin"] and target.read_bytes() == b"old"
 
 
 class CountingTask(CausalLMTask):

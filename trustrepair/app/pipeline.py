@@ -32,7 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from trustrepair.app.settings import STRATEGIES, DemoConfig, write_json
+from trustrepair.app.settings import DemoConfig
+from trustrepair.engine.storage import atomic_write, save_tensors, save_torch, write_json
 from trustrepair.engine.distributed import fail_together, is_main_process, progress_enabled
 from trustrepair.methods.metrics import perplexity, query_log_odds
 
@@ -137,13 +138,7 @@ class Run:
                     for half_name, queries in zip(("query", "heldout"), halves):
                         flat = [q[side] for q in queries for side in ("proponent", "opponent")]
                         hidden[f"{aspect}/{half_name}"] = prefix(flat, f"hidden: {aspect} {half_name}")
-                def save_cache():
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(".tmp")
-                    torch.save(hidden, tmp)
-                    os.replace(tmp, cache)
-
-                self._publish(save_cache)
+                self._publish(lambda: save_torch(cache, hidden))
 
         def attach(examples, states):
             return [{**ex, "hidden": h} for ex, h in zip(examples, states)]
@@ -181,7 +176,7 @@ class Run:
     # -- stages --------------------------------------------------------------------------------------
     def stage_sft(self) -> dict:
         """Fine-tune the last blocks (loading them instead when already trained); evaluate pre and post."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         from trustrepair.app.sft import supervised_finetune
 
@@ -210,10 +205,7 @@ class Run:
         evals = {"pre": pre, "post": post, "sft_epoch_loss": [float(x) for x in history.epoch_losses]}
 
         def save_sft():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({n: params[n].detach().contiguous() for n in self.trained_params}, str(tmp))
-            os.replace(tmp, path)
+            save_tensors(path, {n: params[n] for n in self.trained_params})
             write_json(evals_path, evals)
 
         self._publish(save_sft)
@@ -224,7 +216,7 @@ class Run:
 
         self.stage_sft()
         path = self.dir / "factors"
-        if (path / "factors.json").is_file() or (path / "metadata.json").is_file():
+        if (path / "factors.json").is_file():
             return EKFACFactors.load(path)
         with self.timed("fit_ekfac"):
             factors = fit_ekfac(self.tail, self.train, modules=self._tail_module_names(), task=self.task,
@@ -257,12 +249,7 @@ class Run:
             out = {f"score/{a}": scores[a].double().cpu().numpy() for a in self.config.aspects}
         with self.timed("embeddings"):
             out["embeddings"] = self.response_embeddings(self.train)
-        def save_scores():
-            tmp = path.with_suffix(".tmp")
-            save_file(out, str(tmp))
-            os.replace(tmp, path)
-
-        self._publish(save_scores)
+        self._publish(lambda: atomic_write(path, lambda tmp: save_file(out, str(tmp))))
         return out
 
     @torch.no_grad()
@@ -277,7 +264,7 @@ class Run:
         return torch.cat(rows).float().cpu().numpy()
 
     def stage_select(self) -> dict:
-        from trustrepair.methods.selection import common_scores, select
+        from trustrepair.methods.selection import STRATEGIES, common_scores, select
 
         scores = self.stage_score()
         path = self.dir / "selection.json"

@@ -48,7 +48,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from trustrepair.methods.metrics import relative_change_pct, relative_change_se_pct
-from trustrepair.app.settings import atomic_write_bytes, atomic_write_text, write_json
+from trustrepair.engine.storage import write_bytes, write_json, write_text
 
 HEADLINE_STRATEGY = "dpp"
 COMMON = "common"
@@ -415,8 +415,8 @@ def write_report(results: dict, out_dir: Path) -> Path:
     tolerance = float(_require(summary["config"], "tolerance", "results['config']"))
     figure = plot_beta_sweep(results["repairs"], tolerance)
     markdown = render_markdown(summary, top) + "\n"
-    atomic_write_bytes(out_dir / FIGURE_NAME, figure)
+    write_bytes(out_dir / FIGURE_NAME, figure)
     write_json(out_dir / "report.json", summary)
     path = out_dir / "report.md"
-    atomic_write_text(path, markdown)
+    write_text(path, markdown)
     return path

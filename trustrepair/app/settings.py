@@ -1,18 +1,11 @@
-"""Settings of a trust repair run and the atomic file writers its stages use.
+"""Settings of a trust repair run (:class:`DemoConfig`).
 
 Kept free of torch and transformers so that ``trustrepair --help`` starts instantly.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-
-STRATEGIES = ("dpp", "topk", "random")
 
 
 @dataclass
@@ -68,37 +61,3 @@ class DemoConfig:
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a reader
-    never sees a half-written file and a failure leaves the previous file untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text through :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _finite_or_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload) -> None:
-    """Atomic, standard JSON: non-finite floats (a diverged beta probe) are written as null."""
-    atomic_write_text(path, json.dumps(_finite_or_none(payload), indent=2, allow_nan=False) + "\n")

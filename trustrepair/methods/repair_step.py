@@ -22,16 +22,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from trustrepair.batching import chunked
+from trustrepair.engine.storage import save_tensors, tensor_metadata
 from trustrepair.engine.layers import TrackedLayer, apply_deltas, find_modules
 from trustrepair.task import CausalLMTask, Task
 
@@ -61,26 +61,12 @@ class RepairDelta:
         self.apply(model, sign=-1.0)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (safetensors, metadata in its header) atomically: temp file + rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.deltas.items()}, tmp,
-                      metadata={"trustrepair": json.dumps(self.metadata)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write ``path`` (safetensors, metadata as JSON under ``"trustrepair"`` in its header) atomically."""
+        return save_tensors(path, self.deltas, metadata={"trustrepair": json.dumps(self.metadata)}, private=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RepairDelta":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = json.loads((f.metadata() or {}).get("trustrepair", "{}"))
+        metadata = json.loads(tensor_metadata(path).get("trustrepair", "{}"))
         return cls(load_file(str(path)), metadata)
 
 
