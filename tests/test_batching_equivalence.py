@@ -7,7 +7,13 @@ import torch
 from trustrepair.app.sft import epoch_batches
 from trustrepair.batching import chunked, length_sorted_batches, padded_batches, padding_fraction
 from trustrepair.data.batching import length_sorted_batches as data_batches, padding_fraction as data_padding
-from trustrepair.engine.capture import padded_batches as capture_batches
+
+
+def capture_batches(examples, batch_size, collate):   # engine/capture.py padded_batches, before (no bar)
+    order = sorted(range(len(examples)), key=lambda i: int(examples[i]["input_ids"].shape[0]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        yield rows, collate([examples[i] for i in rows])
 
 
 def _length_sorted_chunks(lengths, batch_size):   # methods/metrics.py, before

@@ -27,14 +27,12 @@ one per layer), so a callback may see non-finite values of a batch that then rai
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from trustrepair.engine.layers import TrackedLayer
-from trustrepair.task import IGNORE_INDEX, Batch, Example, pad_batch
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """``on_layer(layer_index, a, g)`` with a (B, T, d_in [+ 1]) and g (B, T, d_out), masked tokens zero."""
@@ -46,7 +44,7 @@ class TokenCapture:
     Example::
 
         with TokenCapture(model, layers) as capture:
-            for rows, batch in padded_batches(examples, 8):
+            for rows, batch in trustrepair.batching.padded_batches(examples, 8):
                 capture.run(lambda: task.train_loss(model, batch), task.token_mask(batch),
                             f"rows {rows}", on_layer)
     """
@@ -217,68 +215,3 @@ class TokenCapture:
             return f"the first tracked module with a non-finite output is {culprit!r}"
         return ("no tracked module has a non-finite output, so the cause is outside them (embeddings, "
                 "normalisation, LM head, or the loss itself)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Datasets and batches
-# ----------------------------------------------------------------------------------------------------
-
-def as_examples(data, what: str, max_examples: int | None = None) -> list[Example]:
-    """The first ``max_examples`` examples of a sequence / map-style dataset, checked.
-
-    Raises:
-        ValueError: an empty dataset, a non-positive ``max_examples``, or an example that is not a dict
-            with a 1-D ``input_ids`` (and ``labels`` of the same length when present).
-    """
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be a positive number of examples or None; got {max_examples}")
-    count = len(data)
-    if max_examples is not None:
-        count = min(count, max_examples)
-    if count == 0:
-        raise ValueError(f"the {what} is empty; pass at least one example dict with 'input_ids' and 'labels'")
-    examples = [data[i] for i in range(count)]
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, Mapping) or "input_ids" not in ex:
-            raise ValueError(f"{what} item {i} is a {type(ex).__name__}; an example is a dict with 1-D "
-                             f"'input_ids' and 'labels' (-100 where no loss is taken)")
-        ids = ex["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError(f"{what} item {i}: 'input_ids' must be a non-empty 1-D tensor")
-        labels = ex.get("labels")
-        if labels is not None and tuple(labels.shape) != tuple(ids.shape):
-            raise ValueError(f"{what} item {i}: 'labels' {tuple(labels.shape)} and 'input_ids' {tuple(ids.shape)} "
-                             f"differ in shape")
-    return examples
-
-
-def unlabelled(examples: Sequence[Example]) -> list[int]:
-    """Indices of examples with no labelled next-token target (``labels[1:]`` all -100): their loss and
-    gradient are exactly zero."""
-    out = []
-    for i, ex in enumerate(examples):
-        labels = ex.get("labels")
-        if labels is not None and not bool((labels[1:] != IGNORE_INDEX).any()):
-            out.append(i)
-    return out
-
-
-def padded_batches(examples: Sequence[Example], batch_size: int, desc: str = "",
-                   progress: bool = False, collate=pad_batch) -> Iterator[tuple[list[int], Batch]]:
-    """Yield (row indices, right-padded batch), examples grouped by length to cut padding; a tqdm bar
-    counts examples when ``progress``. ``collate`` builds each batch (pass ``task.collate``)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
-    order = sorted(range(len(examples)), key=lambda i: int(examples[i]["input_ids"].shape[0]))
-    with tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            yield rows, collate([examples[i] for i in rows])
-            bar.update(len(rows))
-
-
-def describe_rows(kind: str, number: int, rows: Sequence[int]) -> str:
-    """``"batch 3 of the training set (examples [7, 2, 9])"``, for error messages."""
-    shown = list(rows[:8])
-    more = ", ..." if len(rows) > 8 else ""
-    return f"batch {number} of the {kind} (examples {str(shown)[:-1]}{more}])"

@@ -49,7 +49,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trustrepair.engine.layout import aligned
-from trustrepair.engine.capture import TokenCapture, as_examples, describe_rows, padded_batches, unlabelled
+from trustrepair.batching import padded_batches
+from trustrepair.engine.capture import TokenCapture
+from trustrepair.engine.examples import as_examples, describe_rows, unlabelled
 from trustrepair.engine.contractions import cache_blocked, ghost_dots, low_rank_ghost_dots, projected_gradients
 from trustrepair.engine.distributed import fail_together, gather_rows, map_once, progress_enabled, shard_range
 from trustrepair.engine.ekfac import EKFACFactors, factor_dtype
