@@ -41,11 +41,9 @@ ends with the same factors, equal to a single-process fit's up to summation orde
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import time
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,9 +51,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trustrepair.engine import storage
 from trustrepair.engine.layout import aligned, padded_width, pads_widths, zero_padded
 from trustrepair.batching import padded_batches
 from trustrepair.engine.capture import TokenCapture
@@ -66,7 +64,7 @@ from trustrepair.engine.distributed import (all_reduce_counts, all_reduce_sum_, 
 from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules, model_fingerprint
 from trustrepair.task import CausalLMTask, Example, Task
 
-FORMAT = "trustrepair.engine.ekfac/1"
+FORMAT = "trustrepair.ekfac/1"  # the on-disk format name, kept across the move to engine/ so saved factors load
 DAMPING_SCALE = 0.1
 FISHER_KINDS = ("sampled", "empirical")
 
@@ -265,42 +263,33 @@ class EKFACFactors:
         return directory
 
     def _write(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_id = uuid.uuid4().hex
         tensors = {}
         for name, f in self.modules.items():
-            tensors[f"{name}/q_a"] = f.q_a.detach().cpu().contiguous()
-            tensors[f"{name}/q_s"] = f.q_s.detach().cpu().contiguous()
-            tensors[f"{name}/lambda"] = f.lambda_.detach().cpu().contiguous()
-        atomic_write(directory / "factors.safetensors",
-                     lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "save_id": save_id}))
-        meta = {
-            "format": FORMAT, "save_id": save_id, "arguments": self.arguments, "fingerprint": self.fingerprint,
+            tensors[f"{name}/q_a"] = f.q_a
+            tensors[f"{name}/q_s"] = f.q_s
+            tensors[f"{name}/lambda"] = f.lambda_
+        storage.save_paired(directory, "factors", tensors, {
+            "format": FORMAT, "arguments": self.arguments, "fingerprint": self.fingerprint,
             "versions": self.versions, "timings": self.timings,
             "counts": {name: {"n_tokens": f.n_tokens, "n_examples": f.n_examples} for name, f in self.modules.items()},
-        }
-        atomic_write(directory / "factors.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+        })
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None) -> "EKFACFactors":
         """Read factors written by :meth:`save` (on the CPU). With ``model``, refuse (``ValueError``)
         unless it is the model they were fitted on (same layers, shapes and weights)."""
         directory = Path(directory)
-        meta_path, tensor_path = directory / "factors.json", directory / "factors.safetensors"
-        if not meta_path.is_file() or not tensor_path.is_file():
+        meta = storage.load_paired_metadata(directory, "factors")
+        if meta is None:
             raise FileNotFoundError(f"no saved EK-FAC factors in {directory} (expected factors.json and "
                                     f"factors.safetensors written by EKFACFactors.save)")
-        meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this trustrepair reads {FORMAT!r}")
-        tensors = load_file(str(tensor_path))
-        from safetensors import safe_open
-
-        with safe_open(str(tensor_path), framework="pt") as handle:
-            tensor_id = (handle.metadata() or {}).get("save_id")
-        if tensor_id != meta["save_id"]:
-            raise ValueError(f"{tensor_path} and {meta_path} come from different saves (an interrupted save?); "
-                             f"save the factors again")
+            raise ValueError(f"{directory / 'factors.json'} has format {meta.get('format')!r}; this trustrepair "
+                             f"reads {FORMAT!r}")
+        tensors = storage.load_paired_tensors(directory, "factors", meta)
+        if tensors is None:
+            raise ValueError(f"{directory / 'factors.safetensors'} and {directory / 'factors.json'} come from "
+                             f"different saves (an interrupted save?); save the factors again")
         modules = {
             name: ModuleFactors(tensors[f"{name}/q_a"], tensors[f"{name}/q_s"], tensors[f"{name}/lambda"],
                                 counts["n_tokens"], counts["n_examples"])
@@ -552,40 +541,23 @@ def data_digest(examples: list[Example]) -> str:
 # Files
 # ----------------------------------------------------------------------------------------------------
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(temporary_path)`` then ``os.replace``: readers see the old file or
-    the complete new one, never a partial one; the temporary file is removed if writing fails."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_covariances(directory: Path, covariances: dict, arguments: dict, fingerprint: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_id = uuid.uuid4().hex
     tensors = {}
     for name, (a_sum, s_sum, _) in covariances.items():
-        tensors[f"{name}/a_sum"] = a_sum.detach().cpu().contiguous()
-        tensors[f"{name}/s_sum"] = s_sum.detach().cpu().contiguous()
-    atomic_write(directory / "covariances.safetensors",
-                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "save_id": save_id}))
-    meta = {"format": FORMAT, "stage": "covariance", "save_id": save_id, "arguments": _stage_identity(arguments),
-            "fingerprint": fingerprint, "n_tokens": {name: n for name, (_, _, n) in covariances.items()}}
-    atomic_write(directory / "covariances.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+        tensors[f"{name}/a_sum"] = a_sum
+        tensors[f"{name}/s_sum"] = s_sum
+    storage.save_paired(directory, "covariances", tensors, {
+        "format": FORMAT, "stage": "covariance", "arguments": _stage_identity(arguments), "fingerprint": fingerprint,
+        "n_tokens": {name: n for name, (_, _, n) in covariances.items()}})
 
 
 def _load_covariances(directory: Path, arguments: dict, fingerprint: dict, device: torch.device) -> dict | None:
     """The checkpointed covariance sums (on ``device``), or None when there is no complete checkpoint (an
     interrupted save is reported in a warning and recomputed). A checkpoint made with another model,
     data or arguments raises ``ValueError`` (it is never silently mixed in)."""
-    meta_path, tensor_path = directory / "covariances.json", directory / "covariances.safetensors"
-    if not meta_path.is_file() or not tensor_path.is_file():
+    meta = storage.load_paired_metadata(directory, "covariances")
+    if meta is None:
         return None
-    meta = json.loads(meta_path.read_text())
     expected = {"format": FORMAT, "arguments": _stage_identity(arguments), "fingerprint": fingerprint}
     differ = [key for key in expected if meta.get(key) != expected[key]]
     if differ:
@@ -594,14 +566,11 @@ def _load_covariances(directory: Path, arguments: dict, fingerprint: dict, devic
             detail = [k for k in expected["arguments"] if meta["arguments"].get(k) != expected["arguments"][k]]
         raise ValueError(f"the covariance checkpoint in {directory} was made with a different model, data or "
                          f"arguments (differs in {detail}); delete it or pass another checkpoint_dir")
-    from safetensors import safe_open
-
-    with safe_open(str(tensor_path), framework="pt") as handle:
-        if (handle.metadata() or {}).get("save_id") != meta["save_id"]:
-            warnings.warn(f"the covariance checkpoint in {directory} is incomplete (its files come from "
-                          f"different saves); recomputing the covariances", stacklevel=3)
-            return None
-    tensors = load_file(str(tensor_path))
+    tensors = storage.load_paired_tensors(directory, "covariances", meta)
+    if tensors is None:
+        warnings.warn(f"the covariance checkpoint in {directory} is incomplete (its files come from "
+                      f"different saves); recomputing the covariances", stacklevel=3)
+        return None
     return {name: (tensors[f"{name}/a_sum"].to(device), tensors[f"{name}/s_sum"].to(device), n)
             for name, n in meta["n_tokens"].items()}
 
