@@ -1,5 +1,5 @@
-"""Data loaders, split, tokenisation and batching: synthetic files in tmp_path (including malformed
-input) plus fast checks of the pairing counts on the real files in ../shared/data."""
+"""Data loaders, split and tokenisation: synthetic files in tmp_path (including malformed input) plus fast
+checks of the pairing counts on the real files in ../shared/data. (Batching: tests/test_batching.py.)"""
 import csv
 import gzip
 import json
@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from trustrepair.data import (
-    DT_COUNTERPARTS, DataError, SFTRecord, SFTSet, TrustRecord, TrustSet, default_data_dir, example_length,
-    length_sorted_batches, load_aspect, load_crows_pairs, load_decodingtrust, load_ethics, load_hh_sft,
-    load_sft_jsonl, load_trust_file, load_trust_jsonl, load_truthfulqa, padding_fraction, split, split_dialogue,
-    subsample, tokenize_sft, tokenize_trust,
+    DT_COUNTERPARTS, DataError, SFTRecord, SFTSet, TrustRecord, TrustSet, default_data_dir, load_aspect,
+    load_crows_pairs, load_decodingtrust, load_ethics, load_hh_sft, load_sft_jsonl, load_trust_file,
+    load_trust_jsonl, load_truthfulqa, split, split_dialogue, subsample, tokenize_sft, tokenize_trust,
 )
 from trustrepair.data.ethics import word_similarity
 from trustrepair.data.reading import iter_csv, iter_jsonl
@@ -487,36 +486,6 @@ def test_set_tokenize_uses_the_conventions(byte_tokenizer):
     assert ex["labels"].tolist()[-1] == byte_tokenizer.eos_token_id
     trust = TrustSet("t", [TrustRecord("p", " a", " b")])
     assert set(trust.tokenize(byte_tokenizer, 16)[0]) == {"proponent", "opponent"}
-
-
-# ---------------------------------------------------------------------------------------------- batching
-
-def _random_examples(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.zeros(int(torch.randint(1, 97, (1,), generator=g)), dtype=torch.long)} for _ in range(n)]
-
-
-@pytest.mark.parametrize("n, batch_size, max_tokens", [(1, 4, None), (37, 5, None), (64, 8, 300), (23, 50, 120)])
-def test_length_sorted_batches(n, batch_size, max_tokens):
-    items = _random_examples(n, seed=n)
-    batches = length_sorted_batches(items, batch_size, max_tokens)
-    assert sorted(i for b in batches for i in b) == list(range(n))
-    lengths = [example_length(x) for x in items]
-    widths = [max(lengths[i] for i in b) for b in batches]
-    assert widths == sorted(widths, reverse=True)
-    for b, w in zip(batches, widths):
-        assert len(b) <= batch_size and lengths[b[0]] == w
-        assert max_tokens is None or len(b) * w <= max_tokens or len(b) == 1
-    sequential = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    if max_tokens is None:
-        assert padding_fraction(items, batches) <= padding_fraction(items, sequential)
-
-
-def test_batching_measures_queries_by_their_longer_side():
-    query = {"proponent": {"input_ids": torch.zeros(4)}, "opponent": {"input_ids": torch.zeros(9)}}
-    assert example_length(query) == 9
-    with pytest.raises(ValueError, match="batch_size"):
-        length_sorted_batches([query], 0)
 
 
 # ---------------------------------------------------------------------------------------------- data dir

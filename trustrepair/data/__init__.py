@@ -1,5 +1,6 @@
 """Datasets in trustrepair's conventions: loaders for the SFT and trust files, the seeded split,
-tokenisation into ``{"input_ids", "labels"}`` examples and trust queries, length-sorted batches.
+tokenisation into ``{"input_ids", "labels"}`` examples and trust queries (batched by
+:mod:`trustrepair.batching`).
 
     sft = load_hh_sft(max_examples=300)                      # SFTSet of (prompt, response)
     train, heldout = sft.split(0.8, seed=0)                  # held-out part: perplexity
@@ -8,7 +9,6 @@ tokenisation into ``{"input_ids", "labels"}`` examples and trust queries, length
     queries = query_half.tokenize(tokenizer, max_length=256) # [{"proponent": ex, "opponent": ex}, ...]
 """
 from .aspects import ASPECTS, SOURCES, default_data_dir, load_aspect, load_hh_sft, load_trust_file
-from .batching import example_length, length_sorted_batches, padding_fraction
 from .bias import CROWS_GROUPS, DT_COUNTERPARTS, load_crows_pairs, load_decodingtrust
 from .ethics import load_ethics
 from .trust_jsonl import load_trust_jsonl
@@ -21,8 +21,8 @@ from .truthfulqa import load_truthfulqa
 
 __all__ = [
     "ASPECTS", "CROWS_GROUPS", "DT_COUNTERPARTS", "DataError", "SFTRecord", "SFTSet", "SOURCES", "TrustRecord",
-    "TrustSet", "default_data_dir", "example_length", "length_sorted_batches", "load_aspect",
+    "TrustSet", "default_data_dir", "load_aspect",
     "load_crows_pairs", "load_decodingtrust", "load_ethics", "load_hh_sft", "load_sft_jsonl",
-    "load_trust_file", "load_trust_jsonl", "load_truthfulqa", "padding_fraction", "split", "split_dialogue",
+    "load_trust_file", "load_trust_jsonl", "load_truthfulqa", "split", "split_dialogue",
     "subsample", "tokenize_sft", "tokenize_trust",
 ]
