@@ -7,6 +7,7 @@ from conftest import make_examples, make_queries, make_tiny_llama, make_tiny_neo
 from engine.test_ekfac import assert_rel, per_example_gradients  # tests/engine: importable whatever runs first
 from trustrepair import fit_ekfac, influence, pairwise_influence
 from trustrepair.methods.scoring import measurement_gradient, normalize_scores, summed_gradient
+from trustrepair.methods import selection
 from trustrepair.engine.lowrank import low_rank_factors
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, stack_queries
 
@@ -166,6 +167,20 @@ def test_normalize_scores():
     out = normalize_scores(scores)
     assert torch.equal(out["a"], torch.tensor([0.0, 0.5, 1.0]))
     assert torch.equal(out["flat"], torch.ones(2))
+
+
+def test_normalize_scores_of_tensors_handles_extremes_and_refuses_non_finite_scores():
+    """scoring and selection share one normalize_scores. Its tensor path keeps the dtype and device, maps a
+    range that overflows float64 to [0, 1] (scoring's former copy returned [0, 0, nan] there) and refuses
+    a non-finite score by aspect and index (the former copy returned all ones for a NaN, NaN for an inf)."""
+    assert normalize_scores is selection.normalize_scores
+    extreme = normalize_scores(torch.tensor([-1e308, 0.0, 1e308], dtype=torch.float64))
+    assert extreme.dtype == torch.float64
+    torch.testing.assert_close(extreme, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), rtol=1e-15, atol=0)
+    assert torch.equal(normalize_scores(torch.tensor([1, 3, 2])), torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"aspect 'a': scores\[1\] = .* is not finite"):
+            normalize_scores({"a": torch.tensor([0.0, bad])})
 
 
 def test_fit_and_scores_under_bf16_autocast_keep_float32_statistics():

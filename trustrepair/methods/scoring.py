@@ -11,8 +11,8 @@ grad L(z) (the paper's Eq. 5-6). **Positive = detrimental**: raising this exampl
 aspect. Its units are those of F^j (nats of log-odds) per unit step, and it grows with the example's
 gradient norm (longer responses tend to score larger). Read as a classical influence function (model
 trained on the mean loss over n examples, Hessian ~ G), removing z changes F^j by about
--gamma^j(z) / n. :func:`normalize_scores` maps scores to [0, 1] (the selection step's convention) when
-only their order and relative size matter.
+-gamma^j(z) / n. :func:`normalize_scores` (from :mod:`trustrepair.methods.selection`) maps scores to
+[0, 1] (the selection step's convention) when only their order and relative size matter.
 
 **Aggregated scores** (:func:`influence`, what subset selection needs) never form a per-example
 gradient: per layer, U_j = (G + lambda I)^{-1} grad F^j (d_out, d_in [+ 1]) is formed once per aspect,
@@ -57,6 +57,7 @@ from trustrepair.engine.distributed import fail_together, gather_rows, map_once,
 from trustrepair.engine.ekfac import EKFACFactors, factor_dtype
 from trustrepair.engine.lowrank import low_rank_factors, rotate_factors
 from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules
+from trustrepair.methods.selection import normalize_scores  # re-exported: the scores' [0, 1] convention
 from trustrepair.task import Batch, CausalLMTask, Task
 
 
@@ -223,20 +224,6 @@ def per_query_projected_gradients(model: nn.Module, factors: EKFACFactors, layer
             capture.run(lambda: task.measurement(model, batch), task.token_mask(batch),
                         describe_rows("trust queries", number, list(range(start, start + n))), on_layer)
     return out
-
-
-def normalize_scores(scores):
-    """Min-max normalise scores to [0, 1] (the selection step's convention), per aspect for a dict.
-
-    (s - min s) / (max s - min s); a constant vector maps to all ones (every example equally
-    influential) rather than dividing by zero. Order and sign convention are kept: 1 = most detrimental.
-    """
-    if isinstance(scores, Mapping):
-        return {aspect: normalize_scores(s) for aspect, s in scores.items()}
-    low, high = scores.min(), scores.max()
-    if not bool(high > low):
-        return torch.ones_like(scores)
-    return (scores - low) / (high - low)
 
 
 def as_queries(queries) -> list:

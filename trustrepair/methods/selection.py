@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
+import torch
 
 from trustrepair import _dpp
 
@@ -113,7 +115,7 @@ def dpp_greedy(scores, embeddings, k: int, *, eta: float = 1e4, gamma: float | N
     x = _as_scores(scores)
     # The C++ engine scans the embeddings for non-finite values itself (same message): one pass, not two.
     emb = _as_embeddings(embeddings, len(x), check_finite=engine == "reference")
-    s = normalize_scores(x) if normalize else _check_nonnegative(x, eta)
+    s = _min_max(x) if normalize else _check_nonnegative(x, eta)
     gamma = median_heuristic_gamma(emb) if gamma is None else _check_gamma(gamma)
     if engine == "reference":
         if not lazy or num_threads is not None:
@@ -199,12 +201,38 @@ def median_heuristic_gamma(embeddings, *, max_points: int = MEDIAN_SAMPLE) -> fl
     return 1.0 / median
 
 
-def normalize_scores(scores) -> np.ndarray:
-    """Min-max normalisation to [0, 1]: s = (x - min) / (max - min); all equal -> all 1.
+def normalize_scores(scores):
+    """Min-max normalisation to [0, 1], per aspect for a dict: s = (x - min) / (max - min).
 
-    When max - min overflows float64, every term is divided by max |x| first.
+    Order and sign convention are kept (for influence scores, 1 = most detrimental); all equal -> all 1
+    (every example equally influential) rather than a division by zero. Computed in float64; when
+    max - min overflows float64, every term is divided by max |x| first, so huge scores still map to
+    [0, 1].
+
+    Args:
+        scores: (N,) real numbers (array-like or torch tensor), or {aspect: (N,) scores}.
+    Returns:
+        (N,) float64 numpy array; for a tensor, a tensor on its device, of its dtype when floating
+        (float64 otherwise); for a dict, a dict in its order.
+    Raises:
+        ValueError: empty or not 1-D scores, or a non-finite score (named by its index and aspect).
     """
-    x = _as_scores(scores)
+    if isinstance(scores, Mapping):
+        out = {}
+        for aspect, values in scores.items():
+            try:
+                out[aspect] = normalize_scores(values)
+            except ValueError as err:
+                raise ValueError(f"aspect {aspect!r}: {err}") from None
+        return out
+    if isinstance(scores, torch.Tensor):
+        s = _min_max(_as_scores(scores.detach().to("cpu", torch.float64).numpy()))
+        return torch.from_numpy(s).to(scores.device, scores.dtype if scores.is_floating_point() else torch.float64)
+    return _min_max(_as_scores(scores))
+
+
+def _min_max(x: np.ndarray) -> np.ndarray:
+    """:func:`normalize_scores` of checked (N,) float64 scores."""
     lo, hi = float(x.min()), float(x.max())
     if lo == hi:
         return np.ones_like(x)
@@ -229,7 +257,7 @@ def common_scores(scores_by_aspect: dict) -> np.ndarray:
     total, first = None, None
     for name in sorted(scores_by_aspect):
         try:
-            s = normalize_scores(scores_by_aspect[name])
+            s = _min_max(_as_scores(scores_by_aspect[name]))
         except ValueError as err:
             raise ValueError(f"aspect {name!r}: {err}") from None
         if total is None:
