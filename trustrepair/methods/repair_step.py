@@ -252,9 +252,9 @@ def search_beta(make_delta: Callable[[float], RepairDelta], model: torch.nn.Modu
     The objective ``metric(model)`` (the query half's log-odds: the expensive measurement) is then taken
     at the admissible probes from the largest beta down, and the first that beats the baseline is chosen;
     beta = 0 (no repair) when none does. A Newton step lowers the objective about linearly in beta inside
-    the tolerance (the first-order prediction matched 0.95-0.999 of the measured change in
-    ``notes/repair-feasibility.md``), so this is the largest trust gain within the tolerance, normally at
-    the cost of one objective evaluation. ``trace_metric=True`` measures the objective at every probe
+    the tolerance (its first-order prediction matches the measured change:
+    ../shared/notes/repair-feasibility.md), so this is the largest trust gain within the tolerance,
+    normally at the cost of one objective evaluation. ``trace_metric=True`` measures the objective at every probe
     (for plotting it against beta); the choice is the same.
 
     ``baseline`` (the post-SFT point, beta = 0, with both values) is measured unless given, so searches

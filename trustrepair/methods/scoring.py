@@ -17,7 +17,7 @@ trained on the mean loss over n examples, Hessian ~ G), removing z changes F^j b
 **Aggregated scores** (:func:`influence`, what subset selection needs) never form a per-example
 gradient: per layer, U_j = (G + lambda I)^{-1} grad F^j (d_out, d_in [+ 1]) is formed once per aspect,
 and in one batched backward pass over the training set every layer adds its ghost dot products
-<U_j, G_z> = sum_t g_t^T U_j a_t for all aspects at once (:func:`trustrepair.engine.contractions.ghost_dots`).
+<U_j, G_z> = sum_t g_t^T U_j a_t for all aspects at once (:func:`trustrepair.engine.ops.ghost_dots.ghost_dots`).
 Scoring the whole set costs one forward + backward pass without weight gradients plus, per aspect,
 T d_out d_in multiply-adds per example and layer (as much as one more weight-gradient product).
 
@@ -25,7 +25,7 @@ T d_out d_in multiply-adds per example and layer (as much as one more weight-gra
 one U_q per query: since Q_A and Q_S are orthogonal, <(G + lambda I)^{-1} V_q, G_z> is an inner product
 in the original basis, so no training example's gradient is rotated into the eigenbasis. Each query's
 gradient has rank at most its 2T tokens, so it is projected into the eigenbasis token by token
-(:func:`trustrepair.engine.contractions.projected_gradients`), divided by Lambda + lambda there, and rotated
+(:func:`trustrepair.engine.ops.projected_gradients.projected_gradients`), divided by Lambda + lambda there, and rotated
 back once (Q d_out d_in (d_out + d_in) multiply-adds per layer: for many queries the largest single
 cost). The contraction with the training set forms G_z once and multiplies it with all U_q; it reads
 every U_q once per batch, so on a CPU larger batches make it cheaper. With ``query_rank=r`` the
@@ -286,7 +286,7 @@ def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLaye
             left, right = direction[:, :d_out], direction[:, d_out:].mT
             contract.append(lambda a, g, left=left, right=right: low_rank_ghost_dots(a, g, left, right))
         else:  # a GPU's row-by-row ghost products want aligned rows (made once here, not per batch); a CPU's
-            # flattened product wants them contiguous (see contractions.ghost_dots_reference)
+            # flattened product wants them contiguous (see trustrepair.engine.ops.ghost_dots.ghost_dots)
             u = direction if cache_blocked(direction.device) else aligned(direction)
             contract.append(lambda a, g, u=u: ghost_dots(a, g, u))
     return contract
