@@ -218,17 +218,17 @@ def test_empirical_factors_match_brute_force(arch):
     assert set(factors.timings) == {"covariance", "eigendecomposition", "lambda"}
 
 
-def test_zero_padded_covariances_give_the_same_factors(monkeypatch):
-    """``layout.PAD_WIDTHS`` (on for CUDA): the Gram products on zero-padded widths (the tiny NeoX's
+def test_zero_padded_covariances_give_the_same_factors():
+    """The ``pad_widths`` setting (on for CUDA): the Gram products on zero-padded widths (the tiny NeoX's
     bias-folded widths are odd) give the unpadded fit's factors, in float64 to rounding."""
-    from trustrepair.engine import layout
+    from trustrepair.engine.tunables import override
 
     model = make_tiny_neox()
     examples = make_examples(9, seed=14)
     fits = {}
     for pad in (False, True):
-        monkeypatch.setitem(layout.PAD_WIDTHS, "cpu", pad)
-        fits[pad] = fit_ekfac(model, examples, fisher="empirical", batch_size=4, progress=False)
+        with override(pad_widths={"cpu": pad}):
+            fits[pad] = fit_ekfac(model, examples, fisher="empirical", batch_size=4, progress=False)
     assert any(l % ROW_ALIGNMENT for m in fits[True].modules.values() for l in m.q_a.shape)
     for name, plain in fits[False].modules.items():
         padded = fits[True].modules[name]

@@ -79,13 +79,13 @@ def test_folded_activations_keep_their_values(has_bias):
 
 def test_references_trace_under_torch_compile():
     """aligned() steps aside while torch.compile traces, so the PyTorch references still compile whole."""
-    from trustrepair.engine import contractions
+    from trustrepair.engine.ops.ghost_dots import ghost_dots
+    from trustrepair.engine.ops.projected_gradients import projected_gradient_squares_reference
 
     gen = torch.Generator().manual_seed(2)
     a, g = torch.randn(2, 5, 17, generator=gen), torch.randn(2, 5, 9, generator=gen)
     u = torch.randn(3, 9, 17, generator=gen)
     q_a, q_s = torch.linalg.qr(torch.randn(17, 17, generator=gen))[0], torch.linalg.qr(torch.randn(9, 9, generator=gen))[0]
-    for fn, args in ((contractions.ghost_dots_reference, (a, g, u)),
-                     (contractions.projected_gradient_squares_reference, (a, g, q_a, q_s))):
+    for fn, args in ((ghost_dots, (a, g, u)), (projected_gradient_squares_reference, (a, g, q_a, q_s))):
         compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(*args), fn(*args))

@@ -51,11 +51,12 @@ def test_an_error_stops_new_items_and_is_raised():
 
 
 @pytest.mark.gpu
-def test_narrow_factors_on_the_host_match_the_device(monkeypatch):
-    """ekfac.EIGH_HOST_BELOW: CUDA factors narrower than it are eigendecomposed on the host, from concurrent
+def test_narrow_factors_on_the_host_match_the_device():
+    """The eigh_host_below setting: CUDA factors narrower than it are eigendecomposed on the host, from concurrent
     worker streams too; the eigenvectors come back to the device orthonormal and diagonalise the matrix
     to the device solver's eigenvalues."""
     from trustrepair.engine import ekfac
+    from trustrepair.engine.tunables import override
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     mats = []
@@ -63,8 +64,8 @@ def test_narrow_factors_on_the_host_match_the_device(monkeypatch):
         x = torch.randn(2 * n, n, generator=gen, dtype=torch.float64, device="cuda")
         mats.append(x.T @ x / (2 * n))
     device_values = [ekfac.eigh_float64(m)[0] for m in mats]
-    monkeypatch.setattr(ekfac, "EIGH_HOST_BELOW", 100)  # 70 and 33 on the host, 130 on the device
-    mixed = map_on_streams(lambda m: ekfac.eigh_float64(m)[1], mats, torch.device("cuda"), 3)
+    with override(eigh_host_below=100):  # 70 and 33 on the host, 130 on the device
+        mixed = map_on_streams(lambda m: ekfac.eigh_float64(m)[1], mats, torch.device("cuda"), 3)
     for m, values, vectors in zip(mats, device_values, mixed):
         assert vectors.is_cuda and vectors.dtype == torch.float64
         eye = torch.eye(m.shape[0], dtype=torch.float64, device="cuda")

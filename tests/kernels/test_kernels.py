@@ -1,4 +1,4 @@
-"""Triton kernels of trustrepair.kernels against their PyTorch twins in trustrepair.engine.contractions.
+"""Triton kernels of trustrepair.kernels against their PyTorch references in trustrepair.engine.ops.
 
 Where the kernels run: on a CUDA device when there is one (compiled), otherwise on CPU tensors in Triton's
 interpreter; tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA before anything imports
@@ -11,11 +11,10 @@ plain version is the reference itself (it computes in float32); for TF32 and bfl
 kernel's own chain of products run in PyTorch in that precision (TF32 matmuls; bfloat16 without upcasting,
 as flash-attention compares), so both sides round the same operands. TF32 rounding itself is checked on
 every device: the kernels must round their operands to the nearest TF32 value, as cuBLAS does, and then
-agree with a float64 product of the rounded operands to float32 accumulation. Float64 on CUDA runs the
-reference (see trustrepair.kernels._launch); exact float32 on CUDA does too in the library, but these
-tests switch that off (_launch.EXACT_FLOAT32_USES_REFERENCE) so the compiled kernels are what they
-check, except the one test of that routing; in the interpreter the kernels run in float64 and must match
-the reference to 1e-11. Inputs are fresh random draws of awkward sizes (1, 17, 65: not multiples of any
+agree with a float64 product of the rounded operands to float32 accumulation. The kernels compute every
+float dtype they are given; the library routes float64 and exact float32 on CUDA to the reference
+(trustrepair.engine.ops.routing; tested at the end); in the interpreter the kernels run in float64 and
+must match the reference to 1e-11. Inputs are fresh random draws of awkward sizes (1, 17, 65: not multiples of any
 block), with random masked tokens, an all-masked example, one token and a batch of one. Launchers allocate
 their buffers with torch.empty; the tests poison those allocations with NaN, so any element a kernel fails
 to write shows up.
@@ -30,9 +29,10 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from trustrepair.engine import contractions  # noqa: E402
+from trustrepair.engine.ops import projected_gradients as PG  # noqa: E402
+from trustrepair.engine.ops import routing  # noqa: E402
+from trustrepair.engine.tunables import override  # noqa: E402
 from trustrepair.kernels import _launch  # noqa: E402
-from trustrepair.kernels import ghost_dots as gd  # noqa: E402
 from trustrepair.kernels import projected_gradients as pg  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,61 +89,21 @@ def _plain_squares(o):
     return (p * p).sum(0)
 
 
-def _plain_scores(o):
-    q_a, q_s = o["q_a"].to(o["a"].dtype), o["q_s"].to(o["a"].dtype)
-    p = torch.bmm((o["g"] @ q_s).transpose(1, 2), o["a"] @ q_a)
-    return p.flatten(1) @ o["mats"].to(p.dtype).flatten(1).T
-
-
-def _plain_ghost(o):
-    p = torch.bmm(o["g"].transpose(1, 2), o["a"])
-    return p.flatten(1) @ o["mats"].to(p.dtype).flatten(1).T
-
-
-def _plain_low_rank(o):
-    n_mats, d_out, rank = o["left"].shape
-    left = o["left"].to(o["a"].dtype).permute(1, 0, 2).reshape(d_out, n_mats * rank)
-    right = o["right"].to(o["a"].dtype).reshape(n_mats * rank, -1)
-    per_token = (o["g"] @ left) * (o["a"] @ right.T)  # (B, T, K r)
-    return per_token.unflatten(2, (n_mats, rank)).sum(dim=(1, 3))
-
-
 OPS = {
     "squares": (lambda o: pg.projected_gradient_squares_triton(o["a"], o["g"], o["q_a"], o["q_s"]),
-                lambda o: contractions.projected_gradient_squares_reference(o["a"], o["g"], o["q_a"], o["q_s"]),
+                lambda o: PG.projected_gradient_squares_reference(o["a"], o["g"], o["q_a"], o["q_s"]),
                 _plain_squares),
-    "scores": (lambda o: pg.projected_gradient_scores_triton(o["a"], o["g"], o["q_a"], o["q_s"], o["mats"]),
-               lambda o: contractions.projected_gradient_scores_reference(o["a"], o["g"], o["q_a"], o["q_s"],
-                                                                          o["mats"]),
-               _plain_scores),
-    "ghost": (lambda o: gd.ghost_dots_triton(o["a"], o["g"], o["mats"]),
-              lambda o: contractions.ghost_dots_reference(o["a"], o["g"], o["mats"]),
-              _plain_ghost),
-    "low_rank": (lambda o: gd.low_rank_ghost_dots_triton(o["a"], o["g"], o["left"], o["right"]),
-                 lambda o: contractions.low_rank_ghost_dots(o["a"], o["g"], o["left"], o["right"]),
-                 _plain_low_rank),
 }
-
-
-ALL_SQUARES_CONFIGS, ALL_SCORES_CONFIGS = pg._SQUARES_CONFIGS, pg._SCORES_CONFIGS
+ALL_CONFIGS = list(pg.CONFIGS)
 
 
 @pytest.fixture(autouse=True)
 def one_configuration(monkeypatch):
-    """Compiled (CUDA), the launchers tune over the first configuration of each kernel only, so a test
-    compiles and times one kernel per case instead of up to eight; every configuration is checked, forced
-    one by one, in test_every_configuration_matches_reference (the interpreter has one anyway)."""
+    """Compiled (CUDA), the launcher tunes over the first configuration only, so a test compiles and times
+    one kernel per case instead of up to eight; every configuration is checked, forced one by one, in
+    test_every_configuration_matches_reference (the interpreter has one anyway)."""
     if not _launch.INTERPRET:
-        monkeypatch.setattr(pg, "_SQUARES_CONFIGS", ALL_SQUARES_CONFIGS[:1])
-        monkeypatch.setattr(pg, "_SCORES_CONFIGS", ALL_SCORES_CONFIGS[:1])
-        monkeypatch.setattr(gd._low_rank_kernel, "configs", gd._low_rank_kernel.configs[:1])
-
-
-@pytest.fixture(autouse=True)
-def exact_float32_runs_kernels(monkeypatch):
-    """The launchers run their kernels for exact float32 on CUDA too (the library sends it to the
-    reference), so every float32 test below checks compiled kernels there."""
-    monkeypatch.setattr(_launch, "EXACT_FLOAT32_USES_REFERENCE", False)
+        monkeypatch.setattr(pg._example_tiles_kernel, "configs", ALL_CONFIGS[:1])
 
 
 @pytest.fixture
@@ -195,7 +155,8 @@ def test_kernel_matches_reference_float32(op, case, poison_empty):
     assert_within_rule(op, kernel(ops), truth, reference(ops))
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="float64 on CUDA runs the reference: see the next test")
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 is the interpreter's exactness check; the library routes "
+                                             "float64 on CUDA to the reference (see the next test)")
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_kernel_float64_is_exact_to_rounding(op, poison_empty):
     kernel, reference, _ = OPS[op]
@@ -209,9 +170,11 @@ def test_kernel_float64_is_exact_to_rounding(op, poison_empty):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_float64_on_cuda_runs_the_reference(op):
-    kernel, reference, _ = OPS[op]
+    """The library's dispatcher sends float64 CUDA operands to the reference (trustrepair.engine.ops.routing)."""
+    _, reference, _ = OPS[op]
     ops = _f64(_draw((3, 17, 17, 65, 3, 5), seed=7))
-    out = kernel(ops)
+    assert not routing.uses_triton("projected_gradient_squares", ops["a"], ops["g"], ops["q_a"], ops["q_s"])
+    out = PG.projected_gradient_squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"])
     assert out.dtype == torch.float64 and torch.equal(out, reference(ops))
 
 
@@ -242,30 +205,14 @@ def test_round_to_tf32_is_round_to_nearest_even():
     assert out[n + 7:].tolist() == [0.0, 0.0] and signs.tolist() == [False, True]
 
 
-def _tf32_algebra(kernel_name, g, a, left, right, mats):
-    """What a kernel computes, in float64 on the given operands (B, T, .)."""
-    if kernel_name == "low_rank":
-        n_mats, d_out, rank = left.shape
-        left = left.permute(1, 0, 2).reshape(d_out, n_mats * rank)
-        right = right.reshape(n_mats * rank, -1)
-        return ((g @ left) * (a @ right.T)).unflatten(2, (n_mats, rank)).sum(dim=(1, 3))
+def _tf32_algebra(kernel_name, g, a):
+    """What the squares kernel computes, in float64 on the given operands (B, T, .)."""
     tiles = torch.bmm(g.transpose(1, 2), a)
-    if kernel_name == "squares":
-        return (tiles * tiles).sum(0)
-    return tiles.flatten(1) @ mats.flatten(1).T
+    return (tiles * tiles).sum(0)
 
 
-def _pairs_config():
-    """A scores-mode configuration that steps through examples two at a time (its own loads and rounding)."""
-    if _launch.INTERPRET:
-        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PAIRS": True})
-    return next(c for c in ALL_SCORES_CONFIGS if c.kwargs["PAIRS"])
-
-
-@pytest.mark.parametrize("kernel_name,pairs", [("squares", False), ("scores", False), ("scores", True),
-                                               ("low_rank", False)],
-                         ids=["tiles-squares", "tiles-scores", "tiles-scores-pairs", "low_rank"])
-def test_tf32_operands_are_rounded_to_nearest(kernel_name, pairs, poison_empty):
+@pytest.mark.parametrize("kernel_name", ["squares"], ids=["tiles-squares"])
+def test_tf32_operands_are_rounded_to_nearest(kernel_name, poison_empty):
     """Under TF32 a kernel must compute its algebra on operands rounded to the nearest TF32 value (as
     cuBLAS does). Rounding moves the result by about 2^-11 relative per operand; float32 accumulation, even
     with tensor cores' round-toward-zero additions over these 37-70 term sums, by about 2^-17 or less. So a
@@ -275,20 +222,15 @@ def test_tf32_operands_are_rounded_to_nearest(kernel_name, pairs, poison_empty):
     ops = _draw((5, 37, 45, 70, 3, 5), seed=19)
     g, a = ops["g"], ops["a"]
     with matmul_precision("high"):
-        if kernel_name == "low_rank":
-            out = gd.low_rank_ghost_dots_triton(a, g, ops["left"], ops["right"])
-        else:
-            out = pg.contract_example_tiles(g.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous(),
-                                            pg.SQUARES if kernel_name == "squares" else pg.SCORES, ops["mats"],
-                                            config=_pairs_config() if pairs else None)
+        out = pg.contract_example_tiles(g.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous())
     _assert_rounded_operand_algebra(kernel_name, ops, out)
 
 
 def _assert_rounded_operand_algebra(kernel_name, ops, out):
     """``out`` lies within 1/8 of the exact value's distance from the float64 algebra of the operands
     rounded to nearest TF32 (the criterion explained in the test above)."""
-    raw = {k: ops[k].double().cpu() for k in ("g", "a", "left", "right", "mats")}
-    rounded = _tf32_algebra(kernel_name, **{k: _tf32(ops[k]) for k in ("g", "a", "left", "right")}, mats=raw["mats"])
+    raw = {k: ops[k].double().cpu() for k in ("g", "a")}
+    rounded = _tf32_algebra(kernel_name, **{k: _tf32(ops[k]) for k in ("g", "a")})
     exact = _tf32_algebra(kernel_name, **raw)
     err = (out.double().cpu() - rounded).abs().max().item()
     rounding = (exact - rounded).abs().max().item()
@@ -298,84 +240,66 @@ def _assert_rounded_operand_algebra(kernel_name, ops, out):
                                   f"{rounded.abs().max().item():.3g}): operands not rounded to nearest")
 
 
-@pytest.mark.parametrize("kernel_name", ["squares", "scores"])
-@pytest.mark.parametrize("rounding", ["pass", "kernel"])
-def test_tf32_rounding_by_pass_or_in_kernel(kernel_name, rounding, poison_empty):
-    """Both places of TF32 rounding (``projected_gradients.TF32_ROUNDING``) give the product of operands
-    rounded to nearest, by the criterion of the test above. Identity bases make the projections exact (a
-    TF32 product with one non-zero term per sum rounds like the operand), so the rounded-operand algebra
-    is known in float64."""
+@pytest.mark.parametrize("kernel_name", ["squares"])
+def test_tf32_rounding_by_pass(kernel_name, poison_empty):
+    """The launcher's TF32 rounding (a pass over the projected tokens before the tile kernel) gives the
+    product of operands rounded to nearest, by the criterion of the test above. Identity bases make the
+    projections exact (a TF32 product with one non-zero term per sum rounds like the operand), so the
+    rounded-operand algebra is known in float64."""
     ops = _draw((5, 37, 45, 70, 3, 5), seed=23)
     g, a = ops["g"], ops["a"]
     eye_a, eye_s = torch.eye(45, device=DEVICE), torch.eye(70, device=DEVICE)
     with matmul_precision("high"):
-        if kernel_name == "squares":
-            out = pg._squares(a, g, eye_a, eye_s, rounding=rounding)
-        else:
-            out = pg._scores(a, g, eye_a, eye_s, ops["mats"], rounding=rounding)
+        out = pg._squares(a, g, eye_a, eye_s)
     _assert_rounded_operand_algebra(kernel_name, ops, out)
 
 
-@pytest.mark.parametrize("kernel_name", ["squares", "scores"])
+@pytest.mark.parametrize("kernel_name", ["squares"])
 @pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=["dout1", "square65"])  # few: each compiles on CUDA
-def test_both_projection_forms_match_the_reference(kernel_name, case, poison_empty):
-    """``projected_gradients.PROJECTION``: the batched and the single-GEMM projection (whose token-major
-    operands are strided views) both meet the float32 rule, with TF32 rounding by a pass over those views
-    under "high" precision, and produce the same operand values."""
+def test_projection_matches_the_reference(kernel_name, case, poison_empty):
+    """The batched projection meets the float32 rule, with TF32 rounding by a pass over its result under
+    "high" precision, and gives token-major operands with unit-stride tokens."""
     ops = _draw(case, seed=zlib.crc32(f"projection{kernel_name}{case}".encode()))
     reference = OPS[kernel_name][1]
     truth = reference(_f64(ops))
-    for projection in ("batched", "gemm"):
-        for precision in ("highest", "high"):
-            with matmul_precision(precision):
-                if kernel_name == "squares":
-                    out = pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"], projection=projection)
-                else:
-                    out = pg._scores(ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"], projection=projection)
-            name = f"{kernel_name} {projection} {precision}"
-            if precision == "highest":
-                assert_within_rule(name, out, truth, reference(ops))
-            else:  # TF32 operands: about 2^-11 relative per operand (the rule's own test is test_tf32_within_rule)
-                error = (out.double().cpu() - truth.cpu()).abs().max().item()
-                assert out.shape == truth.shape and error <= 1e-2 * truth.abs().max().item() + 1e-12, (name, error)
+    for precision in ("highest", "high"):
+        with matmul_precision(precision):
+            out = pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"])
+        name = f"{kernel_name} batched {precision}"
+        if precision == "highest":
+            assert_within_rule(name, out, truth, reference(ops))
+        else:  # TF32 operands: about 2^-11 relative per operand (the rule's own test is test_tf32_within_rule)
+            error = (out.double().cpu() - truth.cpu()).abs().max().item()
+            assert out.shape == truth.shape and error <= 1e-2 * truth.abs().max().item() + 1e-12, (name, error)
     for basis, x in ((ops["q_a"], ops["a"]), (ops["q_s"], ops["g"])):
-        batched, gemm = (pg.project_tokens(basis, x, torch.float32, form) for form in ("batched", "gemm"))
-        assert batched.shape == gemm.shape == (x.shape[0], x.shape[2], x.shape[1])
-        assert gemm.shape[2] < 2 or gemm.stride(2) == 1, "tokens must stay unit-stride for the tile kernel"
-        torch.testing.assert_close(gemm, batched, rtol=1e-5, atol=1e-5)
-    for batch, tokens in ((2, 0), (0, 5)):  # empty batches project to empty operands in both forms
+        batched = pg.project_tokens(basis, x, torch.float32)
+        assert batched.shape == (x.shape[0], x.shape[2], x.shape[1])
+        assert batched.shape[2] < 2 or batched.stride(2) == 1, "tokens must stay unit-stride for the tile kernel"
+        torch.testing.assert_close(batched, (x @ basis).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    for batch, tokens in ((2, 0), (0, 5)):  # empty batches project to empty operands
         empty = ops["a"].new_zeros(batch, tokens, ops["a"].shape[2])
-        for form in ("batched", "gemm"):
-            assert pg.project_tokens(ops["q_a"], empty, torch.float32, form).shape == (batch, empty.shape[2], tokens)
+        assert pg.project_tokens(ops["q_a"], empty, torch.float32).shape == (batch, empty.shape[2], tokens)
 
 
-@pytest.mark.parametrize("kernel_name", ["squares", "scores"])
-def test_zero_padded_projections_give_the_same_results(kernel_name, monkeypatch, poison_empty):
-    """``layout.PAD_WIDTHS``: projections on zero-padded operands have the unpadded values in their
-    first rows and zeros after them, and the kernels read the true rows, so the results are those of the
-    unpadded path (the same products with extra zero terms)."""
-    from trustrepair.engine import layout
+@pytest.mark.parametrize("kernel_name", ["squares"])
+def test_zero_padded_projections_give_the_same_results(kernel_name, poison_empty):
+    """The ``pad_widths`` setting: the library hands the kernel zero-padded operands, whose projections
+    have the unpadded values in their first rows and zeros after them; the kernel's result, cut to the
+    true widths, is that of the unpadded path (the same products with extra zero terms)."""
+    from trustrepair.engine.layout import zero_padded
 
     ops = _draw((3, 9, 17, 13, 3, 5), seed=29)
-    for form in ("batched", "gemm"):
-        plain = pg.project_tokens(ops["q_a"], ops["a"], torch.float32, form, pad=False)
-        padded = pg.project_tokens(ops["q_a"], ops["a"], torch.float32, form, pad=True)
-        assert padded.shape == (3, 24, 9) and padded.stride(2) == 1
-        torch.testing.assert_close(padded[:, :17], plain, rtol=1e-6, atol=1e-6)
-        assert torch.equal(padded[:, 17:], torch.zeros_like(padded[:, 17:]))
-    run = (lambda: pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"])) if kernel_name == "squares" else \
-        (lambda: pg._scores(ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"]))
+    plain = pg.project_tokens(ops["q_a"], ops["a"], torch.float32)
+    padded = pg.project_tokens(zero_padded(ops["q_a"], dims=2), zero_padded(ops["a"]), torch.float32)
+    assert padded.shape == (3, 24, 9) and padded.stride(2) == 1
+    torch.testing.assert_close(padded[:, :17], plain, rtol=1e-6, atol=1e-6)
+    assert torch.equal(padded[:, 17:], torch.zeros_like(padded[:, 17:]))
     results = {}
     for pad in (False, True):
-        monkeypatch.setitem(layout.PAD_WIDTHS, torch.device(DEVICE).type, pad)
-        results[pad] = run()
+        with override(pad_widths={torch.device(DEVICE).type: pad}):
+            results[pad] = PG.squares_on_triton(ops["a"], ops["g"], ops["q_a"], ops["q_s"])
+    assert results[True].shape == results[False].shape == (13, 17)
     torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-5)
-
-
-def test_unknown_projection_is_refused():
-    ops = _draw((2, 5, 17, 3, 2, 2), seed=3)
-    with pytest.raises(ValueError, match="'batched' or 'gemm'"):
-        pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"], projection="einsum")
 
 
 def test_round_to_tf32_takes_permuted_dense_tensors_only():
@@ -388,12 +312,6 @@ def test_round_to_tf32_takes_permuted_dense_tensors_only():
     assert torch.equal(permuted.permute(1, 0, 2).cpu().double(), _tf32(base))
     with pytest.raises(ValueError, match="densely"):
         _launch.round_to_tf32_(base.clone()[:, ::2])
-
-
-def test_unknown_tf32_rounding_is_refused():
-    ops = _draw((2, 5, 17, 3, 2, 2), seed=3)
-    with matmul_precision("high"), pytest.raises(ValueError, match="'pass' or 'kernel'"):
-        pg._squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"], rounding="nearest")
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -421,39 +339,29 @@ def test_split_over_examples_covers_every_example():
     if DEVICE == "cpu":  # interpreter: 2 units, 1 tile -> 4 programs wanted
         assert (ranges, per_range) == (4, 2)
     ops = _draw((7, 5, 17, 17, 2, 1), seed=5)
-    for op in ("squares", "scores"):
-        kernel, reference, _ = OPS[op]
-        assert_within_rule(op, kernel(ops), reference(_f64(ops)), reference(ops))
+    kernel, reference, _ = OPS["squares"]
+    assert_within_rule("squares", kernel(ops), reference(_f64(ops)), reference(ops))
 
 
-def _forced_configs(mode):
+def _forced_configs():
     """Every configuration the autotuner may pick on a GPU; in the interpreter, each example stepping
-    (one at a time, in pairs, and the flattened loop, which the interpreter runs as written)."""
+    (one at a time, and the flattened loop, which the interpreter runs as written)."""
     if _launch.INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PAIRS": pairs, "FLATTEN": flatten})
-                for pairs, flatten in ((False, False), (True, False), (False, True))]
-    return ALL_SCORES_CONFIGS if mode == pg.SCORES else ALL_SQUARES_CONFIGS
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "FLATTEN": flatten})
+                for flatten in (False, True)]
+    return ALL_CONFIGS
 
 
-@pytest.mark.parametrize("mode", [pg.SQUARES, pg.SCORES], ids=["squares", "scores"])
-def test_every_configuration_matches_reference(mode, poison_empty):
+def test_every_configuration_matches_reference(poison_empty):
     ops = _draw((5, 37, 45, 70, 3, 1), seed=13)
     at, gt = ops["a"].transpose(1, 2).contiguous(), ops["g"].transpose(1, 2).contiguous()
     eye_a, eye_s = torch.eye(45, device=DEVICE), torch.eye(70, device=DEVICE)
     operands = {"a": ops["a"], "g": ops["g"], "q_a": eye_a, "q_s": eye_s, "mats": ops["mats"]}
-    reference = OPS["squares" if mode == pg.SQUARES else "scores"][1]
+    reference = OPS["squares"][1]
     truth, baseline = reference(_f64(operands)), reference(operands)
-    for config in _forced_configs(mode):
-        out = pg.contract_example_tiles(gt, at, mode, ops["mats"], config=config)
+    for config in _forced_configs():
+        out = pg.contract_example_tiles(gt, at, config=config)
         assert_within_rule(f"{config}", out, truth, baseline)
-
-
-def test_scores_mode_refuses_another_tile():
-    ops = _draw((2, 5, 17, 3, 2, 2), seed=1)
-    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "PAIRS": False})
-    with pytest.raises(ValueError, match="scores mode runs"):
-        pg.contract_example_tiles(ops["g"].transpose(1, 2), ops["a"].transpose(1, 2), pg.SCORES, ops["mats"],
-                                  config=config)
 
 
 def test_mixed_operand_dtypes_promote():
@@ -470,9 +378,6 @@ BAD_INPUTS = [
     ("squares", {"g": torch.zeros(3, 5, 3)}, "same B and T"),
     ("squares", {"q_a": torch.zeros(16, 16)}, "q_a must be \\(17, 17\\)"),
     ("squares", {"a": torch.zeros(2, 5, 17, dtype=torch.int64)}, "a has dtype torch.int64"),
-    ("scores", {"mats": torch.zeros(2, 17, 3)}, "queries must be \\(Q, 3, 17\\)"),
-    ("ghost", {"mats": torch.zeros(2, 3)}, "u must be \\(K, 3, 17\\)"),
-    ("low_rank", {"right": torch.zeros(2, 3, 17)}, "low-rank factors"),
 ]
 
 
@@ -505,26 +410,19 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 def test_fake_implementations_on_meta_tensors():
     meta = {k: v.to("meta") for k, v in _draw((4, 6, 17, 3, 5, 2), seed=2).items()}
-    a, g, q_a, q_s, mats = meta["a"], meta["g"], meta["q_a"], meta["q_s"], meta["mats"]
+    a, g, q_a, q_s = meta["a"], meta["g"], meta["q_a"], meta["q_s"]
     ops = torch.ops.trustrepair
     assert ops.projected_gradient_squares(a, g, q_a, q_s).shape == (3, 17)
-    assert ops.projected_gradient_scores(a, g, q_a, q_s, mats).shape == (4, 5)
-    assert ops.ghost_dots(a, g, mats).shape == (4, 5)
-    out = ops.low_rank_ghost_dots(a.to(torch.bfloat16), g.to(torch.bfloat16), meta["left"], meta["right"])
-    assert out.shape == (4, 5) and out.dtype == torch.float32
+    out = ops.projected_gradient_squares(a.to(torch.bfloat16), g.to(torch.bfloat16), q_a, q_s)
+    assert out.shape == (3, 17) and out.dtype == torch.float32
     with pytest.raises(ValueError, match="q_a must be"):
         ops.projected_gradient_squares(a, g, q_s, q_s)
 
 
 def test_custom_ops_pass_opcheck():
     ops = _draw((2, 3, 17, 3, 2, 2), seed=4)
-    a, g, q_a, q_s, mats = ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"]
-    checks = [
-        (torch.ops.trustrepair.projected_gradient_squares.default, (a, g, q_a, q_s)),
-        (torch.ops.trustrepair.projected_gradient_scores.default, (a, g, q_a, q_s, mats)),
-        (torch.ops.trustrepair.ghost_dots.default, (a, g, mats)),
-        (torch.ops.trustrepair.low_rank_ghost_dots.default, (a, g, ops["left"], ops["right"])),
-    ]
+    a, g, q_a, q_s = ops["a"], ops["g"], ops["q_a"], ops["q_s"]
+    checks = [(torch.ops.trustrepair.projected_gradient_squares.default, (a, g, q_a, q_s))]
     for op, args in checks:
         torch.library.opcheck(op, args)
 
@@ -532,10 +430,10 @@ def test_custom_ops_pass_opcheck():
 def test_traces_under_torch_compile():
     ops = _draw((2, 5, 17, 3, 2, 2), seed=6)
 
-    def fit_and_score(a, g, q_a, q_s, mats):
-        return pg.projected_gradient_squares_triton(a, g, q_a, q_s).sum() + gd.ghost_dots_triton(a, g, mats)
+    def fit_and_score(a, g, q_a, q_s):
+        return pg.projected_gradient_squares_triton(a, g, q_a, q_s).sum() + (a * 2).sum()
 
-    args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"])
+    args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"])
     compiled = torch.compile(fit_and_score, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), fit_and_score(*args))
 
@@ -584,8 +482,8 @@ def test_float32_larger_sizes(op, poison_empty):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_exact_float32_on_cuda_runs_the_reference(op, poison_empty, monkeypatch):
-    """Without TF32 the launchers return the reference (cuBLAS beat the kernels' FMA loops): no kernel
-    may launch, and the result is the reference's."""
+    """Without TF32 the library's dispatcher runs the reference (cuBLAS beat the kernels' FMA loops): no
+    kernel may launch, and the result is the reference's."""
     class NoLaunch:
         def __call__(self, *args, **kwargs):
             raise AssertionError("a Triton kernel was launched for exact float32 on CUDA")
@@ -593,23 +491,22 @@ def test_exact_float32_on_cuda_runs_the_reference(op, poison_empty, monkeypatch)
         def __getitem__(self, grid):
             return self
 
-    monkeypatch.setattr(_launch, "EXACT_FLOAT32_USES_REFERENCE", True)  # the library's setting
-    for module, name in ((pg, "contract_example_tiles"), (gd, "contract_example_tiles"), (gd, "_low_rank_kernel")):
-        monkeypatch.setattr(module, name, NoLaunch())
-    kernel, reference, _ = OPS[op]
+    monkeypatch.setattr(pg, "contract_example_tiles", NoLaunch())
+    _, reference, _ = OPS[op]
     ops = _draw(GPU_CASES[1], seed=26)
     with matmul_precision("highest"):
-        torch.testing.assert_close(kernel(ops), reference(ops), rtol=1e-6, atol=0)
+        out = PG.projected_gradient_squares(ops["a"], ops["g"], ops["q_a"], ops["q_s"])
+        torch.testing.assert_close(out, reference(ops), rtol=1e-6, atol=0)
 
 
 @pytest.mark.gpu
 def test_inductor_compiles_around_the_ops():
     ops = _draw(GPU_CASES[0], seed=24)
 
-    def fit_and_score(a, g, q_a, q_s, mats):
-        return pg.projected_gradient_squares_triton(a * 2, g, q_a, q_s).sum() + gd.ghost_dots_triton(a, g, mats)
+    def fit_and_score(a, g, q_a, q_s):
+        return pg.projected_gradient_squares_triton(a * 2, g, q_a, q_s).sum() + (a @ q_a).sum()
 
-    args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"], ops["mats"])
+    args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"])
     torch.testing.assert_close(torch.compile(fit_and_score, fullgraph=True)(*args), fit_and_score(*args))
 
 
@@ -617,12 +514,11 @@ def test_inductor_compiles_around_the_ops():
 def test_dispatch_uses_triton_and_agrees_with_reference(monkeypatch):
     ops = _draw(GPU_CASES[0], seed=25)
     args = (ops["a"], ops["g"], ops["q_a"], ops["q_s"])
-    assert contractions.triton_enabled(ops["a"])
-    assert contractions.uses_triton("projected_gradient_squares", ops["a"])
-    assert not contractions.uses_triton("ghost_dots", ops["a"]), "ghost dots run cuBLAS on CUDA (TRITON_OPS)"
-    fast = contractions.projected_gradient_squares(*args)
-    monkeypatch.setenv("TRUSTREPAIR_DISABLE_TRITON", "1")
-    assert not contractions.triton_enabled(ops["a"])
-    slow = contractions.projected_gradient_squares(*args)
-    assert_within_rule("dispatch", fast, contractions.projected_gradient_squares_reference(
-        *(x.double() for x in args)), slow)
+    assert routing.triton_enabled(ops["a"])
+    with matmul_precision("high"):  # TF32: a tensor-core precision, routed to the kernel
+        assert routing.uses_triton("projected_gradient_squares", *args)
+        fast = PG.projected_gradient_squares(*args)
+        monkeypatch.setenv("TRUSTREPAIR_DISABLE_TRITON", "1")
+        assert not routing.triton_enabled(ops["a"])
+        slow = PG.projected_gradient_squares(*args)
+    assert_within_rule("dispatch", fast, PG.projected_gradient_squares_reference(*(x.double() for x in args)), slow)

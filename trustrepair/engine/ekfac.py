@@ -7,11 +7,11 @@ G_z = sum_t g_t a_t^T in three stages:
 1. **covariances** (one forward + backward pass): A = sum_t a_t a_t^T / N and S = sum_t g_t g_t^T / N
    over every non-padding token t of every example (prompt tokens included: they carry gradient
    through later tokens' losses), N the number of those tokens; a has the bias ones column; on a GPU
-   the Gram products run on zero-padded even widths (:data:`trustrepair.engine.layout.PAD_WIDTHS`) and are
-   read back at the true width;
+   the Gram products run on zero-padded even widths (the ``pad_widths`` setting,
+   :mod:`trustrepair.engine.tunables`) and are read back at the true width;
 2. **eigendecomposition**: A = Q_A diag(.) Q_A^T and S = Q_S diag(.) Q_S^T, computed by ``eigh`` in
-   float64 on the symmetrised (A + A^T) / 2 (on a GPU several at once, :data:`EIGH_STREAMS`, the narrow
-   ones optionally on the host, :data:`EIGH_HOST_BELOW`);
+   float64 on the symmetrised (A + A^T) / 2 (on a GPU several at once, the ``eigh_streams`` setting, the
+   narrow ones optionally on the host, ``eigh_host_below``);
 3. **eigenvalue correction** (a second pass, which needs the eigenbases):
    Lambda = (1 / n) sum_z (Q_S^T G_z Q_A) ** 2 (elementwise) over **all** n examples; an example
    with no labelled token has G_z = 0, contributes zero and is counted.
@@ -58,36 +58,17 @@ from trustrepair.engine.layout import aligned, padded_width, pads_widths, zero_p
 from trustrepair.batching import padded_batches
 from trustrepair.engine.capture import TokenCapture
 from trustrepair.engine.examples import as_examples, describe_rows, unlabelled
-from trustrepair.engine.contractions import add_gram_upper_, projected_gradient_squares, symmetric_from_upper
+from trustrepair.engine.ops.gram import add_gram_upper_, symmetric_from_upper
+from trustrepair.engine.ops.projected_gradients import projected_gradient_squares
 from trustrepair.engine.distributed import (all_reduce_counts, all_reduce_sum_, fail_together, is_main_process, map_once,
                                      progress_enabled, rank, require_agreement, shard_range, world_size)
 from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules, model_fingerprint
+from trustrepair.engine.tunables import current
 from trustrepair.task import CausalLMTask, Example, Task
 
 FORMAT = "trustrepair.ekfac/1"  # the on-disk format name, kept across the move to engine/ so saved factors load
 DAMPING_SCALE = 0.1
 FISHER_KINDS = ("sampled", "empirical")
-
-EIGH_STREAMS = 4
-"""float64 eigendecompositions in flight at once on a CUDA device, each on its own stream and host thread
-(:func:`trustrepair.engine.streams.map_on_streams`); fewer when free device memory is short
-(:func:`_eigh_workers`), and one on a CPU, where LAPACK already uses every core for one matrix. Why: one
-cuSOLVER ``syevd`` of these widths leaves most of a large GPU idle; the first H100 run spent 2.67 s of a
-10.9 s fit on 96 of them one after another. Measured on the second H100 run (``benchmarks/gpu_check.py``'s
-"eigh schedules", 16 factors): 0.381 s with 4 workers against 0.425 s one at a time, 1.1x, well under
-the 1.5-2.5x expected (cuSOLVER's float64 ``syevd`` synchronises with the host inside each call, so the
-streams overlap little); kept as the faster. Results do not depend on it."""
-
-EIGH_HOST_BELOW = 0
-"""With factors on a CUDA device, those narrower than this are eigendecomposed by the host's LAPACK
-(float64 too; copied over and back) while the worker threads of :data:`EIGH_STREAMS` keep the wider ones
-on the device; 0 keeps every factor on the device. Why: the 60 of a Pythia-160M fit's 96 factors that are
-768-769 wide are each too small to fill a large GPU, and a many-core host can take them in parallel with
-the device's wide ones. Measured on the second H100 run ("eigh schedules", 16 factors, 16-core host):
-0.917 s at 1024 against 0.381 s on the device alone, so it stays 0. The host's and the device's
-solvers agree to rounding on the eigenvalues; eigenvectors of (near-)repeated eigenvalues may differ by a
-rotation within their eigenspace, which EK-FAC's eigenvalue correction absorbs."""
-
 
 @dataclass
 class ModuleFactors:
@@ -173,7 +154,7 @@ class EKFACFactors:
     def precondition_projected(self, projected: Mapping[str, torch.Tensor],
                                damping: float | None = None) -> dict[str, torch.Tensor]:
         """Like :meth:`precondition` for gradients already in the eigenbasis, P = Q_S^T V Q_A (e.g. from
-        :func:`trustrepair.engine.contractions.projected_gradients`): returns Q_S [P / (Lambda + lambda)] Q_A^T,
+        :func:`trustrepair.engine.ops.projected_gradients.projected_gradients`): returns Q_S [P / (Lambda + lambda)] Q_A^T,
         in the original basis (computed in the factors' dtype even inside an autocast region)."""
         out = {}
         for name, scaled in self.divide_projected(projected, damping).items():
@@ -468,7 +449,7 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
 
 
 def _eigh_workers(covariances: list[torch.Tensor]) -> int:
-    """:data:`EIGH_STREAMS` on a CUDA device, as far as half its free memory holds that many of the widest
+    """The ``eigh_streams`` setting on a CUDA device, as far as half its free memory holds that many of the widest
     decompositions (about 6 n^2 float64 values each: the float64 copy, its symmetrised form, the
     eigenvectors and cuSOLVER's workspace); 1 on a CPU."""
     device = covariances[0].device
@@ -476,7 +457,7 @@ def _eigh_workers(covariances: list[torch.Tensor]) -> int:
         return 1
     free, _ = torch.cuda.mem_get_info(device)
     widest = max(c.shape[0] for c in covariances)
-    return int(max(1, min(EIGH_STREAMS, free // (2 * 6 * 8 * widest * widest))))
+    return int(max(1, min(current().eigh_streams, free // (2 * 6 * 8 * widest * widest))))
 
 
 def _eigenbasis(cov_sum: torch.Tensor, n_tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -488,8 +469,11 @@ def _eigenbasis(cov_sum: torch.Tensor, n_tokens: int, dtype: torch.dtype) -> tor
 
 def eigh_float64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` of a float64 symmetric matrix, on the host when it lives on a CUDA device and is
-    narrower than :data:`EIGH_HOST_BELOW` (results returned to its device), on its own device otherwise."""
-    if matrix.is_cuda and matrix.shape[-1] < EIGH_HOST_BELOW:
+    narrower than the ``eigh_host_below`` setting (results returned to its device), on its own device
+    otherwise. The host's and the device's solvers agree to rounding on the eigenvalues; eigenvectors of
+    (near-)repeated eigenvalues may differ by a rotation within their eigenspace, which EK-FAC's eigenvalue
+    correction absorbs."""
+    if matrix.is_cuda and matrix.shape[-1] < current().eigh_host_below:
         values, vectors = torch.linalg.eigh(matrix.cpu())
         return values.to(matrix.device), vectors.to(matrix.device)
     return torch.linalg.eigh(matrix)

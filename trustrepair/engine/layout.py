@@ -9,32 +9,28 @@ pytorch/pytorch#146817). Here such matrices live in storage whose rows are padde
 :data:`ROW_ALIGNMENT` elements and are handed out as views of their true width, so every consumer sees
 the same shapes and values while the products read aligned rows. The padding elements are never read.
 
-Aligned rows are not enough on a GPU: the H100 run of 2026-11-27 (benchmarks/RESULTS.md) measured the
-products on an odd width 2.4-6x slower than on the even width one below it, stored either way (TF32 Gram
-``x^T x`` over 8192 rows: 0.185 ms at 769 against 0.077 at 768, 1.63 at 3073 against 0.68 at 3072;
-projection ``Q^T x^T``: 0.132 against 0.043 and 1.48 against 0.44; bf16 3.7-6x), so cuBLAS picks slower
-kernels for the dimension itself. There (:data:`PAD_WIDTHS`) the fit's products run on
-:func:`zero_padded` operands, whose odd dimensions are widened with zeros to :func:`padded_width`: the
+Aligned rows are not enough on a GPU: cuBLAS runs products on an odd width several times slower than on
+the even width below it, however the rows are stored, so it picks slower kernels for the dimension
+itself (benchmarks/RESULTS.md, decisions). Where the ``pad_widths`` setting is on for a device type
+(:mod:`trustrepair.engine.tunables`; CUDA by default) the fit's products and the scoring pass's slabs run
+on :func:`zero_padded` operands, whose odd dimensions are widened with zeros to :func:`padded_width`: the
 zero rows and columns add nothing to the sums they enter and the result is read back at the true width.
 """
 from __future__ import annotations
 
 import torch
 
+from trustrepair.engine.tunables import current
+
 ROW_ALIGNMENT = 8
 """Elements a row start is a multiple of: 16 bytes for 16-bit dtypes, 32 for float32, 64 for float64."""
 
 
-PAD_WIDTHS = {"cpu": False, "cuda": True}
-"""Per device type: whether the fit's Gram and projection products and the scoring pass's per-example
-slabs (:func:`trustrepair.engine.contractions.ghost_dots_reference`) run on :func:`zero_padded` operands (see the
-module docstring for the measurement that chose it on CUDA). A CPU's BLAS runs odd widths at
-full speed, so there the copy would be pure cost."""
-
-
 def pads_widths(device: torch.device) -> bool:
-    """:data:`PAD_WIDTHS` for ``device``'s type (False for types it does not name)."""
-    return PAD_WIDTHS.get(device.type, False)
+    """The ``pad_widths`` setting for ``device``'s type (False for types it does not name): whether the
+    fit's Gram and projection products and the scoring pass's per-example slabs
+    (:func:`trustrepair.engine.ops.ghost_dots.ghost_dots`) run on :func:`zero_padded` operands."""
+    return current().pad_widths.get(device.type, False)
 
 
 def padded_width(width: int) -> int:

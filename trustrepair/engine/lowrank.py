@@ -8,7 +8,7 @@ M_r the best rank-r approximation of M: factorising M = L R and rotating only th
 
 costs r (d_out^2 + d_in^2) multiply-adds for the rotations instead of the d_out d_in (d_out + d_in) of
 rotating the dense M back, and a score against a training example then costs T r (d_out + d_in) per
-example instead of T d_out d_in (:func:`trustrepair.engine.contractions.low_rank_ghost_dots`).
+example instead of T d_out d_in (:func:`trustrepair.engine.ops.ghost_dots.low_rank_ghost_dots`).
 
 M_r comes from a randomized range finder with power iterations (Halko, Martinsson & Tropp 2011,
 "Finding structure with randomness", Alg. 4.4 then Alg. 5.1): Y = M Omega for a Gaussian
@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import torch
 
-OVERSAMPLE = 10
-POWER_ITERATIONS = 2
+from trustrepair.engine.tunables import current
 
 
 def low_rank_factors(m: torch.Tensor, rank: int, *, column_basis: torch.Tensor | None = None,
-                     oversample: int = OVERSAMPLE, power_iterations: int = POWER_ITERATIONS,
+                     oversample: int | None = None, power_iterations: int | None = None,
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors of each matrix of ``m`` (K, rows, cols): ``m ~ left @ right`` with left
     (K, rows, r) holding the singular values and right (K, r, cols) orthonormal rows.
 
     Exact truncated SVD when ``rank + oversample >= min(rows, cols)``; the randomized one otherwise.
+    ``oversample`` and ``power_iterations`` default to the ``lowrank_oversample`` and
+    ``lowrank_power_iterations`` settings (:mod:`trustrepair.engine.tunables`).
     ``column_basis`` (cols, cols), orthogonal: the basis in which ``m``'s columns are coordinates (Q_A).
     The Gaussian sketch is then drawn in the original coordinates and rotated into that basis, so the
     approximation Q_S (left @ right) Q_A^T does not depend on which eigenvectors were picked inside a
@@ -45,6 +46,9 @@ def low_rank_factors(m: torch.Tensor, rank: int, *, column_basis: torch.Tensor |
         raise ValueError(f"expected a (K, rows, cols) stack of matrices, got shape {tuple(m.shape)}")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    settings = current()
+    oversample = settings.lowrank_oversample if oversample is None else oversample
+    power_iterations = settings.lowrank_power_iterations if power_iterations is None else power_iterations
     rows, cols = m.shape[-2:]
     rank = min(rank, rows, cols)
     sketch = rank + oversample

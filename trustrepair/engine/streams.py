@@ -2,8 +2,8 @@
 
 Some library calls leave a large GPU mostly idle on one input. cuSOLVER's symmetric eigensolver is the
 case here: its tridiagonal reduction is matrix-vector work with host synchronisations, so one 3072-wide
-float64 ``eigh`` cannot fill an H100, and EK-FAC runs two per layer (the first H100 run spent 2.67 s on
-96 of them one after another). :func:`map_on_streams` keeps up to ``workers`` such calls in flight at
+float64 ``eigh`` cannot fill a large GPU, and EK-FAC runs two per layer (benchmarks/RESULTS.md,
+decisions: ``eigh_streams``). :func:`map_on_streams` keeps up to ``workers`` such calls in flight at
 once. Each worker thread takes the next item from a shared queue (callers pass the most expensive first,
 so the long ones do not end up last) and runs it on its own stream, which first waits for the caller's
 stream (where the inputs were made); results are synchronised before they are returned and recorded on
@@ -13,8 +13,8 @@ Every item is computed exactly as it would be alone, so results do not depend on
 Before the first worker starts, a CUDA caller's thread runs one tiny ``eigh``: torch loads its CUDA
 linear-algebra library (cuSOLVER / MAGMA wrappers) lazily at the first such call, and two threads making
 that first call at once fail with "lazy wrapper should be called at most once" (pytorch/pytorch#90613;
-on an H100, a fresh process whose first linalg call was a fit's eigendecomposition hit it). After one
-call on one thread every thread is safe.
+a fresh process whose first linalg call was a fit's eigendecomposition hit it). After one call on one
+thread every thread is safe.
 
 On a CPU the same threads run without streams (the tests use that to check ordering and errors); the
 library itself uses one worker there, since LAPACK and BLAS already use every core for one call.

@@ -52,7 +52,9 @@ from trustrepair.engine.layout import aligned
 from trustrepair.batching import padded_batches
 from trustrepair.engine.capture import TokenCapture
 from trustrepair.engine.examples import as_examples, describe_rows, unlabelled
-from trustrepair.engine.contractions import cache_blocked, ghost_dots, low_rank_ghost_dots, projected_gradients
+from trustrepair.engine.ops.blocking import cache_blocked
+from trustrepair.engine.ops.ghost_dots import ghost_dots, low_rank_ghost_dots
+from trustrepair.engine.ops.projected_gradients import projected_gradients
 from trustrepair.engine.distributed import fail_together, gather_rows, map_once, progress_enabled, shard_range
 from trustrepair.engine.ekfac import EKFACFactors, factor_dtype
 from trustrepair.engine.lowrank import low_rank_factors, rotate_factors
