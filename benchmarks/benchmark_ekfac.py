@@ -23,20 +23,19 @@ blocks, inverted through the Woodbury identity).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import platform
 import statistics
 import sys
-import tempfile
 
 import torch
 
 import trustrepair
 from benchmarks.common import RESULTS, Timing, cpu_name, pearson, replace_section, spearman, timed
+from benchmarks.kronfluence_anchor import FIT_PHASES, KronfluenceAnchor
 from trustrepair import fit_ekfac, influence, pairwise_influence
 from trustrepair.engine.layers import find_modules
-from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch, sequence_log_probs
+from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch
 
 HEADING = "## EK-FAC influence engine vs kronfluence (issue 3)"
 
@@ -116,97 +115,20 @@ def floor_pass(model, train, batch_size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# kronfluence 1.0.1 (the anchor); also used by tests/test_kronfluence_agreement.py
+# kronfluence 1.0.1 (the anchor); also used by tests/engine/test_kronfluence_agreement.py
 # ----------------------------------------------------------------------------------------------------
-
-def kronfluence_task(modules):
-    """A kronfluence ``Task`` for this repository's causal-LM conventions (summed token losses; the trust
-    measurement log P(o|m) - log P(p|m) summed over the batch), tracking ``modules``. The measurement runs
-    the model twice (opponent, proponent), so kronfluence needs ``has_shared_parameters=True`` (without
-    it, it silently mis-scores)."""
-    from kronfluence.task import Task as KronfluenceTask
-
-    class LMTask(KronfluenceTask):
-        def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"]
-            if sample:
-                with torch.no_grad():
-                    probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
-                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
-                labels = labels.clone()
-                labels[:, 1:] = torch.where(labels[:, 1:] != IGNORE_INDEX, drawn, labels[:, 1:])
-            return -sequence_log_probs(logits, labels).sum()
-
-        def compute_measurement(self, batch, model):
-            log_p = {}
-            for side in ("opponent", "proponent"):
-                logits = model(input_ids=batch[f"{side}_input_ids"],
-                               attention_mask=batch[f"{side}_attention_mask"]).logits
-                log_p[side] = sequence_log_probs(logits, batch[f"{side}_labels"])
-            return (log_p["opponent"] - log_p["proponent"]).sum()
-
-        def get_influence_tracked_modules(self):
-            return list(modules)
-
-        def get_attention_mask(self, batch):
-            return batch.get("attention_mask")
-
-    return LMTask()
-
-
-def kronfluence_rows(train, queries):
-    """(training rows, query rows) as kronfluence datasets: padded example dicts, and per query the
-    proponent's and opponent's padded fields prefixed with ``proponent_`` / ``opponent_``."""
-    padded = {side: _padded_rows([q[side] for q in queries]) for side in ("proponent", "opponent")}
-    query_rows = [{f"{side}_{key}": padded[side][i][key] for side in padded for key in padded[side][i]}
-                  for i in range(len(queries))]
-    return _padded_rows(train), query_rows
-
 
 def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_size=8, fisher="empirical",
                          dtype=torch.float32, output_dir=None):
     """kronfluence's EK-FAC pairwise scores (n_query, n_train) in *kronfluence's* sign (negative =
-    detrimental) and, per phase, {"wall", "cpu"} seconds and peak extra "mib". ``model`` is deep-copied
-    (kronfluence wraps the modules in place). ``dtype`` sets every kronfluence accumulation dtype;
-    ``damping=None`` is kronfluence's 0.1 x mean(Lambda) heuristic, as trustrepair's default."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-
-    train_rows, query_rows = kronfluence_rows(train, queries)
-    kmodel = prepare_model(copy.deepcopy(model), kronfluence_task(modules))
-    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=fisher == "empirical",
-                                  has_shared_parameters=True, activation_covariance_dtype=dtype,
-                                  gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype,
-                                  lambda_dtype=dtype)
-    score_args = ScoreArguments(damping_factor=damping, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
-                                score_dtype=dtype)
-    timings = {}
-
-    def phase(name, fn):
-        t = timed(fn)
-        timings[name] = {"wall": t.seconds, "cpu": t.cpu_seconds, "mib": t.peak_mib}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        analyzer = Analyzer("bench", kmodel, kronfluence_task(modules), cpu=True, disable_tqdm=True,
-                            output_dir=output_dir or tmp)
-        common = dict(factors_name="ekfac", factor_args=factor_args, overwrite_output_dir=True)
-        phase("covariance", lambda: analyzer.fit_covariance_matrices(dataset=train_rows,
-                                                                     per_device_batch_size=batch_size, **common))
-        phase("eigendecomposition", lambda: analyzer.perform_eigendecomposition(**common))
-        phase("lambda", lambda: analyzer.fit_lambda_matrices(dataset=train_rows, per_device_batch_size=batch_size,
-                                                             **common))
-        phase("pairwise", lambda: analyzer.compute_pairwise_scores(
-            scores_name="pairwise", factors_name="ekfac", query_dataset=query_rows, train_dataset=train_rows,
-            per_device_query_batch_size=len(queries), per_device_train_batch_size=batch_size, score_args=score_args,
-            overwrite_output_dir=True))
-        scores = analyzer.load_pairwise_scores("pairwise")["all_modules"].clone()
-    return scores, timings
-
-
-def _padded_rows(examples):
-    batch = pad_batch(examples)
-    return [{key: batch[key][i] for key in batch} for i in range(len(examples))]
+    detrimental) and, per phase, {"wall", "cpu"} seconds and peak extra "mib" (:class:`KronfluenceAnchor`:
+    ``dtype`` sets every kronfluence accumulation dtype; ``damping=None`` is kronfluence's
+    0.1 x mean(Lambda) heuristic, as trustrepair's default)."""
+    with KronfluenceAnchor(model, train, queries, batch_size, modules=modules, fisher=fisher, damping=damping,
+                           dtype=dtype, output_dir=output_dir) as anchor:
+        phases = {**anchor.fit(), "pairwise": anchor.pairwise()}
+    timings = {name: {"wall": t.seconds, "cpu": t.cpu_seconds, "mib": t.peak_mib} for name, t in phases.items()}
+    return phases["pairwise"].value, timings
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,8 +251,7 @@ def run(args):
     kron_total = {}
     if kron:
         kt = kron["times"]
-        fit_phases = ("covariance", "eigendecomposition", "lambda")
-        kron_fit = {m: sum(kt[p][m] for p in fit_phases) for m in ("wall", "cpu")}
+        kron_fit = {m: sum(kt[p][m] for p in FIT_PHASES) for m in ("wall", "cpu")}
         kron_total = {"fit": kron_fit, "fit (bf16 matmul mode)": kron_fit, "pairwise": kt["pairwise"],
                       "aggregated": kt["pairwise"]}
     lines = ["| phase | trustrepair wall s | CPU s | x floor | peak MiB | kronfluence wall s | CPU s | x floor | "
@@ -347,7 +268,7 @@ def run(args):
         lines.append(row)
     lines += ["", "Stages (wall-clock seconds, median; from the functions' own timings):", "",
               "| stage | trustrepair | kronfluence |", "|---|---|---|"]
-    kron_stage = {f"fit: {p}": kron["times"][p]["wall"] for p in ("covariance", "eigendecomposition", "lambda")} \
+    kron_stage = {f"fit: {p}": kron["times"][p]["wall"] for p in FIT_PHASES} \
         if kron else {}
     for name, values in stages.items():
         k = kron_stage.get(name)

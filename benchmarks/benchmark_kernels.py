@@ -1,4 +1,4 @@
-"""Each Triton kernel against its PyTorch reference: median time (p20, p80), TFLOP/s, peak memory.
+"""The Triton kernel against its PyTorch reference: median time (p20, p80), TFLOP/s, peak memory.
 
 Operations, on one batch of B examples of T tokens through one layer (d_out, d_in), with the FLOP count
 used for the rates (2 per multiply-add):
@@ -6,20 +6,17 @@ used for the rates (2 per multiply-add):
 * ``squares``       projected_gradient_squares: 2 B T (d_in^2 + d_out^2 + d_out d_in)  (projections included)
 * ``squares_tiles`` the tile kernel alone on pre-projected tokens: 2 B T d_out d_in; its rate against the
                     card's matmul rate is the issue's ">= 50 % of TF32" goal. Under TF32 the tokens are
-                    rounded beforehand when ``projected_gradients.TF32_ROUNDING`` is "pass" (that pass is
-                    timed inside ``squares``), and by the kernel otherwise
-* ``squares_round_pass`` / ``squares_round_kernel``  ``squares`` with TF32 rounding by a pass over the
-                    projected tokens / inside the kernel, whatever TF32_ROUNDING says (the two candidates)
-* ``scores``        projected_gradient_scores with Q queries: squares' count + 2 B Q d_out d_in
-* ``ghost``         ghost_dots with K = Q matrices (pairwise scoring): 2 B T d_out d_in + 2 B K d_out d_in
-* ``ghost_k1``      ghost_dots with one matrix (aggregated influence of one aspect)
-* ``low_rank``      low_rank_ghost_dots, K = Q rank-r factor pairs: 2 B T K r (d_out + d_in)
+                    rounded beforehand, as the launcher does (that pass is timed inside ``squares``)
 
-Providers: ``reference`` (``trustrepair.engine.contractions``: the ``*_reference`` functions and the PyTorch
-``low_rank_ghost_dots``; for ``squares_tiles`` the same tokens-first algebra, ``bmm`` then square-sum) and
-``trustrepair`` (``trustrepair.kernels``). Precisions: ``fp32`` (exact float32 products,
-``torch.set_float32_matmul_precision("highest")``; on CUDA the kernels' launchers then return the
-reference, so only ``squares_tiles`` times a kernel there), ``tf32`` (``"high"``), ``bf16`` (activations and
+(The Triton kernels for the scoring contractions -- ghost dot products, low-rank ghost dot products,
+scores in the eigenbasis -- and the alternative TF32 rounding and projection forms were measured here
+and removed; their rows stay in benchmarks/RESULTS.md.)
+
+Providers: ``reference`` (:mod:`trustrepair.engine.ops.projected_gradients`'
+``projected_gradient_squares_reference``; for ``squares_tiles`` the same tokens-first algebra, ``bmm``
+then square-sum) and ``trustrepair`` (:mod:`trustrepair.kernels.projected_gradients`). Precisions: ``fp32`` (exact float32 products,
+``torch.set_float32_matmul_precision("highest")``; the library routes these to the reference on CUDA,
+:mod:`trustrepair.engine.ops.routing`), ``tf32`` (``"high"``), ``bf16`` (activations and
 gradients in bfloat16; accumulation float32 in both providers). Rates are compared with the card's own
 ``torch.matmul`` rate for the same precision, measured in the same run (8192^3 products after a warm-up,
 see :func:`matmul_rates`).
@@ -29,7 +26,7 @@ the reference runs, on the CPU, timed with ``time.perf_counter`` after a warm-up
 with ``TRITON_INTERPRET=1`` in the environment the kernels run too, in Triton's interpreter, which checks
 the code path (its times mean nothing).
 
-    python -m benchmarks.benchmark_kernels                  # Pythia-160M layer shapes, B = 16, T = 512, Q = 32
+    python -m benchmarks.benchmark_kernels                  # Pythia-160M layer shapes, B = 16, T = 512
     python -m benchmarks.benchmark_kernels --quick          # small shapes (a CPU smoke run)
     python -m benchmarks.benchmark_kernels --json out.json  # also write every number
     python -m benchmarks.benchmark_kernels --resources      # no GPU needed: compile every autotuning
@@ -51,33 +48,24 @@ import torch
 
 from benchmarks.common import matmul_precision, quantiles, wall_times
 
-from trustrepair.engine import contractions
 from trustrepair.engine.layout import aligned
+from trustrepair.engine.ops.checks import uses_tf32
+from trustrepair.engine.ops.projected_gradients import projected_gradient_squares_reference
 
 # Pythia-160M's block linears (d_out, d_in), the bias folded in as an input column.
 PYTHIA_LAYERS = {"query_key_value": (2304, 769), "dense": (768, 769), "dense_h_to_4h": (3072, 769),
                  "dense_4h_to_h": (768, 3073)}
 QUICK_LAYERS = {"odd": (130, 97), "wide": (96, 257)}
-OPS = ("squares", "squares_tiles", "squares_round_pass", "squares_round_kernel", "scores", "ghost", "ghost_k1",
-       "low_rank")
+OPS = ("squares", "squares_tiles")
 PRECISIONS = ("fp32", "tf32", "bf16")
 MATMUL_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
 
 
-def flops(op: str, batch: int, tokens: int, d_out: int, d_in: int, n_queries: int, rank: int) -> int:
+def flops(op: str, batch: int, tokens: int, d_out: int, d_in: int) -> int:
     """FLOP (2 per multiply-add) of one call, by the formulas in the module docstring."""
     tiles = 2 * batch * tokens * d_out * d_in
     projections = 2 * batch * tokens * (d_in * d_in + d_out * d_out)
-    return {
-        "squares": projections + tiles,
-        "squares_tiles": tiles,
-        "squares_round_pass": projections + tiles,
-        "squares_round_kernel": projections + tiles,
-        "scores": projections + tiles + 2 * batch * n_queries * d_out * d_in,
-        "ghost": tiles + 2 * batch * n_queries * d_out * d_in,
-        "ghost_k1": tiles + 2 * batch * d_out * d_in,
-        "low_rank": 2 * batch * tokens * n_queries * rank * (d_out + d_in),
-    }[op]
+    return {"squares": projections + tiles, "squares_tiles": tiles}[op]
 
 
 def tile_operand_bytes(batch: int, tokens: int, d_out: int, d_in: int, block_m: int, block_n: int,
@@ -96,10 +84,11 @@ def tile_operand_bytes(batch: int, tokens: int, d_out: int, d_in: int, block_m: 
     return batch * tokens * element_bytes * (n_tiles_n * d_out + n_tiles_m * d_in)
 
 
-def make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device, seed=0):
+def make_inputs(batch, tokens, d_out, d_in, precision, device, seed=0):
     """Random operands (every fifth token masked to zero, as padding would be) in the precision's dtype,
-    activations (and on a GPU the query matrices) with aligned rows, as the pipeline hands them over
-    (trustrepair.engine.layout)."""
+    activations with aligned rows, as the pipeline hands them over (trustrepair.engine.layout); ``gt`` /
+    ``at`` the tokens projected (identity bases' stand-in: the tokens transposed), TF32-rounded when the
+    products are TF32, as the launcher hands them to the tile kernel."""
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     keep = (torch.arange(tokens, device=device) % 5 != 4).view(1, tokens, 1)
@@ -108,48 +97,32 @@ def make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device, 
         "g": torch.randn(batch, tokens, d_out, generator=gen, device=device) * keep,
         "q_a": torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, device=device))[0],
         "q_s": torch.linalg.qr(torch.randn(d_out, d_out, generator=gen, device=device))[0],
-        "mats": torch.randn(n_queries, d_out, d_in, generator=gen, device=device),
-        "left": torch.randn(n_queries, d_out, rank, generator=gen, device=device),
-        "right": torch.randn(n_queries, rank, d_in, generator=gen, device=device),
     }
     ops["a"], ops["g"] = aligned(ops["a"], dtype), ops["g"].to(dtype)
-    if not contractions.cache_blocked(device):  # as influence hands them to the GPU's ghost products
-        ops["mats"] = aligned(ops["mats"])
     ops["gt"] = ops["g"].transpose(1, 2).contiguous()
     ops["at"] = ops["a"].transpose(1, 2).contiguous()
+    ops["rounded"] = uses_tf32(dtype) and (ops["a"].is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if ops["rounded"]:
+        from trustrepair.kernels._launch import round_to_tf32_
+
+        round_to_tf32_(ops["gt"])
+        round_to_tf32_(ops["at"])
     return ops
 
 
 def providers(op: str, o: dict) -> dict:
     """name -> zero-argument callable computing ``op`` on the operands ``o``."""
-    def squares():
-        return contractions.projected_gradient_squares_reference(o["a"], o["g"], o["q_a"], o["q_s"])
-
     ref = {
-        "squares": squares, "squares_round_pass": squares, "squares_round_kernel": squares,
+        "squares": lambda: projected_gradient_squares_reference(o["a"], o["g"], o["q_a"], o["q_s"]),
         "squares_tiles": lambda: torch.bmm(o["gt"].float(), o["at"].float().transpose(1, 2)).square_().sum(0),
-        "scores": lambda: contractions.projected_gradient_scores_reference(o["a"], o["g"], o["q_a"], o["q_s"],
-                                                                           o["mats"]),
-        "ghost": lambda: contractions.ghost_dots_reference(o["a"], o["g"], o["mats"]),
-        "ghost_k1": lambda: contractions.ghost_dots_reference(o["a"], o["g"], o["mats"][:1]),
-        "low_rank": lambda: contractions.low_rank_ghost_dots(o["a"], o["g"], o["left"], o["right"]),
     }[op]
     out = {"reference": ref}
     if o["a"].is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        from trustrepair.kernels import ghost_dots as gd
         from trustrepair.kernels import projected_gradients as pg
 
-        # as the pipeline feeds the kernel: under TF32 with TF32_ROUNDING "pass", tokens rounded once, beforehand
-        rounded = pg._round_projected(o["gt"], o["at"], o["gt"].dtype, None)
         out["trustrepair"] = {
             "squares": lambda: pg.projected_gradient_squares_triton(o["a"], o["g"], o["q_a"], o["q_s"]),
-            "squares_tiles": lambda: pg.contract_example_tiles(o["gt"], o["at"], pg.SQUARES, operands_rounded=rounded),
-            "squares_round_pass": lambda: pg._squares(o["a"], o["g"], o["q_a"], o["q_s"], rounding="pass"),
-            "squares_round_kernel": lambda: pg._squares(o["a"], o["g"], o["q_a"], o["q_s"], rounding="kernel"),
-            "scores": lambda: pg.projected_gradient_scores_triton(o["a"], o["g"], o["q_a"], o["q_s"], o["mats"]),
-            "ghost": lambda: gd.ghost_dots_triton(o["a"], o["g"], o["mats"]),
-            "ghost_k1": lambda: gd.ghost_dots_triton(o["a"], o["g"], o["mats"][:1]),
-            "low_rank": lambda: gd.low_rank_ghost_dots_triton(o["a"], o["g"], o["left"], o["right"]),
+            "squares_tiles": lambda: pg.contract_example_tiles(o["gt"], o["at"], operands_rounded=o["rounded"]),
         }[op]
     return out
 
@@ -266,15 +239,14 @@ def format_rates(rates: dict) -> str:
                      f"{v['sm_clock']})" for k, v in rates.items())
 
 
-def run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, rates=None) -> dict:
+def run_op(op, layer, shape, precision, batch, tokens, device, rates=None) -> dict:
     """Times every provider of one (op, layer shape, precision); returns one record."""
     d_out, d_in = shape
     with matmul_precision(MATMUL_PRECISION[precision]):
-        o = make_inputs(batch, tokens, d_out, d_in, n_queries, rank, precision, device)
+        o = make_inputs(batch, tokens, d_out, d_in, precision, device)
         calls = providers(op, o)
         record = {"op": op, "layer": layer, "d_out": d_out, "d_in": d_in, "precision": precision, "B": batch,
-                  "T": tokens, "Q": n_queries, "rank": rank,
-                  "gflop": flops(op, batch, tokens, d_out, d_in, n_queries, rank) / 1e9}
+                  "T": tokens, "gflop": flops(op, batch, tokens, d_out, d_in) / 1e9}
         results = {}
         for name, fn in calls.items():
             results[name] = fn().double()
@@ -327,7 +299,7 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(ops=OPS, precisions=PRECISIONS, layers=None, batch=16, tokens=512, n_queries=32, rank=8, device=None,
+def run(ops=OPS, precisions=PRECISIONS, layers=None, batch=16, tokens=512, device=None,
         progress=print) -> dict:
     """Every (op, layer, precision) record plus the matmul rates; prints one line per record."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -346,7 +318,7 @@ def run(ops=OPS, precisions=PRECISIONS, layers=None, batch=16, tokens=512, n_que
     for op in ops:
         for layer, shape in layers.items():
             for precision in precisions:
-                record = run_op(op, layer, shape, precision, batch, tokens, n_queries, rank, device, rates)
+                record = run_op(op, layer, shape, precision, batch, tokens, device, rates)
                 records.append(record)
                 ours = record.get("trustrepair")
                 progress(f"{op} {layer} {precision}: reference {record['reference']['ms']:.3f} ms"
@@ -366,72 +338,57 @@ def resident_programs(registers: int, warps: int, shared_bytes: int) -> int:
 
 
 def resource_report(arch: int = 90) -> list[str]:
-    """Compiles every autotuning configuration of every kernel for sm_<arch> with Triton's bundled ptxas
+    """Compiles every autotuning configuration of the tile kernel for sm_<arch> with Triton's bundled ptxas
     (no GPU needed) and reports registers, stack (spill) bytes and the wgmma / mma.sync instructions in the
-    PTX, per operand precision: what the configuration lists in trustrepair.kernels were chosen from."""
+    PTX, per operand precision: what the configuration list in trustrepair.kernels was chosen from."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from trustrepair.kernels import ghost_dots as gd
     from trustrepair.kernels import projected_gradients as pg
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("--resources compiles real kernels: unset TRITON_INTERPRET")
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    kernels = [  # (name, jit function, operand pointers, float32 pointers, 16-aligned ints, ints equal to 1,
-                 #  configurations per mode)
-        ("tiles", pg._example_tiles_kernel.fn, ["gt_ptr", "at_ptr"], ["w_ptr", "out_ptr"],
-         ["stride_gb", "stride_gi", "stride_ab", "stride_aj", "T"], ["stride_gt", "stride_at"],
-         {pg.SQUARES: pg._SQUARES_CONFIGS, pg.SCORES: pg._SCORES_CONFIGS}),
-        ("low_rank", gd._low_rank_kernel.fn, ["g_ptr", "a_ptr", "lt_ptr", "rt_ptr"], ["out_ptr"],
-         ["stride_gb", "stride_gt", "stride_ab", "stride_at", "d_out", "d_in"], ["stride_gi", "stride_aj"],
-         {None: gd._low_rank_kernel.configs}),
-    ]
-    lines = ["| kernel | mode | operands | config | registers | stack bytes | shared KiB | programs per SM | wgmma | "
-             "mma.sync |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, fn, operand_ptrs, fp32_ptrs, divisible, ones, modes in kernels:
-        for operands, element, precision in [("tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee"),
-                                             ("fp32", "fp32", "ieee")]:  # as _launch.input_precision decides
-            for mode, configs in modes.items():
-                for config in configs:
-                    constexprs = {"INPUT_PRECISION": precision, "ACC_DTYPE": tl.float32, **config.kwargs,
-                                  **{n: 1 for n in ones}}
-                    if "ROUND_OPERANDS" in fn.arg_names:  # as the launcher decides (pg.TF32_ROUNDING)
-                        constexprs["ROUND_OPERANDS"] = pg.TF32_ROUNDING == "kernel"
-                    if mode is not None:
-                        constexprs["MODE"] = mode
-                    kinds = {**{n: f"*{element}" for n in operand_ptrs}, **{n: "*fp32" for n in fp32_ptrs}}
-                    signature = {n: "constexpr" if n in constexprs else kinds.get(n, "i32") for n in fn.arg_names}
-                    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-                             for n in operand_ptrs + fp32_ptrs + divisible}
-                    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                                              target=GPUTarget("cuda", arch, 32),
-                                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                        f.write(compiled.asm["cubin"])
-                        f.flush()
-                        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True,
-                                               text=True).stdout
-                    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-                    ptx = compiled.asm["ptx"]
-                    shared = compiled.metadata.shared
-                    resident = (resident_programs(int(found.group(1)), config.num_warps, shared)
-                                if found else "?")
-                    shape = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
-                    lines.append(f"| {name} | {'' if mode is None else ('squares', 'scores')[mode]} | {operands} | "
-                                 f"{shape}, warps={config.num_warps}, stages={config.num_stages} | "
-                                 f"{found.group(1) if found else '?'} | {found.group(2) if found else '?'} | "
-                                 f"{shared / 1024:.0f} | {resident} | "
-                                 f"{len(re.findall('wgmma.mma_async', ptx))} | {len(re.findall(r'mma[.]sync', ptx))} |")
-                    print(lines[-1], flush=True)
+    fn = pg._example_tiles_kernel.fn
+    operand_ptrs, fp32_ptrs = ["gt_ptr", "at_ptr"], ["out_ptr"]
+    divisible = ["stride_gb", "stride_gi", "stride_ab", "stride_aj", "T"]  # 16-aligned ints
+    ones = ["stride_gt", "stride_at"]  # ints equal to 1
+    lines = ["| kernel | operands | config | registers | stack bytes | shared KiB | programs per SM | wgmma | "
+             "mma.sync |", "|---|---|---|---|---|---|---|---|---|"]
+    for operands, element, precision in [("tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee"),
+                                         ("fp32", "fp32", "ieee")]:  # as _launch.input_precision decides
+        for config in pg.CONFIGS:
+            # as the launcher decides: TF32 operands arrive rounded, so the kernel does not round them
+            constexprs = {"INPUT_PRECISION": precision, "ACC_DTYPE": tl.float32, "ROUND_OPERANDS": precision != "tf32",
+                          **config.kwargs, **{n: 1 for n in ones}}
+            kinds = {**{n: f"*{element}" for n in operand_ptrs}, **{n: "*fp32" for n in fp32_ptrs}}
+            signature = {n: "constexpr" if n in constexprs else kinds.get(n, "i32") for n in fn.arg_names}
+            attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in operand_ptrs + fp32_ptrs + divisible}
+            compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+            found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+            ptx = compiled.asm["ptx"]
+            shared = compiled.metadata.shared
+            resident = resident_programs(int(found.group(1)), config.num_warps, shared) if found else "?"
+            shape = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+            lines.append(f"| tiles | {operands} | {shape}, warps={config.num_warps}, stages={config.num_stages} | "
+                         f"{found.group(1) if found else '?'} | {found.group(2) if found else '?'} | "
+                         f"{shared / 1024:.0f} | {resident} | "
+                         f"{len(re.findall('wgmma.mma_async', ptx))} | {len(re.findall(r'mma[.]sync', ptx))} |")
+            print(lines[-1], flush=True)
     return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes, B = 4, T = 64, Q = 4")
+    parser.add_argument("--quick", action="store_true", help="small shapes, B = 4, T = 64")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--json", help="write every record to this file")
@@ -441,7 +398,7 @@ def main(argv=None):
     if args.resources:
         resource_report()
         return
-    sizes = dict(layers=QUICK_LAYERS, batch=4, tokens=64, n_queries=4, rank=4) if args.quick else {}
+    sizes = dict(layers=QUICK_LAYERS, batch=4, tokens=64) if args.quick else {}
     result = run(ops=args.ops, precisions=args.precisions, **sizes)
     print(format_table(result["records"]))
     if args.json:

@@ -5,8 +5,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl kronfluence==1.0.1 einconv==0.1.0
 # Everything it writes lands in $OUT (gpu_check.log, pytest.log, gpu_check.json, scores.pt,
-# RESULTS_section.md, install.log); the table of results is printed last. Arguments go to gpu_check.py
-# (e.g. --only pipeline,kronfluence for a shorter rerun after a fix). See benchmarks/gpu_check.py.
+# RESULTS_section.md, install.log); the table of results is printed last. Arguments go to
+# python -m benchmarks.gpu_check (e.g. --only pipeline,kronfluence for a shorter rerun after a fix). See
+# benchmarks/gpu_check/__init__.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
@@ -18,8 +19,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     || { echo "installing the carried wheels failed: is .whl/ carried?"; exit 1; }
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 
-# trustrepair itself (maps kernels/ to trustrepair.kernels); gpu_check.py maps it by hand if this fails.
+# trustrepair itself (maps kernels/ to trustrepair.kernels); gpu_check maps it by hand if this fails.
 python3 -m pip install --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-    || echo "editable install failed (see install.log); gpu_check.py maps trustrepair.kernels itself"
+    || echo "editable install failed (see install.log); gpu_check maps trustrepair.kernels itself"
 
-python3 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+python3 -m benchmarks.gpu_check --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"

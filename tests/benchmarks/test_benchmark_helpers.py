@@ -23,7 +23,7 @@ def test_square_tf32_tiles_do_32_flop_per_byte():
 def test_squares_tiles_record_names_the_tile_and_its_traffic():
     pytest.importorskip("triton")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU runs the interpreter
-    record = bk.run_op("squares_tiles", "odd", (40, 33), "fp32", 2, 8, 2, 2, device)
+    record = bk.run_op("squares_tiles", "odd", (40, 33), "fp32", 2, 8, device)
     ours = record["trustrepair"]
     block_m, block_n = (int(side) for side in ours["tile"].split("x")[:2])
     assert ours["operand_gb"] * 1e9 == bk.tile_operand_bytes(2, 8, 40, 33, block_m, block_n, 4)
@@ -47,85 +47,69 @@ def _record(op, layer, ours_ms, reference_ms, precision="tf32"):
             "reference": {"ms": reference_ms}}
 
 
-def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily(monkeypatch):
+def test_knobs_choose_the_measured_fastest_option_and_apply_it_temporarily():
     from benchmarks import knobs
 
-    from trustrepair.engine import contractions, ekfac
-    from trustrepair.kernels import projected_gradients as pg
-
-    from trustrepair.engine import layout
-
-    monkeypatch.setitem(contractions.GRAM_BLOCK, "cuda", 256)  # the defaults this table is written against
-    monkeypatch.setitem(layout.PAD_WIDTHS, "cuda", True)
-    monkeypatch.setattr(pg, "TF32_ROUNDING", "pass")
+    from trustrepair.engine.tunables import current, override
 
     res = {
         "kernels": {"records": [
-            _record("squares_round_pass", "dense", 1.0, 9.0), _record("squares_round_kernel", "dense", 0.5, 9.0),
-            _record("squares_round_pass", "qkv", 2.0, 9.0), _record("squares_round_kernel", "qkv", 2.2, 9.0),
-            _record("ghost", "dense", 3.0, 1.0), _record("ghost_k1", "dense", 0.1, 0.2),  # Triton loses overall
-            _record("scores", "dense", 0.5, 1.0),  # Triton wins
             _record("squares", "dense", 0.7, 0.6),  # the reference wins: squares leaves TRITON_OPS
-            _record("ghost", "dense", 0.01, 9.0, precision="bf16"),  # other precisions do not count
+            _record("squares", "dense", 0.01, 9.0, precision="bf16"),  # other precisions do not count
         ]},
         "row_alignment": {  # weights: 768 twice, 769 three times
-            "768 tf32": {"projection aligned": 1.0, "projection gemm aligned": 1.6, "gram upper 256": 1.0,
-                         "gram upper 1024": 0.5, "gram aligned": 0.9, "gram upper 1024 padded": 0.5,
-                         "projection padded": 1.0},
-            "769 tf32": {"projection aligned": 1.0, "projection gemm aligned": 0.7, "gram upper 256": 1.0,
-                         "gram upper 1024": 0.9, "gram aligned": 0.9, "gram upper 1024 padded": 1.5,
-                         "projection padded": 1.2},
-            "769 bf16": {"projection aligned": 9.0, "projection gemm aligned": 0.1},
+            "768 tf32": {"projection aligned": 1.0, "gram upper 256": 1.0, "gram upper 1024": 0.5, "gram aligned": 0.9,
+                         "gram upper 1024 padded": 0.5, "projection padded": 1.0},
+            "769 tf32": {"projection aligned": 1.0, "gram upper 256": 1.0, "gram upper 1024": 0.9, "gram aligned": 0.9,
+                         "gram upper 1024 padded": 1.5, "projection padded": 1.2},
+            "769 bf16": {"projection aligned": 9.0},
         },
         "eigh_schedules": {"workers": 4, "sequential": {"seconds": 2.0}, "streams": {"seconds": 1.0},
                            "streams + host": {"seconds": 0.8}},
     }
-    choices = knobs.choose(res)
-    assert choices["TF32_ROUNDING"]["value"] == "kernel"  # summed over layers: 2.7 ms against 3.0
-    assert choices["TF32_ROUNDING"]["evidence"] == {"pass": 3.0, "kernel": pytest.approx(2.7)}
-    assert choices["PROJECTION"]["value"] == "batched"  # 2 x 1.0 + 3 x 1.0 = 5.0 against 2 x 1.6 + 3 x 0.7 = 5.3
-    assert choices["GRAM_BLOCK_CUDA"]["value"] == 1024  # 3.7 against 5.0 (256) and 4.5 (full)
-    assert choices["PAD_WIDTHS_CUDA"]["value"] is False  # 1.0 + 4.5 + 2.0 + 3.6 = 11.1 against 3.7 + 5.0 = 8.7
-    assert choices["EIGH_STREAMS"]["value"] == 4 and choices["EIGH_HOST_BELOW"]["value"] == knobs.EIGH_HOST_WIDTH
-    assert choices["EIGH_STREAMS"]["evidence"] == {"sequential": 2.0, "streams": 1.0, "streams + host": 0.8}
-    assert choices["TRITON_OPS"]["value"] == frozenset({"projected_gradient_scores"})
-    values = knobs.changed(choices)
-    assert "PROJECTION" not in values and values["GRAM_BLOCK_CUDA"] == 1024
-    before = (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS,
-              ekfac.EIGH_HOST_BELOW, contractions.TRITON_OPS, dict(layout.PAD_WIDTHS))
-    with pytest.raises(RuntimeError), knobs.applied(values):
-        assert contractions.GRAM_BLOCK["cuda"] == 1024 and pg.TF32_ROUNDING == values["TF32_ROUNDING"]
-        assert layout.PAD_WIDTHS["cuda"] is False
-        assert "projected_gradient_scores" in contractions.TRITON_OPS
-        raise RuntimeError("a failed run still restores the defaults")
-    assert (pg.TF32_ROUNDING, pg.PROJECTION, dict(contractions.GRAM_BLOCK), ekfac.EIGH_STREAMS,
-            ekfac.EIGH_HOST_BELOW, contractions.TRITON_OPS, dict(layout.PAD_WIDTHS)) == before
-    lines = knobs.describe(choices)
-    assert any(line.startswith("- GRAM_BLOCK_CUDA: 1024 (default 256; CHANGE)") for line in lines)
+    # the defaults this table is written against
+    with override(gram_block={"cuda": 256}, pad_widths={"cuda": True}, triton_ops={"projected_gradient_squares"}):
+        choices = knobs.choose(res)
+        assert choices["GRAM_BLOCK_CUDA"]["value"] == 1024  # 3.7 against 5.0 (256) and 4.5 (full)
+        assert choices["PAD_WIDTHS_CUDA"]["value"] is False  # 1.0 + 4.5 + 2.0 + 3.6 = 11.1 against 3.7 + 5.0 = 8.7
+        assert choices["EIGH_STREAMS"]["value"] == 4 and choices["EIGH_HOST_BELOW"]["value"] == knobs.EIGH_HOST_WIDTH
+        assert choices["EIGH_STREAMS"]["evidence"] == {"sequential": 2.0, "streams": 1.0, "streams + host": 0.8}
+        assert choices["TRITON_OPS"]["value"] == frozenset()
+        values = knobs.changed(choices)
+        assert values["GRAM_BLOCK_CUDA"] == 1024
+        before = current()
+        with pytest.raises(RuntimeError), knobs.applied(values):
+            assert current().gram_block["cuda"] == 1024 and current().gram_block["cpu"] == before.gram_block["cpu"]
+            assert current().pad_widths["cuda"] is False
+            assert current().eigh_host_below == knobs.EIGH_HOST_WIDTH
+            assert "projected_gradient_squares" not in current().triton_ops
+            raise RuntimeError("a failed run still restores the defaults")
+        assert current() == before
+        lines = knobs.describe(choices)
+        assert any(line.startswith("- GRAM_BLOCK_CUDA: 1024 (default 256; CHANGE)") for line in lines)
     with pytest.raises(ValueError, match="unknown tunables"), knobs.applied({"BLOCK": 1}):
         pass
 
 
-def test_knobs_keep_the_default_unless_an_alternative_beats_it_by_the_margin(monkeypatch):
+def test_knobs_keep_the_default_unless_an_alternative_beats_it_by_the_margin():
     from benchmarks import knobs
 
-    from trustrepair.kernels import projected_gradients as pg
+    from trustrepair.engine.tunables import override
 
-    monkeypatch.setattr(pg, "TF32_ROUNDING", "pass")
+    def routed(reference_ms):
+        res = {"kernels": {"records": [_record("squares", "dense", 1.0, reference_ms)]}}
+        return "projected_gradient_squares" in knobs.choose(res)["TRITON_OPS"]["value"]
 
-    def rounding(kernel_ms):
-        res = {"kernels": {"records": [_record("squares_round_pass", "dense", 1.0, 9.0),
-                                       _record("squares_round_kernel", "dense", kernel_ms, 9.0)]}}
-        return knobs.choose(res)["TF32_ROUNDING"]["value"]
-
-    assert rounding(1 - knobs.MARGIN / 2) == "pass"  # the first H100 run's 0.6 % stays the default
-    assert rounding(1 - 2 * knobs.MARGIN) == "kernel"
-    routed = {"kernels": {"records": [_record("squares", "dense", 1.0, 1.0 - knobs.MARGIN / 2)]}}
-    assert "projected_gradient_squares" in knobs.choose(routed)["TRITON_OPS"]["value"]  # within the margin
+    with override(triton_ops={"projected_gradient_squares"}):
+        assert routed(1.0 - knobs.MARGIN / 2)  # within the margin: the default stays
+        assert not routed(1.0 - 2 * knobs.MARGIN)
+    with override(triton_ops=frozenset()):
+        assert not routed(1.0 + knobs.MARGIN / 2)
+        assert routed(1.0 + 3 * knobs.MARGIN)
 
 
 def test_knobs_without_measurements_choose_nothing():
     from benchmarks import knobs
 
     assert knobs.choose({}) == {}
-    assert knobs.choose({"row_alignment": {"768 tf32": {"projection aligned": 1.0}}}) == {}  # gemm not measured
+    assert knobs.choose({"row_alignment": {"768 tf32": {"projection aligned": 1.0}}}) == {}  # the rest not measured

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py's plumbing on the CPU (--smoke): the script a lent GPU runs once must not fail
+"""benchmarks/gpu_check's plumbing on the CPU (--smoke): the script a lent GPU runs once must not fail
 on a stage that could have been checked here."""
 import json
 import subprocess
@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_smoke_runs_every_cpu_stage(tmp_path):
     pytest.importorskip("kronfluence")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = results["stages"]
@@ -33,7 +33,7 @@ def test_smoke_runs_every_cpu_stage(tmp_path):
 
 
 def test_only_runs_the_selected_groups_and_rejects_unknown_ones(tmp_path):
-    script = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]
+    script = [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(tmp_path)]
     proc = subprocess.run(script + ["--only", "eigh"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
