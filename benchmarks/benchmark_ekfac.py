@@ -31,11 +31,12 @@ import sys
 import torch
 
 import trustrepair
-from benchmarks.common import RESULTS, Timing, cpu_name, pearson, replace_section, spearman, timed
+from benchmarks.common import (RESULTS, Timing, cpu_name, gpt_neox, pearson, prompt_and_response, replace_section,
+                               spearman, timed)
 from benchmarks.kronfluence_anchor import FIT_PHASES, KronfluenceAnchor
 from trustrepair import fit_ekfac, influence, pairwise_influence
 from trustrepair.engine.layers import find_modules
-from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch
+from trustrepair.task import CausalLMTask, pad_batch
 
 HEADING = "## EK-FAC influence engine vs kronfluence (issue 3)"
 
@@ -50,13 +51,7 @@ QUICK = dict(hidden=128, layers=2, heads=4, intermediate=512, vocab=256, n_train
 # ----------------------------------------------------------------------------------------------------
 
 def make_model(cfg, dtype=torch.float32):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
-                           num_attention_heads=cfg["heads"], intermediate_size=cfg["intermediate"],
-                           max_position_embeddings=2 * cfg["seq_len"], attn_implementation="eager")
-    return GPTNeoXForCausalLM(config).to(dtype).eval()
+    return gpt_neox(cfg, max_position_embeddings=2 * cfg["seq_len"], attn_implementation="eager").to(dtype)
 
 
 def make_data(cfg, seed=1):
@@ -66,19 +61,13 @@ def make_data(cfg, seed=1):
     train = []
     for _ in range(cfg["n_train"]):
         ids = torch.randint(0, cfg["vocab"], (cfg["seq_len"],), generator=gen)
-        labels = ids.clone()
-        labels[:half] = IGNORE_INDEX
-        train.append({"input_ids": ids, "labels": labels})
+        train.append(prompt_and_response(ids[:half], ids[half:]))
     queries = []
     for _ in range(cfg["n_queries"]):
         prompt = torch.randint(0, cfg["vocab"], (half,), generator=gen)
-        pair = {}
-        for side in ("proponent", "opponent"):
-            ids = torch.cat([prompt, torch.randint(0, cfg["vocab"], (cfg["seq_len"] - half,), generator=gen)])
-            labels = ids.clone()
-            labels[:half] = IGNORE_INDEX
-            pair[side] = {"input_ids": ids, "labels": labels}
-        queries.append(pair)
+        queries.append({side: prompt_and_response(
+            prompt, torch.randint(0, cfg["vocab"], (cfg["seq_len"] - half,), generator=gen))
+            for side in ("proponent", "opponent")})
     return train, queries
 
 

@@ -167,6 +167,32 @@ def cpu_name() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Models and data
+# ----------------------------------------------------------------------------------------------------
+
+def gpt_neox(cfg: dict, **config):
+    """A GPT-NeoX of ``cfg``'s sizes ("vocab", "hidden", "layers", "heads", "intermediate"), randomly
+    initialised after ``torch.manual_seed(0)``, in eval mode; ``config``: further ``GPTNeoXConfig`` fields."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"], intermediate_size=cfg["intermediate"], **config)).eval()
+
+
+def prompt_and_response(prompt: torch.Tensor, response: torch.Tensor) -> dict:
+    """An example of token ids ``prompt`` then ``response``, labelled on the response only (the prompt's
+    labels are ``IGNORE_INDEX``)."""
+    from trustrepair.task import IGNORE_INDEX
+
+    ids = torch.cat([prompt, response])
+    labels = ids.clone()
+    labels[:len(prompt)] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------
 # benchmarks/RESULTS.md
 # ----------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import time
 import torch
 
 from benchmarks import knobs
-from benchmarks.common import Timing, matmul_precision, spearman, timed
+from benchmarks.common import Timing, gpt_neox, matmul_precision, prompt_and_response, spearman, timed
 from benchmarks.gpu_check.runner import Run
 from benchmarks.kronfluence_anchor import KronfluenceAnchor
 
@@ -27,30 +27,17 @@ def planted_positions(n_train: int) -> dict[int, int]:
 def build_pipeline_inputs(cfg: dict, device: torch.device):
     """The issue's model and data: random-init GPT-NeoX, training sequences with four planted copies of
     queries' (prompt, opponent), and the queries."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from trustrepair.task import IGNORE_INDEX
-
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
-                           num_attention_heads=cfg["heads"], intermediate_size=cfg["intermediate"],
-                           max_position_embeddings=2048, rotary_pct=0.25)
-    model = GPTNeoXForCausalLM(config).to(device).eval()
+    model = gpt_neox(cfg, max_position_embeddings=2048, rotary_pct=0.25).to(device)
     gen = torch.Generator().manual_seed(1)
     half, length = cfg["seq_len"] // 2, cfg["seq_len"]
 
-    def example(prompt, response):
-        ids = torch.cat([prompt, response])
-        labels = ids.clone()
-        labels[:half] = IGNORE_INDEX
-        return {"input_ids": ids, "labels": labels}
-
-    train = [example(torch.randint(0, cfg["vocab"], (half,), generator=gen),
-                     torch.randint(0, cfg["vocab"], (length - half,), generator=gen)) for _ in range(cfg["n_train"])]
+    train = [prompt_and_response(torch.randint(0, cfg["vocab"], (half,), generator=gen),
+                                 torch.randint(0, cfg["vocab"], (length - half,), generator=gen))
+             for _ in range(cfg["n_train"])]
     queries = []
     for _ in range(cfg["n_queries"]):
         prompt = torch.randint(0, cfg["vocab"], (half,), generator=gen)
-        queries.append({side: example(prompt, torch.randint(0, cfg["vocab"], (length - half,), generator=gen))
+        queries.append({side: prompt_and_response(prompt, torch.randint(0, cfg["vocab"], (length - half,), generator=gen))
                         for side in ("proponent", "opponent")})
     for q, index in planted_positions(len(train)).items():
         train[index] = {k: v.clone() for k, v in queries[q]["opponent"].items()}
