@@ -41,12 +41,11 @@ import os
 import re
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import matmul_precision, quantiles, wall_times
+from benchmarks.common import matmul_precision, quantiles, run_for, synchronize, time_call, wall_times
 
 from trustrepair.engine.layout import aligned
 from trustrepair.engine.ops.checks import uses_tf32
@@ -127,52 +126,6 @@ def providers(op: str, o: dict) -> dict:
     return out
 
 
-def time_call(fn, device: torch.device, repeats: int = 5) -> dict:
-    """Median and p20 / p80 milliseconds of ``fn()`` and its peak extra device memory (MiB, CUDA only).
-    On CUDA the first call compiles / autotunes outside the timing, then :func:`warm_up` brings the clock
-    back up (compilation leaves the card idle) before ``do_bench``."""
-    if device.type == "cuda":
-        import triton
-
-        fn()  # compile / autotune outside the timing
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        warm_up(device, 0.1)
-        median, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
-        return {"ms": median, "p20": p20, "p80": p80, "peak_mib": peak}
-    fn()
-    times = quantiles(wall_times(fn, repeats)[0])
-    return {"ms": times["median"] * 1e3, "p20": times["p20"] * 1e3, "p80": times["p80"] * 1e3, "peak_mib": float("nan")}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _run_for(fn, seconds: float, device: torch.device) -> tuple[int, float]:
-    """Calls ``fn`` back to back, four at a time between synchronisations, until ``seconds`` have passed;
-    returns (calls, seconds taken)."""
-    calls, start = 0, time.perf_counter()
-    while calls == 0 or time.perf_counter() - start < seconds:
-        for _ in range(4):
-            fn()
-        calls += 4
-        _synchronize(device)
-    return calls, time.perf_counter() - start
-
-
-def warm_up(device: torch.device, seconds: float) -> None:
-    """Keeps ``device`` busy with 4096^3 bfloat16 products for ``seconds``, so that its clock is up when a
-    timing starts (an idle H100 sat at 345 MHz of its 1980)."""
-    x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
-    _run_for(lambda: x @ x, seconds, device)
-
-
 def sm_clock() -> str:
     """The SM clock of every GPU as nvidia-smi reports it now, or why it could not be read."""
     try:
@@ -212,20 +165,20 @@ def matmul_rates(device: torch.device, size: int = 8192, warmup_s: float = 1.0, 
                 turn[0] += 1
                 torch.matmul(x, y, out=out)
 
-            _run_for(product, warmup_s, device)
-            calls, seconds = _run_for(product, window_s / 2, device)  # the per-product time at speed
+            run_for(product, warmup_s, device)
+            calls, seconds = run_for(product, window_s / 2, device)  # the per-product time at speed
             per_window = max(4, round(window_s / (seconds / calls)))
 
             def window():
                 for _ in range(per_window):
                     product()
-                _synchronize(device)
+                synchronize(device)
 
             times = quantiles(wall_times(window, windows)[0])
             for _ in range(per_window):  # one more window, untimed, under which the clock is read
                 product()
             clock = sm_clock() if device.type == "cuda" else "n/a (cpu)"
-            _synchronize(device)
+            synchronize(device)
             flop = 2 * size**3 * per_window
             rates[precision] = {"tflops": flop / times["median"] / 1e12, "tflops_p20": flop / times["p80"] / 1e12,
                                 "tflops_p80": flop / times["p20"] / 1e12, "products_per_window": per_window,

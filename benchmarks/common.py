@@ -1,6 +1,7 @@
-"""What several benchmarks measure the same way: wall / CPU time and peak memory of a call, medians of
-repeated calls, rank correlation, the float32 matmul precision of a block, the machine's name, and the
-replacement of one section of benchmarks/RESULTS.md.
+"""What several benchmarks measure the same way: wall / CPU time and peak memory of a call, medians and
+quantiles of repeated calls (``triton.testing.do_bench`` on CUDA, with the GPU's clock kept up), rank
+correlation, the float32 matmul precision of a block, the benchmark model and examples, the machine's
+name, and the replacement of one section of benchmarks/RESULTS.md.
 
 Memory: on the host, the resident set (Linux ``/proc``; glibc's allocator asked to hand freed pages back
 first, so an earlier phase's leftovers do not hide a later peak); on a CUDA device, PyTorch's allocator.
@@ -130,6 +131,53 @@ def wall_times(fn: Callable[[], Any], repeats: int) -> tuple[list[float], list[A
 def quantiles(times: list[float]) -> dict[str, float]:
     """Median, p20 and p80 of sorted ``times`` (the p20 / p80 as the nearest lower sample)."""
     return {"median": statistics.median(times), "p20": times[len(times) // 5], "p80": times[(4 * len(times)) // 5]}
+
+
+def time_call(fn, device: torch.device, repeats: int = 5) -> dict:
+    """Median and p20 / p80 milliseconds of ``fn()`` and its peak extra device memory (MiB, CUDA only).
+    On CUDA the first call compiles / autotunes outside the timing, then :func:`warm_up` brings the clock
+    back up (compilation leaves the card idle) before ``do_bench``."""
+    if device.type == "cuda":
+        import triton
+
+        fn()  # compile / autotune outside the timing
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        warm_up(device, 0.1)
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": median, "p20": p20, "p80": p80, "peak_mib": peak}
+    fn()
+    times = quantiles(wall_times(fn, repeats)[0])
+    return {"ms": times["median"] * 1e3, "p20": times["p20"] * 1e3, "p80": times["p80"] * 1e3, "peak_mib": float("nan")}
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for ``device``'s queued work (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_for(fn, seconds: float, device: torch.device) -> tuple[int, float]:
+    """Calls ``fn`` back to back, four at a time between synchronisations, until ``seconds`` have passed;
+    returns (calls, seconds taken)."""
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < seconds:
+        for _ in range(4):
+            fn()
+        calls += 4
+        synchronize(device)
+    return calls, time.perf_counter() - start
+
+
+def warm_up(device: torch.device, seconds: float) -> None:
+    """Keeps ``device`` busy with 4096^3 bfloat16 products for ``seconds``, so that its clock is up when a
+    timing starts (an idle H100 sat at 345 MHz of its 1980)."""
+    x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    run_for(lambda: x @ x, seconds, device)
 
 
 # ----------------------------------------------------------------------------------------------------

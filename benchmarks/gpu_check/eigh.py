@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import knobs
-from benchmarks.benchmark_kernels import time_call
+from benchmarks.common import time_call
 from benchmarks.gpu_check.report import fmt
 
 EIGH_WIDTHS = (769, 2304, 3072)
@@ -39,7 +39,7 @@ def eigh_options(device: torch.device, widths=EIGH_WIDTHS) -> dict:
 
 
 def _time_eigh(matrix: torch.Tensor, repeats: int = 3) -> float:
-    """Seconds of one eigh of ``matrix``: :func:`benchmark_kernels.time_call`'s median."""
+    """Seconds of one eigh of ``matrix``: :func:`benchmarks.common.time_call`'s median."""
     return time_call(lambda: torch.linalg.eigh(matrix), matrix.device, repeats)["ms"] / 1e3
 
 
@@ -50,7 +50,7 @@ dense_4h_to_h, then their S): ``fit_ekfac`` eigendecomposes twelve such sets."""
 
 def eigh_schedules(device: torch.device, widths=PYTHIA_BLOCK_FACTOR_WIDTHS, blocks: int = 2, workers: int = 4,
                    repeats: int = 3) -> dict:
-    """Seconds (:func:`benchmark_kernels.time_call`'s median; ``repeats`` on the CPU) to eigendecompose the
+    """Seconds (:func:`benchmarks.common.time_call`'s median; ``repeats`` on the CPU) to eigendecompose the
     float64 factors of ``blocks`` blocks, by four schedules, to choose how the fit's 2.7 s eigendecomposition stage (96
     matrices on the first H100 run) should run:
 

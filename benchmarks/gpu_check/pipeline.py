@@ -163,9 +163,9 @@ def planted_recovery(pairwise: torch.Tensor, aggregated: torch.Tensor | None) ->
 
 
 def pipeline(run: Run, cfg: dict, device: torch.device, tune_even_unchanged: bool = False) -> None:
-    """Stage 5 (see the module docstring), with stage 7's tuned runs after the goals' runs and before the
-    speed reference; results into ``run.results``. Our runs are the group ``pipeline``, kronfluence's the
-    group ``kronfluence`` (see :data:`GROUPS`)."""
+    """Stage 6 of :mod:`benchmarks.gpu_check` (see its docstring), the tuned runs after the goals' runs and
+    before the speed reference; results into ``run.results``. Our runs are the group ``pipeline``,
+    kronfluence's the group ``kronfluence`` (see :data:`benchmarks.gpu_check.runner.GROUPS`)."""
     res = run.results
     if not (run.selected("pipeline") or run.selected("kronfluence")):
         return

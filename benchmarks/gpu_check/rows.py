@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.benchmark_kernels import time_call
-from benchmarks.common import matmul_precision
+from benchmarks.common import matmul_precision, time_call
 from benchmarks.gpu_check.report import fmt
 
 def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: int = 16 * 512) -> dict:
@@ -17,7 +16,7 @@ def row_alignment(device: torch.device, widths=(768, 769, 3072, 3073), tokens: i
     timed beside the full product in TF32 at blocks 256 and 1024 (the tunable ``gram_block``'s CPU and
     CUDA defaults), to check the block on a GPU. Both products are also timed on operands zero-padded to an
     even width (:func:`trustrepair.engine.layout.zero_padded`, the padding copies included: what the fit
-    runs on a GPU by default, the tunable ``pad_widths``). :func:`benchmarks.benchmark_kernels.time_call`
+    runs on a GPU by default, the tunable ``pad_widths``). :func:`benchmarks.common.time_call`
     medians; the layouts hold the same values."""
     from trustrepair.engine.layout import aligned, padded_width, zero_padded
     from trustrepair.engine.ops.gram import add_gram_upper_
