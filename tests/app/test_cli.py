@@ -1,5 +1,5 @@
 """The command line: help of every subcommand, options -> DemoConfig, errors as one line with exit code 2,
-dispatch to the Run stages (stages replaced by recorders: the pipeline itself is tested elsewhere)."""
+dispatch to the stages (run_stages replaced by a recorder: the pipeline itself is tested elsewhere)."""
 import dataclasses
 import json
 import logging
@@ -11,7 +11,8 @@ import pytest
 from trustrepair.app.cli import STAGES, build_config, build_parser, main
 from trustrepair.data import DataError
 from trustrepair.app.settings import DemoConfig
-from trustrepair.app.pipeline import Run
+from trustrepair.app import pipeline
+from trustrepair.app.rundir import RunDir
 
 COMMANDS = (*STAGES, "demo")
 
@@ -99,9 +100,9 @@ def test_every_field_has_an_option():
 
 def test_later_stages_read_the_saved_settings(tmp_path):
     saved = DemoConfig(aspects=("bias",), subset_size=4, damping=0.5)
-    Run(tmp_path, saved)  # writes config.json
+    RunDir(tmp_path, saved)  # writes config.json
     assert build_config(parse(["report", "--out", str(tmp_path)])) == saved
-    # A given option overrides the saved value, so that Run can refuse the mismatch.
+    # A given option overrides the saved value, so that RunDir can refuse the mismatch.
     assert build_config(parse(["report", "--out", str(tmp_path), "--seed", "3"])).seed == 3
 
 
@@ -127,9 +128,9 @@ def test_bad_values_exit_2_with_one_line(argv, expected, tmp_path, capsys):
 
 
 def test_config_mismatch_in_existing_run_dir_is_refused(tmp_path, capsys, monkeypatch):
-    Run(tmp_path, DemoConfig(subset_size=4))
+    RunDir(tmp_path, DemoConfig(subset_size=4))
     before = (tmp_path / "config.json").read_text()
-    monkeypatch.setattr(Run, "stage_fit", lambda self: pytest.fail("a refused run must not start a stage"))
+    monkeypatch.setattr(pipeline, "run_stages", lambda run, last: pytest.fail("a refused run must not start a stage"))
     assert main(["fit", "--out", str(tmp_path), "--subset-size", "8"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("trustrepair fit: error: run directory") and "subset_size" in line and "(4, 8)" in line
@@ -147,13 +148,12 @@ def test_corrupt_saved_config_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("quiet", [False, True])
 def test_each_subcommand_runs_its_stage(command, quiet, tmp_path, monkeypatch, capsys):
     calls = []
-    for name, (method, _, _) in STAGES.items():
-        monkeypatch.setattr(Run, method, lambda self, name=name: calls.append((name, self.progress, self.config)))
+    monkeypatch.setattr(pipeline, "run_stages", lambda run, last: calls.append((last, run.progress, run.config)))
     out_dir = tmp_path / "run"
     argv = [command, "--out", str(out_dir), "--subset-size", "6"] + (["--quiet"] if quiet else [])
     assert main(argv) == 0
     assert calls == [(command, not quiet, DemoConfig(subset_size=6))]
-    assert one_line(capsys.readouterr().out) == f"trustrepair {command}: done; output in {out_dir / STAGES[command][1]}"
+    assert one_line(capsys.readouterr().out) == f"trustrepair {command}: done; output in {out_dir / STAGES[command][0]}"
     assert json.loads((out_dir / "config.json").read_text()) == DemoConfig(subset_size=6).to_json()
 
 
@@ -176,10 +176,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     ValueError("trained_blocks=40 but the model has 30 blocks"),
 ])
 def test_stage_errors_are_one_line_without_traceback(error, tmp_path, monkeypatch, capsys, caplog):
-    def fail(self):
+    def fail(run, last):
         raise error
 
-    monkeypatch.setattr(Run, "stage_score", fail)
+    monkeypatch.setattr(pipeline, "run_stages", fail)
     assert main(["score", "--out", str(tmp_path)]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("trustrepair score: error: ")
@@ -194,16 +194,16 @@ def test_stage_errors_are_one_line_without_traceback(error, tmp_path, monkeypatc
 
 
 def test_bugs_are_not_swallowed_and_interrupts_exit_130(tmp_path, monkeypatch, capsys):
-    def bug(self):
+    def bug(run, last):
         raise RuntimeError("a bug, not a user error")
 
-    monkeypatch.setattr(Run, "stage_select", bug)
+    monkeypatch.setattr(pipeline, "run_stages", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["select", "--out", str(tmp_path)])
 
-    def interrupt(self):
+    def interrupt(run, last):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Run, "stage_select", interrupt)
+    monkeypatch.setattr(pipeline, "run_stages", interrupt)
     assert main(["select", "--out", str(tmp_path)]) == 130
     assert "completed stages in" in one_line(capsys.readouterr().err)

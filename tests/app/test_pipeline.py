@@ -9,7 +9,9 @@ import torch
 from conftest import make_byte_tokenizer
 from trustrepair.app.cli import main
 from trustrepair.app.settings import DemoConfig
-from trustrepair.app.pipeline import Run
+from trustrepair.app import stages
+from trustrepair.app.pipeline import STAGE_ORDER, run_stages
+from trustrepair.app.rundir import RunDir
 from trustrepair.methods.repair_step import RepairDelta
 
 
@@ -35,7 +37,7 @@ def tiny_config(model_dir, data_dir, **overrides):
     return DemoConfig(**settings)
 
 
-def test_cli_stages_then_demo_reuse_every_stage(tiny_model_dir, shared_data, tmp_path):
+def test_cli_stages_then_demo_reuse_every_stage(tiny_model_dir, shared_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--out", str(out), "--quiet", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
             "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--subset-size", "4", "--batch-size", "8",
@@ -55,23 +57,32 @@ def test_cli_stages_then_demo_reuse_every_stage(tiny_model_dir, shared_data, tmp
     assert all(len(s) == 4 for by in selection.values() for s in by.values())
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".json"}
+    entered = {name: 0 for name in STAGE_ORDER}
+    for name in STAGE_ORDER:  # count the entries of every stage (each must run once per command)
+        real = getattr(stages, name)
+        monkeypatch.setattr(stages, name, lambda *a, real=real, name=name: entered.update({name: entered[name] + 1})
+                            or real(*a))
     assert main(["demo", *args]) == 0
+    assert entered == {name: 1 for name in STAGE_ORDER}
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.name not in ("report.md", "beta_sweep.png"))
 
 
 def test_saved_repair_reproduces_its_evaluation_and_reverts(tiny_model_dir, shared_data, tmp_path):
-    run = Run(tmp_path / "run", tiny_config(tiny_model_dir, shared_data, aspects=("truthfulness",)), progress=False)
-    evaluation = run.stage_evaluate()
-    before = {n: p.detach().clone() for n, p in run.tail.named_parameters()}
+    run = RunDir(tmp_path / "run", tiny_config(tiny_model_dir, shared_data, aspects=("truthfulness",)), progress=False)
+    outputs = run_stages(run, "evaluate")
+    ws, evaluation = outputs.workspace, outputs.evaluation
+    assert outputs.report is None and not (tmp_path / "run" / "report.md").exists()
+    before = {n: p.detach().clone() for n, p in ws.tail.named_parameters()}
     delta = RepairDelta.load(tmp_path / "run" / "repairs" / "truthfulness_dpp.safetensors")
-    delta.apply(run.tail)
-    again = run.evaluation()
-    delta.revert(run.tail)
-    want = evaluation["repaired"]["truthfulness"]["dpp"]
+    delta.apply(ws.tail)
+    again = ws.evaluation(run.config.aspects)
+    delta.revert(ws.tail)
+    want = evaluation.repaired["truthfulness"]["dpp"]
     for half in ("heldout", "query"):  # the query half and perplexity are reused from the beta search
-        assert again["aspects"]["truthfulness"][half] == pytest.approx(want["aspects"]["truthfulness"][half], rel=1e-5)
-    assert again["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
-    for name, p in run.tail.named_parameters():
+        assert getattr(again.aspects["truthfulness"], half) == pytest.approx(
+            getattr(want.aspects["truthfulness"], half), rel=1e-5)
+    assert again.perplexity == pytest.approx(want.perplexity, rel=1e-5)
+    for name, p in ws.tail.named_parameters():
         torch.testing.assert_close(p, before[name], rtol=0, atol=1e-6)
 
 
@@ -82,9 +93,10 @@ def test_demo_on_the_real_model_and_a_slice_of_the_real_data(shared_data, tmp_pa
     """Every stage on SmolLM2-135M-Instruct (its last block) with a few real SFT dialogues and trust pairs."""
     config = DemoConfig(data_dir=str(shared_data), n_sft=12, n_pairs=10, max_length=64, trained_blocks=1,
                         subset_size=3, batch_size=8, beta_probes=3)
-    run = Run(tmp_path / "run", config, progress=False)
-    report = json.loads(run.stage_report().with_suffix(".json").read_text())
-    assert run.sizes()["analysed_modules"] == 7 and run.first_block == 29
+    outputs = run_stages(RunDir(tmp_path / "run", config, progress=False))
+    report = json.loads(outputs.report.with_suffix(".json").read_text())
+    ws = outputs.workspace
+    assert ws.sizes(config.trained_blocks, config.subset_size)["analysed_modules"] == 7 and ws.first_block == 29
     ppl = report["perplexity"]
     assert 1.0 < ppl["post"] < 100.0, "a real model on real dialogues has a modest perplexity"
     assert ppl["repaired"] <= ppl["post"] * (1 + config.tolerance) * (1 + 1e-9)

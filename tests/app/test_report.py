@@ -1,4 +1,5 @@
-"""report.md / report.json / beta_sweep.png from a synthetic ``results`` dict in Run.stage_report's shape."""
+"""report.md / report.json / beta_sweep.png from synthetic run results (built as the JSON of the run
+directory's files, then read into the typed records the report consumes)."""
 import json
 import math
 import re
@@ -7,9 +8,29 @@ import numpy as np
 import pytest
 
 from trustrepair.app import report as report_module
+from trustrepair.app.records import EvaluationRecord, RunResults, TopExample, repairs_from_json
 from trustrepair.methods.selection import STRATEGIES
 from trustrepair.methods.metrics import relative_change_pct
-from trustrepair.app.report import FIGURE_NAME, SNIPPET_CHARS, TOP_N, summarize, write_report
+from trustrepair.app.report import FIGURE_NAME, SNIPPET_CHARS, TOP_N
+from trustrepair.app.report import summarize as summarize_records
+from trustrepair.app.report import write_report as write_records
+
+
+def as_records(results):
+    """The typed records of a synthetic results dict (evaluation.json / repairs.json shapes)."""
+    return RunResults(config=results["config"], sizes=results["sizes"],
+                      evaluation=EvaluationRecord.from_json(results["evaluation"]),
+                      repairs=repairs_from_json(results["repairs"]),
+                      top_examples={a: [TopExample(**ex) for ex in top] for a, top in results["top_examples"].items()},
+                      timings_s=results["timings_s"])
+
+
+def summarize(results):
+    return summarize_records(as_records(results))
+
+
+def write_report(results, out_dir):
+    return write_records(as_records(results), out_dir)
 
 ASPECTS = ("truthfulness", "bias")
 

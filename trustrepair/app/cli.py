@@ -3,9 +3,10 @@
     trustrepair demo [--out runs/demo] [options]      every stage, then report.md
     trustrepair sft | fit | score | select | repair | evaluate | report [--out DIR] [options]
 
-Each stage subcommand runs :class:`trustrepair.app.pipeline.Run`'s stage of that name, which first runs
-the earlier stages whose outputs are missing from the run directory and reuses those present, then
-prints where its output is. The options are generated from :class:`trustrepair.app.pipeline.DemoConfig`
+Each stage subcommand runs the stages up to that one in order, each once
+(:func:`trustrepair.app.pipeline.run_stages`): a stage whose output is already in the run directory is
+read back, the others are computed; then it prints where its output is. The options are generated
+from :class:`trustrepair.app.settings.DemoConfig`
 (one ``--kebab-case`` option per field, its help text from the field's metadata). Options left out
 take the values saved in ``DIR/config.json`` when the run directory already exists (so later stages
 need no repeated options), the ``DemoConfig`` defaults otherwise; an option that contradicts the
@@ -35,15 +36,16 @@ DEFAULT_OUT = "runs/demo"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 USER_ERRORS = (ValueError, FileNotFoundError)  # trustrepair.data.DataError is a ValueError
 
-# subcommand -> (Run method, what it leaves in the run directory, one-line description)
+# subcommand (a stage of trustrepair.app.pipeline.STAGE_ORDER) -> (what it leaves in the run directory,
+# one-line description)
 STAGES = {
-    "sft": ("stage_sft", "sft", "fine-tune the last blocks on the SFT split; evaluate pre- and post-SFT"),
-    "fit": ("stage_fit", "factors", "fit EK-FAC factors on the fine-tuned blocks' linear layers"),
-    "score": ("stage_score", "scores.safetensors", "influence of every SFT example on every aspect + embeddings"),
-    "select": ("stage_select", "selection.json", "choose the repair subsets (dpp, topk, random; common)"),
-    "repair": ("stage_repair", "repairs.json", "Newton repair per subset with the beta search; saved deltas"),
-    "evaluate": ("stage_evaluate", "evaluation.json", "pre / post / repaired on both halves of every aspect"),
-    "report": ("stage_report", "report.md", "tables, beta-sweep figure and top detrimental examples"),
+    "sft": ("sft", "fine-tune the last blocks on the SFT split; evaluate pre- and post-SFT"),
+    "fit": ("factors", "fit EK-FAC factors on the fine-tuned blocks' linear layers"),
+    "score": ("scores.safetensors", "influence of every SFT example on every aspect + embeddings"),
+    "select": ("selection.json", "choose the repair subsets (dpp, topk, random; common)"),
+    "repair": ("repairs.json", "Newton repair per subset with the beta search; saved deltas"),
+    "evaluate": ("evaluation.json", "pre / post / repaired on both halves of every aspect"),
+    "report": ("report.md", "tables, beta-sweep figure and top detrimental examples"),
 }
 
 
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "and repair it (EK-FAC influence, DPP selection, Newton/PBRF repair).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = [config_options(), common_options()]
-    for name, (_, output, description) in STAGES.items():
+    for name, (output, description) in STAGES.items():
         commands.add_parser(name, parents=parents, help=description,
                             description=f"{description}. Runs the earlier stages whose outputs are missing "
                                         f"and reuses those present; writes DIR/{output}.")
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace) -> DemoConfig:
     """The run's settings: the given options over ``DIR/config.json`` when it exists, else over the defaults.
 
-    An option that differs from a saved setting is kept, so :class:`Run` refuses the directory.
+    An option that differs from a saved setting is kept, so :class:`~trustrepair.app.rundir.RunDir` refuses
+    the directory.
     """
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)}
     saved_path = Path(args.out) / "config.json"
@@ -174,12 +177,12 @@ def run_command(args: argparse.Namespace) -> Path:
         from trustrepair.app.pipeline import run_demo
 
         return run_demo(args.out, config, progress=progress)
-    method, output, _ = STAGES[args.command]
-    from trustrepair.app.pipeline import Run
+    from trustrepair.app import pipeline
+    from trustrepair.app.rundir import RunDir
 
-    run = Run(args.out, config, progress=progress)
-    getattr(run, method)()
-    return run.dir / output
+    run = RunDir(args.out, config, progress=progress)
+    pipeline.run_stages(run, args.command)
+    return run.dir / STAGES[args.command][0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,18 +1,10 @@
 """The evidence of a run: ``report.md``, ``report.json`` and ``beta_sweep.png`` (paper Tables 1, 2, 4, Fig. 2).
 
-Input: the ``results`` dict that :meth:`trustrepair.app.pipeline.Run.stage_report` builds::
-
-    config       DemoConfig.to_json()
-    sizes        split and model sizes
-    evaluation   {"pre": EVAL, "post": EVAL, "repaired": {target: {strategy: EVAL}},
-                  "post_heldout_pairs": {aspect: [F_i, ...]}}  (optional, for standard errors)
-                 EVAL = {"aspects": {aspect: {"query": F, "heldout": F}}, "perplexity": ppl}; a repaired
-                 EVAL's aspects may also hold "heldout_pairs": [F_i, ...] in the same pair order
-    repairs      {target: {strategy: {"beta", "subset", "points": [{"beta", "metric", "perplexity"}, ...]}}}
-                 points[0] is the post-SFT model (beta = 0); "metric" is the query-half objective, null
-                 at the probes where the search did not measure it
-    top_examples {aspect: [{"index", "score", "prompt", "response"}, ...]}   (most detrimental first)
-    timings_s    {stage: seconds}
+Input: a :class:`trustrepair.app.records.RunResults` (built by :func:`trustrepair.app.stages.report`):
+the settings, sizes, the :class:`~trustrepair.app.records.EvaluationRecord` (pre, post and every repair;
+per-pair held-out values where measured, for standard errors), the
+:class:`~trustrepair.app.records.RepairRecord` of every repair (its beta search's probes), the top
+examples per aspect and the wall time per stage.
 
 A target is an aspect (its subset was chosen by that aspect's scores) or ``"common"`` (one subset for
 every aspect, paper Table 2); strategies are ``dpp``, ``topk`` and ``random`` (Table 4).
@@ -47,11 +39,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from trustrepair.app.records import COMMON, Evaluation, EvaluationRecord, Repairs, RunResults, TopExample
 from trustrepair.methods.metrics import relative_change_pct, relative_change_se_pct
 from trustrepair.engine.storage import write_bytes, write_json, write_text
 
 HEADLINE_STRATEGY = "dpp"
-COMMON = "common"
 TOP_N = 10
 SNIPPET_CHARS = 160
 FIGURE_NAME = "beta_sweep.png"
@@ -73,32 +65,31 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _heldout_se(evaluation: Mapping, ev: Mapping, aspect: str) -> float | None:
+def _heldout_se(evaluation: EvaluationRecord, ev: Evaluation, aspect: str) -> float | None:
     """Standard error (percentage points) of a held-out relative change, from the per-pair values when
     the evaluation has them (``post_heldout_pairs`` and the repair's ``heldout_pairs``), else None."""
-    post = evaluation.get("post_heldout_pairs", {}).get(aspect)
-    repaired = ev["aspects"][aspect].get("heldout_pairs")
+    post = evaluation.post_heldout_pairs.get(aspect)
+    repaired = ev.aspects[aspect].heldout_pairs
     if post is None or repaired is None:
         return None
     return _finite(relative_change_se_pct(post, repaired))
 
 
-def _aspect_summary(evaluation: Mapping, repairs: Mapping, aspects: list[str], half: str) -> dict:
-    pre, post, repaired = evaluation["pre"], evaluation["post"], evaluation["repaired"]
+def _aspect_summary(evaluation: EvaluationRecord, repairs: Repairs, aspects: list[str], half: str) -> dict:
+    pre, post, repaired = evaluation.pre, evaluation.post, evaluation.repaired
     out = {}
     for aspect in aspects:
         own = _require(_require(repaired, aspect, "evaluation['repaired']"), HEADLINE_STRATEGY,
                        f"evaluation['repaired'][{aspect!r}]")
-        before, after = post["aspects"][aspect][half], own["aspects"][aspect][half]
+        before, after = getattr(post.aspects[aspect], half), getattr(own.aspects[aspect], half)
         out[aspect] = {
-            "pre": {"log_odds": pre["aspects"][aspect][half]},
+            "pre": {"log_odds": getattr(pre.aspects[aspect], half)},
             "post": {"log_odds": before},
-            "repaired": {"log_odds": after, "perplexity": own["perplexity"],
-                         "perplexity_change_pct": _finite(relative_change_pct(post["perplexity"],
-                                                                              own["perplexity"])),
+            "repaired": {"log_odds": after, "perplexity": own.perplexity,
+                         "perplexity_change_pct": _finite(relative_change_pct(post.perplexity, own.perplexity)),
                          "strategy": HEADLINE_STRATEGY,
                          "beta": _require(_require(repairs, aspect, "repairs"), HEADLINE_STRATEGY,
-                                          f"repairs[{aspect!r}]")["beta"]},
+                                          f"repairs[{aspect!r}]").beta},
             "relative_change_pct": _finite(relative_change_pct(before, after)),
         }
         if half == "heldout":
@@ -106,42 +97,39 @@ def _aspect_summary(evaluation: Mapping, repairs: Mapping, aspects: list[str], h
     return out
 
 
-def _strategy_table(evaluation: Mapping, repairs: Mapping, aspects: list[str]) -> dict:
+def _strategy_table(evaluation: EvaluationRecord, repairs: Repairs, aspects: list[str]) -> dict:
     """target -> strategy -> beta, |S|, perplexity and its change, both halves of every aspect the
     repair was evaluated on (its own aspect; every aspect for the common subset)."""
-    post = evaluation["post"]
+    post = evaluation.post
     table = {}
-    for target, by_strategy in evaluation["repaired"].items():
+    for target, by_strategy in evaluation.repaired.items():
         table[target] = {}
         for strategy, ev in by_strategy.items():
             record = _require(_require(repairs, target, "repairs"), strategy, f"repairs[{target!r}]")
             table[target][strategy] = {
-                "beta": record["beta"],
-                "subset_size": len(record["subset"]),
-                "perplexity": ev["perplexity"],
-                "perplexity_change_pct": _finite(relative_change_pct(post["perplexity"], ev["perplexity"])),
-                "aspects": {a: {"heldout": {"log_odds": ev["aspects"][a]["heldout"],
+                "beta": record.beta,
+                "subset_size": len(record.subset),
+                "perplexity": ev.perplexity,
+                "perplexity_change_pct": _finite(relative_change_pct(post.perplexity, ev.perplexity)),
+                "aspects": {a: {"heldout": {"log_odds": ev.aspects[a].heldout,
                                             "relative_change_pct": _finite(relative_change_pct(
-                                                post["aspects"][a]["heldout"], ev["aspects"][a]["heldout"])),
+                                                post.aspects[a].heldout, ev.aspects[a].heldout)),
                                             "relative_change_se_pct": _heldout_se(evaluation, ev, a)},
-                                "query": {"log_odds": ev["aspects"][a]["query"],
+                                "query": {"log_odds": ev.aspects[a].query,
                                           "relative_change_pct": _finite(relative_change_pct(
-                                              post["aspects"][a]["query"], ev["aspects"][a]["query"]))}}
-                            for a in aspects if a in ev["aspects"]},
+                                              post.aspects[a].query, ev.aspects[a].query))}}
+                            for a in aspects if a in ev.aspects},
             }
     return table
 
 
-def summarize(results: Mapping) -> dict:
+def summarize(results: RunResults) -> dict:
     """The ``report.json`` payload (see the module docstring for the conventions)."""
-    evaluation, repairs, timings, sizes, config = (
-        _require(results, key, "results") for key in ("evaluation", "repairs", "timings_s", "sizes", "config"))
-    for key in ("pre", "post", "repaired"):
-        _require(evaluation, key, "results['evaluation']")
-    aspects = list(evaluation["post"]["aspects"])
+    evaluation, repairs = results.evaluation, results.repairs
+    aspects = list(evaluation.post.aspects)
     headline = _aspect_summary(evaluation, repairs, aspects, "heldout")
     worst = max(aspects, key=lambda a: headline[a]["repaired"]["perplexity"])
-    post_ppl = evaluation["post"]["perplexity"]
+    post_ppl = evaluation.post.perplexity
     worst_ppl = headline[worst]["repaired"]["perplexity"]
     strategies = _strategy_table(evaluation, repairs, aspects)
     beats_random = {
@@ -150,15 +138,15 @@ def summarize(results: Mapping) -> dict:
         for strategy in ("dpp", "topk")}
     return {
         "aspects": headline,
-        "perplexity": {"pre": evaluation["pre"]["perplexity"], "post": post_ppl, "repaired": worst_ppl,
+        "perplexity": {"pre": evaluation.pre.perplexity, "post": post_ppl, "repaired": worst_ppl,
                        "repaired_worst_of": worst,
                        "relative_change_pct": _finite(relative_change_pct(post_ppl, worst_ppl))},
         "query_half": {"aspects": _aspect_summary(evaluation, repairs, aspects, "query")},
         "strategies": strategies,
         "beats_random_heldout": beats_random,
-        "timings_s": dict(timings),
-        "sizes": sizes,
-        "config": config,
+        "timings_s": dict(results.timings_s),
+        "sizes": results.sizes,
+        "config": results.config,
         "figures": [FIGURE_NAME],
     }
 
@@ -175,7 +163,7 @@ def _is_number(value) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def plot_beta_sweep(repairs: Mapping, tolerance: float) -> bytes:
+def plot_beta_sweep(repairs: Repairs, tolerance: float) -> bytes:
     """Figure 2 analogue as PNG bytes: per target, the query-half objective and the held-out perplexity
     against beta (log axis), one line per strategy; the post-SFT value (beta = 0) and the perplexity
     tolerance post * (1 + tolerance) as horizontal lines; the chosen beta starred; a beta whose model
@@ -192,25 +180,25 @@ def plot_beta_sweep(repairs: Mapping, tolerance: float) -> bytes:
     axes = fig.subplots(len(targets), 2, squeeze=False, sharex="row")
     for (ax_metric, ax_ppl), target in zip(axes, targets):
         by_strategy = repairs[target]
-        base = next(iter(by_strategy.values()))["points"][0]
+        base = next(iter(by_strategy.values())).points[0]
         for strategy, record in by_strategy.items():
-            points = sorted((p for p in record["points"] if p["beta"] > 0), key=lambda p: p["beta"])
+            points = sorted((p for p in record.points if p.beta > 0), key=lambda p: p.beta)
             color = _COLORS.get(strategy)
-            measured = [p for p in points if _is_number(p["metric"])]
-            ax_metric.plot([p["beta"] for p in measured], [p["metric"] for p in measured], "o-", ms=3, color=color,
+            measured = [p for p in points if _is_number(p.metric)]
+            ax_metric.plot([p.beta for p in measured], [p.metric for p in measured], "o-", ms=3, color=color,
                            label=strategy)
-            finite = [p for p in points if _is_number(p["perplexity"])]
-            ax_ppl.plot([p["beta"] for p in finite], [p["perplexity"] for p in finite], "o-", ms=3, color=color,
+            finite = [p for p in points if _is_number(p.perplexity)]
+            ax_ppl.plot([p.beta for p in finite], [p.perplexity for p in finite], "o-", ms=3, color=color,
                         label=strategy)
-            for beta in (p["beta"] for p in points if not _is_number(p["perplexity"])):
+            for beta in (p.beta for p in points if not _is_number(p.perplexity)):
                 ax_ppl.axvline(beta, ls="-.", lw=1, color=color, label=f"{strategy}: diverged (non-finite)")
-            chosen = [p for p in points if p["beta"] == record["beta"]]
-            if chosen and _is_number(chosen[0]["metric"]):
-                ax_metric.plot([chosen[0]["beta"]], [chosen[0]["metric"]], "*", ms=12, color=color)
-                ax_ppl.plot([chosen[0]["beta"]], [chosen[0]["perplexity"]], "*", ms=12, color=color)
-        ax_metric.axhline(base["metric"], ls=":", color="black", lw=1, label="post-SFT (beta = 0)")
-        ax_ppl.axhline(base["perplexity"], ls=":", color="black", lw=1, label="post-SFT (beta = 0)")
-        ax_ppl.axhline(base["perplexity"] * (1 + tolerance), ls="--", color="tab:red", lw=1,
+            chosen = [p for p in points if p.beta == record.beta]
+            if chosen and _is_number(chosen[0].metric):
+                ax_metric.plot([chosen[0].beta], [chosen[0].metric], "*", ms=12, color=color)
+                ax_ppl.plot([chosen[0].beta], [chosen[0].perplexity], "*", ms=12, color=color)
+        ax_metric.axhline(base.metric, ls=":", color="black", lw=1, label="post-SFT (beta = 0)")
+        ax_ppl.axhline(base.perplexity, ls=":", color="black", lw=1, label="post-SFT (beta = 0)")
+        ax_ppl.axhline(base.perplexity * (1 + tolerance), ls="--", color="tab:red", lw=1,
                        label=f"tolerance (+{100 * tolerance:g}%)")
         objective = ("sum_j F_j / |F_j post| (query half)" if target == COMMON else "log-odds F (query half)")
         ax_metric.set(title=f"{target}: trust objective (lower is better)", xlabel="beta", ylabel=objective,
@@ -344,12 +332,12 @@ def _table2(summary: dict) -> list[str]:
     ]
 
 
-def _top_examples(top: Mapping) -> list[str]:
+def _top_examples(top: Mapping[str, list[TopExample]]) -> list[str]:
     lines = [f"## The {TOP_N} most detrimental training examples per aspect", "",
              f"Highest influence score first (query halves, EK-FAC); texts cut to {SNIPPET_CHARS} characters, "
              "newlines shown as \\n.", ""]
     for aspect, examples in top.items():
-        rows = [[str(rank), str(ex["index"]), f"{ex['score']:.4g}", _snippet(ex["prompt"]), _snippet(ex["response"])]
+        rows = [[str(rank), str(ex.index), f"{ex.score:.4g}", _snippet(ex.prompt), _snippet(ex.response)]
                 for rank, ex in enumerate(examples[:TOP_N], start=1)]
         lines += [f"### {aspect}", "", *_table(["Rank", "Train index", "Score", "Prompt", "Response"], rows)]
     return lines
@@ -363,7 +351,7 @@ def _flatten(mapping: Mapping, prefix: str = "") -> list[tuple[str, object]]:
     return items
 
 
-def render_markdown(summary: dict, top_examples: Mapping) -> str:
+def render_markdown(summary: dict, top_examples: Mapping[str, list[TopExample]]) -> str:
     """``report.md`` from the :func:`summarize` payload and the top examples."""
     timings = summary["timings_s"]
     lines = [
@@ -404,17 +392,16 @@ def render_markdown(summary: dict, top_examples: Mapping) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict, out_dir: Path) -> Path:
+def write_report(results: RunResults, out_dir: Path) -> Path:
     """Write ``beta_sweep.png``, ``report.json`` and (last) ``report.md`` into ``out_dir``; return the
     path of ``report.md``. Everything is rendered in memory first, so a bad input or a plotting error
     leaves an earlier report untouched."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
-    top = _require(results, "top_examples", "results")
-    tolerance = float(_require(summary["config"], "tolerance", "results['config']"))
-    figure = plot_beta_sweep(results["repairs"], tolerance)
-    markdown = render_markdown(summary, top) + "\n"
+    tolerance = float(_require(summary["config"], "tolerance", "results.config"))
+    figure = plot_beta_sweep(results.repairs, tolerance)
+    markdown = render_markdown(summary, results.top_examples) + "\n"
     write_bytes(out_dir / FIGURE_NAME, figure)
     write_json(out_dir / "report.json", summary)
     path = out_dir / "report.md"

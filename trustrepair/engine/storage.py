@@ -87,8 +87,13 @@ def write_json(path: str | os.PathLike, payload) -> Path:
 
 
 def save_torch(path: str | os.PathLike, obj) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (read back with ``torch.load(path, weights_only=True)``)."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save(obj)`` to ``path`` atomically (read back with ``torch.load(path, weights_only=True)``).
+    Saved through a file object, so the archive's inner folder name does not depend on the temporary name."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,

@@ -1,0 +1,84 @@
+"""The run directory: where each stage's output lives, the settings it was made with, and the wall time
+per stage.
+
+A run directory holds the outputs of one set of settings (``config.json``): opening it with other
+settings is refused (``ValueError``), never mixed. Every write goes through :meth:`RunDir.publish`:
+rank 0 writes (atomically, :mod:`trustrepair.engine.storage`) while under ``torchrun`` the other ranks,
+which computed the same result, wait; an error on rank 0 is raised on every rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+from trustrepair.app.settings import DemoConfig
+from trustrepair.engine.distributed import fail_together, is_main_process, progress_enabled
+from trustrepair.engine.storage import write_json
+
+logger = logging.getLogger(__name__)
+
+
+class RunDir:
+    """A run directory opened with ``config`` (written to ``config.json`` when new, checked against it
+    otherwise) and the timings of its stages so far (``timings.json``)."""
+
+    # Each stage's output, relative to the run directory.
+    SFT_PARAMS = Path("sft") / "params.safetensors"
+    SFT_EVALUATIONS = Path("sft") / "evaluations.json"
+    HIDDEN_CACHE = Path("cache") / "hidden.pt"
+    FACTORS = Path("factors")
+    FACTORS_PARTIAL = Path("factors.partial")
+    SCORES = Path("scores.safetensors")
+    SELECTION = Path("selection.json")
+    REPAIRS = Path("repairs.json")
+    EVALUATION = Path("evaluation.json")
+    REPORT = Path("report.md")
+
+    def __init__(self, out_dir: str | os.PathLike, config: DemoConfig, *, progress: bool = True):
+        self.dir = Path(out_dir)
+        self.config = config
+        self.progress = progress_enabled(progress)
+        self.timings: dict[str, float] = {}
+        path = self.dir / "config.json"
+        wanted = config.to_json()
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+            if changed:
+                raise ValueError(
+                    f"run directory {self.dir} was made with other settings {changed} (saved, requested); "
+                    "use a new --out directory or delete that one")
+        else:
+            self.publish(lambda: write_json(path, wanted))
+        timings = self.dir / "timings.json"
+        if timings.is_file():
+            self.timings = json.loads(timings.read_text())
+
+    def path(self, relative: str | os.PathLike) -> Path:
+        return self.dir / relative
+
+    def repair_path(self, target: str, strategy: str) -> Path:
+        """The saved :class:`~trustrepair.methods.repair_step.RepairDelta` of one repair."""
+        return self.dir / "repairs" / f"{target}_{strategy}.safetensors"
+
+    @staticmethod
+    def publish(write: Callable[[], object]) -> None:
+        """Run ``write`` (a write into the run directory) on rank 0 only; the other ranks wait here, and
+        an error on rank 0 is raised on every rank."""
+        with fail_together("writing the run directory"):
+            if is_main_process():
+                write()
+
+    @contextmanager
+    def timed(self, stage: str):
+        """Record the wall time of the enclosed block as ``stage`` in ``timings.json``."""
+        start = time.perf_counter()
+        yield
+        self.timings[stage] = round(time.perf_counter() - start, 2)
+        self.publish(lambda: write_json(self.dir / "timings.json", self.timings))
+        logger.info("%s: %.1f s", stage, self.timings[stage])

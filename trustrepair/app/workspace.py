@@ -1,0 +1,171 @@
+"""The loaded state every stage works on: the model, the tokenised splits and their cached hidden states.
+
+Only the last ``trained_blocks`` blocks are trained, analysed and repaired, so the hidden states entering
+them are the same for the pre-SFT, post-SFT and repaired models: they are computed once per dataset and
+cached in ``cache/hidden.pt`` (see :mod:`trustrepair.app.prefix_cache`), and every later pass runs only
+the last blocks (:attr:`Workspace.tail`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from trustrepair.app.prefix_cache import TailLM, TailTask
+from trustrepair.app.records import AspectLogOdds, Evaluation
+from trustrepair.app.rundir import RunDir
+from trustrepair.data import SFTRecord
+from trustrepair.methods.metrics import perplexity, query_log_odds
+
+
+@dataclass
+class Workspace:
+    """Built once per command by :func:`load_workspace`.
+
+    Attributes:
+        model: the whole causal LM; only ``trained_params`` are ever changed (by SFT and repairs).
+        tail: the last blocks and the head, fed the cached hidden states.
+        task: the loss and batching of ``tail``.
+        first_block: index of the first trained block.
+        module_names: the analysed linear layers, as names in ``model``.
+        trained_params: the trained parameters, as names in ``model``.
+        train_records, heldout_records: the SFT dialogues (80 / 20 split); train is scored and repaired,
+            held-out measures perplexity.
+        train, heldout: those dialogues tokenised, each with its cached ``hidden`` states.
+        trust: ``trust[aspect][half]`` (half ``query`` or ``heldout``) = trust pairs, each
+            ``{"proponent": example, "opponent": example}`` with cached hidden states.
+        batch_size: sequences per batch of every pass.
+        progress: whether passes show progress bars.
+    """
+
+    model: nn.Module
+    tail: TailLM
+    task: TailTask
+    first_block: int
+    module_names: list[str]
+    trained_params: list[str]
+    train_records: list[SFTRecord]
+    heldout_records: list[SFTRecord]
+    train: list[dict]
+    heldout: list[dict]
+    trust: dict[str, dict[str, list[dict]]]
+    batch_size: int
+    progress: bool
+
+    # -- measurements --------------------------------------------------------------------------------
+    def perplexity(self) -> float:
+        """Held-out SFT perplexity of the model as it is."""
+        return perplexity(self.tail, self.heldout, task=self.task, batch_size=self.batch_size)
+
+    def log_odds_pairs(self, aspect: str, half: str) -> list[float]:
+        """Per trust pair of ``aspect``'s ``half``: log P(o|m) - log P(p|m), in the split's order."""
+        return query_log_odds(self.tail, self.trust[aspect][half], task=self.task,
+                              batch_size=self.batch_size).tolist()
+
+    def log_odds(self, aspect: str, half: str) -> float:
+        values = self.log_odds_pairs(aspect, half)
+        return sum(values) / len(values)
+
+    def evaluation(self, aspects: Sequence[str]) -> Evaluation:
+        """Both halves of ``aspects`` and the held-out perplexity, for the model as it is."""
+        return Evaluation({a: AspectLogOdds(*(self.log_odds(a, half) for half in ("query", "heldout")))
+                           for a in aspects}, self.perplexity())
+
+    @torch.no_grad()
+    def response_embeddings(self, examples: Sequence[dict]) -> np.ndarray:
+        """(N, H) float32: final hidden state averaged over each example's response tokens (Eq. 7)."""
+        rows = []
+        for start in range(0, len(examples), self.batch_size):
+            batch = self.task.collate(examples[start:start + self.batch_size])
+            hidden = self.task.final_hidden(self.tail, batch)
+            mask = (batch["labels"] != -100).to(hidden.dtype).unsqueeze(-1)
+            rows.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+        return torch.cat(rows).float().cpu().numpy()
+
+    def tail_module_names(self) -> list[str]:
+        """The analysed layers' names inside :class:`TailLM` (``body.layers.{i - first_block}...``)."""
+        tail_names = {id(m): n for n, m in self.tail.named_modules()}
+        model_modules = dict(self.model.named_modules())
+        return [tail_names[id(model_modules[name])] for name in self.module_names]
+
+    def sizes(self, trained_blocks: int, subset_size: int) -> dict:
+        """Split and model sizes, as the report shows them."""
+        return {"sft_train": len(self.train), "sft_heldout": len(self.heldout),
+                "sft_train_tokens": int(sum(len(e["input_ids"]) for e in self.train)),
+                "trained_blocks": trained_blocks, "first_block": self.first_block,
+                "analysed_modules": len(self.module_names),
+                "aspects": {a: {h: len(v) for h, v in halves.items()} for a, halves in self.trust.items()},
+                "subset_size": subset_size}
+
+
+def load_workspace(run: RunDir) -> Workspace:
+    """Model, tokenizer, tokenised splits and the hidden states entering the trained blocks (computed
+    once and cached in the run directory); timed as ``load_model``, ``load_data`` and
+    ``cache_hidden_states``."""
+    from trustrepair.app.models import block_layer_names, freeze_all_but_last_blocks, load_causal_lm, transformer_blocks
+    from trustrepair.app.prefix_cache import cache_prefix_hidden
+    from trustrepair.data import load_aspect, load_hh_sft
+    from trustrepair.engine.storage import save_torch
+
+    cfg = run.config
+    with run.timed("load_model"):
+        model, tokenizer = load_causal_lm(cfg.model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    n_blocks = len(transformer_blocks(model))
+    if cfg.trained_blocks > n_blocks:
+        raise ValueError(f"trained_blocks={cfg.trained_blocks} but the model has {n_blocks} blocks")
+    first_block = n_blocks - cfg.trained_blocks
+    module_names = block_layer_names(model, cfg.trained_blocks)
+    trained_params = freeze_all_but_last_blocks(model, cfg.trained_blocks)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    task = TailTask()
+    task.pad_token_id = int(pad)
+    with run.timed("load_data"):
+        sft = load_hh_sft(cfg.data_dir, max_examples=cfg.n_sft, seed=cfg.seed)
+        train, heldout = sft.split(0.8, seed=cfg.seed)
+        train_records, heldout_records = list(train), list(heldout)
+        train_ex = train.tokenize(tokenizer, cfg.max_length)
+        heldout_ex = heldout.tokenize(tokenizer, cfg.max_length)
+        trust = {}
+        for aspect in cfg.aspects:
+            query, held = load_aspect(aspect, cfg.data_dir, max_pairs=cfg.n_pairs, seed=cfg.seed).split(0.8, cfg.seed)
+            trust[aspect] = (query.tokenize(tokenizer, cfg.max_length), held.tokenize(tokenizer, cfg.max_length))
+    cache = run.path(RunDir.HIDDEN_CACHE)
+    with run.timed("cache_hidden_states"):
+        if cache.is_file():
+            hidden = torch.load(cache, weights_only=True)
+        else:
+            def prefix(examples, desc):
+                rows = cache_prefix_hidden(model, examples, first_block, batch_size=cfg.batch_size,
+                                           pad_token_id=task.pad_token_id, progress=run.progress, desc=desc)
+                return [r["hidden"] for r in rows]
+
+            hidden = {"train": prefix(train_ex, "hidden: sft train"),
+                      "heldout": prefix(heldout_ex, "hidden: sft held-out")}
+            for aspect, halves in trust.items():
+                for half_name, queries in zip(("query", "heldout"), halves):
+                    flat = [q[side] for q in queries for side in ("proponent", "opponent")]
+                    hidden[f"{aspect}/{half_name}"] = prefix(flat, f"hidden: {aspect} {half_name}")
+            run.publish(lambda: save_torch(cache, hidden))
+
+    def attach(examples, states):
+        return [{**ex, "hidden": h} for ex, h in zip(examples, states)]
+
+    def attach_queries(queries, states):
+        it = iter(states)
+        return [{side: {**q[side], "hidden": next(it)} for side in ("proponent", "opponent")} for q in queries]
+
+    return Workspace(
+        model=model, tail=TailLM(model, first_block), task=task, first_block=first_block,
+        module_names=module_names, trained_params=trained_params,
+        train_records=train_records, heldout_records=heldout_records,
+        train=attach(train_ex, hidden["train"]), heldout=attach(heldout_ex, hidden["heldout"]),
+        trust={a: {"query": attach_queries(q, hidden[f"{a}/query"]), "heldout": attach_queries(h, hidden[f"{a}/heldout"])}
+               for a, (q, h) in trust.items()},
+        batch_size=cfg.batch_size, progress=run.progress)
