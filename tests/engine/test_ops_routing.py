@@ -8,6 +8,7 @@ import pytest
 import torch
 from ops_cases import assert_close, naive_squares, operands
 
+from benchmarks.common import matmul_precision
 from trustrepair.engine.ops import projected_gradients as PG
 from trustrepair.engine.ops import routing
 from trustrepair.engine.tunables import current, override
@@ -16,10 +17,8 @@ from trustrepair.engine.tunables import current, override
 @pytest.fixture
 def tf32():
     """TF32 float32 matmuls for the test (float32 then computes in a tensor-core precision)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(previous)
+    with matmul_precision("high"):
+        yield
 
 
 @pytest.fixture

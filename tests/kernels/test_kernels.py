@@ -19,7 +19,6 @@ block), with random masked tokens, an all-masked example, one token and a batch 
 their buffers with torch.empty; the tests poison those allocations with NaN, so any element a kernel fails
 to write shows up.
 """
-import contextlib
 import math
 import zlib
 
@@ -29,6 +28,7 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
+from benchmarks.common import matmul_precision  # noqa: E402
 from trustrepair.engine.ops import projected_gradients as PG  # noqa: E402
 from trustrepair.engine.ops import routing  # noqa: E402
 from trustrepair.engine.tunables import override  # noqa: E402
@@ -116,17 +116,6 @@ def poison_empty(monkeypatch):
         return out.fill_(math.nan) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch, "empty", nan_empty)
-
-
-@contextlib.contextmanager
-def matmul_precision(precision):
-    """torch.set_float32_matmul_precision for the block ("high": TF32 in PyTorch and in the kernels)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def assert_within_rule(name, out, truth, baseline):
