@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -125,3 +126,35 @@ def make_byte_tokenizer():
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return make_byte_tokenizer()
+
+
+# ---- explicit gradients without trustrepair's code (engine and methods tests compare against them) ----
+
+def folded_param_grad(module):
+    """d loss / d [weight | bias] from .grad, folded without trustrepair's code."""
+    weight = module.weight.grad if isinstance(module, nn.Linear) else module.weight.grad.T
+    if module.bias is None:
+        return weight.clone()
+    return torch.cat([weight, module.bias.grad[:, None]], dim=1)
+
+
+def per_example_gradients(model, names, examples, objective=None):
+    """List over items of {module name: explicit (d_out, d_in [+ 1]) gradient of objective(item)} (default:
+    the example's summed training loss)."""
+    modules = dict(model.named_modules())
+    from trustrepair.task import CausalLMTask, pad_batch
+
+    objective = objective or (lambda ex: CausalLMTask().train_loss(model, pad_batch([ex]))[0])
+    out = []
+    for ex in examples:
+        model.zero_grad()
+        objective(ex).backward()
+        out.append({n: folded_param_grad(modules[n]).double() for n in names})
+    model.zero_grad()
+    return out
+
+
+def assert_rel(actual, expected, rtol, what):
+    err = float((actual.double() - expected.double()).abs().max())
+    scale = float(expected.abs().max())
+    assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:g} x {scale:.3e}"

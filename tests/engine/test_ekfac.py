@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_examples, make_queries, make_tiny_llama, make_tiny_neox
+from conftest import assert_rel, make_examples, make_queries, make_tiny_llama, make_tiny_neox, per_example_gradients
 from trustrepair import EKFACFactors, fit_ekfac
 from trustrepair.engine.layout import ROW_ALIGNMENT, is_aligned
 from trustrepair.engine.layers import apply_deltas, find_modules
@@ -36,28 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------------------------------
 # Brute-force references (one example at a time, explicit autograd, float64, independent folding)
 # ----------------------------------------------------------------------------------------------------
-
-def folded_param_grad(module):
-    """d loss / d [weight | bias] from .grad, folded without trustrepair's code."""
-    weight = module.weight.grad if isinstance(module, nn.Linear) else module.weight.grad.T
-    if module.bias is None:
-        return weight.clone()
-    return torch.cat([weight, module.bias.grad[:, None]], dim=1)
-
-
-def per_example_gradients(model, names, examples, objective=None):
-    """List over items of {module name: explicit (d_out, d_in [+ 1]) gradient of objective(item)} (default:
-    the example's summed training loss)."""
-    modules = dict(model.named_modules())
-    objective = objective or (lambda ex: CausalLMTask().train_loss(model, pad_batch([ex]))[0])
-    out = []
-    for ex in examples:
-        model.zero_grad()
-        objective(ex).backward()
-        out.append({n: folded_param_grad(modules[n]).double() for n in names})
-    model.zero_grad()
-    return out
-
 
 def token_factors(model, names, examples, labels=None):
     """Brute-force sums of a a^T and g g^T over every token of every example (one example per pass,
@@ -120,12 +98,6 @@ class RecordingSampledTask(CausalLMTask):
             record[tuple(batch["input_ids"][row, :n].tolist())] = labels[row, :n].clone()
         self.drawn.append(record)
         return super().train_loss(model, dict(batch, labels=labels))
-
-
-def assert_rel(actual, expected, rtol, what):
-    err = float((actual.double() - expected.double()).abs().max())
-    scale = float(expected.abs().max())
-    assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:g} x {scale:.3e}"
 
 
 def check_factors_against_brute_force(factors, model, examples, cov_labels=None, lambda_labels=None, rtol=1e-6):

@@ -3,8 +3,7 @@ aggregated / pairwise identity, the large-damping limit, planted examples and ba
 import pytest
 import torch
 
-from conftest import make_examples, make_queries, make_tiny_llama, make_tiny_neox
-from engine.test_ekfac import assert_rel, per_example_gradients  # tests/engine: importable whatever runs first
+from conftest import assert_rel, make_examples, make_queries, make_tiny_llama, make_tiny_neox, per_example_gradients
 from trustrepair import fit_ekfac, influence, pairwise_influence
 from trustrepair.methods.scoring import measurement_gradient, normalize_scores, summed_gradient
 from trustrepair.methods import selection
