@@ -58,6 +58,10 @@ def one_line(text):
     return lines[0]
 
 
+def test_one_subcommand_per_stage_in_the_order_they_run():
+    assert tuple(STAGES) == pipeline.STAGE_ORDER
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_of_every_subcommand(command, capsys):
     assert main([command, "--help"]) == 0
