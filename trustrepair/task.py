@@ -123,9 +123,22 @@ class Task:
         """(B, T) bool, True on positions whose activations enter the covariances (non-padding)."""
         return batch["attention_mask"].bool()
 
+    def vocab_size(self, model: torch.nn.Module) -> int | None:
+        """Token ids the model accepts, [0, vocab_size), checked before any forward pass so that an id
+        outside is reported with its example; ``None`` (the default) skips the check."""
+        return None
+
 
 class CausalLMTask(Task):
     """Task for Hugging Face causal LMs (``model(input_ids, attention_mask).logits``)."""
+
+    def vocab_size(self, model):
+        """Rows of the input embedding (``model.get_input_embeddings()``), or ``None`` without one."""
+        try:
+            embedding = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        return getattr(embedding, "num_embeddings", None)
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         device = next(model.parameters()).device

@@ -48,7 +48,7 @@ def test_repair_dispatch_and_errors(fitted):
         torch.testing.assert_close(value, 0.5 * direction.deltas[name])
     with pytest.raises(ValueError, match="unknown repair method"):
         repair(model, factors, train, [0], beta=1.0, method="sgd")
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match=r"beta = -1.0 must be a finite number >= 0"):
         repair(model, factors, train, [0], beta=-1.0)
     with pytest.raises(ValueError, match="outside the training set"):
         repair(model, factors, train, [99], beta=1.0)

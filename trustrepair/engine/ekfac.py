@@ -45,6 +45,7 @@ import os
 import platform
 import time
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ from trustrepair.engine import storage
 from trustrepair.engine.layout import aligned, padded_width, pads_widths, zero_padded
 from trustrepair.batching import padded_batches
 from trustrepair.engine.capture import TokenCapture
+from trustrepair.engine.arguments import finite
 from trustrepair.engine.examples import as_examples, describe_rows, unlabelled
 from trustrepair.engine.ops.gram import add_gram_upper_, symmetric_from_upper
 from trustrepair.engine.ops.projected_gradients import projected_gradient_squares
@@ -117,6 +119,7 @@ class EKFACFactors:
         self.fingerprint = fingerprint
         self.timings = dict(timings or {})
         self.versions = dict(versions or _versions())
+        self._verified: tuple | None = None  # (weak reference to a model, its tensor versions) that passed
 
     def __repr__(self) -> str:
         return (f"EKFACFactors({len(self.modules)} modules, fisher={self.arguments.get('fisher')!r}, "
@@ -142,10 +145,7 @@ class EKFACFactors:
                 raise ValueError(f"Lambda of module {name!r} is all zero (no training example had a labelled "
                                  f"token?), so the default damping 0.1 * mean(Lambda) is 0; pass damping > 0")
             return value
-        value = float(damping)
-        if not value >= 0 or value == float("inf"):
-            raise ValueError(f"damping must be a finite number >= 0 (absolute) or None (0.1 * mean(Lambda)); "
-                             f"got {damping}")
+        value = check_damping(damping)
         if value == 0 and float(lam.min()) <= 0:
             raise ValueError(f"damping=0 with Lambda of module {name!r} having zero entries would divide by "
                              f"zero; pass damping > 0")
@@ -210,7 +210,14 @@ class EKFACFactors:
 
     def check_model(self, model: nn.Module, weights: bool = True) -> None:
         """Raise ``ValueError`` unless ``model`` has the analysed layers with the same shapes (and, with
-        ``weights=True``, the same weight digest) as the model the factors were fitted on."""
+        ``weights=True``, the same weight digest) as the model the factors were fitted on.
+
+        A model whose weights passed the digest check is remembered with the in-place version counters of
+        its parameters and buffers: until one of them is modified (an optimiser step, ``RepairDelta.apply``
+        or ``revert``), checking it again costs no hashing."""
+        state = _tensor_versions(model) if weights else None
+        if weights and self._verified is not None and self._verified[0]() is model and self._verified[1] == state:
+            return
         names = list(self.fingerprint["modules"])
         try:
             layers = find_modules(model, names)
@@ -225,8 +232,12 @@ class EKFACFactors:
             what = (f"layer shapes differ at {differ[:5]} ([d_out, d_in, has_bias] fitted "
                     f"{[expected['modules'][n] for n in differ[:5]]}, model {[found['modules'][n] for n in differ[:5]]})"
                     if differ else "the weights differ (digest mismatch)")
+            skip = "" if differ else (", or pass check_fingerprint=False if the model is meant to differ from the "
+                                      "one they were fitted on (e.g. the factors of a parent checkpoint)")
             raise ValueError(f"these EK-FAC factors were fitted on a different model: {what}. Fit new factors "
-                             f"with fit_ekfac(model, train), or load without model= to inspect them")
+                             f"with fit_ekfac(model, train){skip}")
+        if weights:
+            self._verified = (weakref.ref(model), state)
 
     # -- persistence -----------------------------------------------------------------------------------
 
@@ -288,6 +299,20 @@ class EKFACFactors:
         return self.modules[name]
 
 
+def check_damping(damping: float | None) -> float | None:
+    """``damping`` as given where it enters a public function: ``None`` (0.1 * mean(Lambda) per module) or
+    a finite absolute value >= 0."""
+    if damping is None:
+        return None
+    return finite("damping", damping, minimum=0, hint="absolute; or None for 0.1 * mean(Lambda) per module")
+
+
+def _tensor_versions(model: nn.Module) -> tuple:
+    """Identity and in-place version counter of every parameter and buffer: unchanged exactly when no
+    tensor was replaced or modified in place since."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in list(model.parameters()) + list(model.buffers()))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fitting
 # ----------------------------------------------------------------------------------------------------
@@ -332,8 +357,11 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
     task = task or CausalLMTask()
     progress = progress_enabled(progress)
     layers = find_modules(model, modules)
-    examples = as_examples(train, "training set", max_examples)
+    examples = as_examples(train, "training set", max_examples, task.vocab_size(model))
     empty = unlabelled(examples)
+    if len(empty) == len(examples):
+        raise ValueError(f"no training example has a labelled token (all {len(examples)} have labels[1:] == -100): "
+                         f"the Fisher would be zero; label the responses (labels = input_ids outside the prompt)")
     if empty:
         warnings.warn(f"{len(empty)} of {len(examples)} training examples have no labelled token (indices "
                       f"{empty[:10]}{' ...' if len(empty) > 10 else ''}): their gradient is zero; they count in "
@@ -347,10 +375,13 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
     # The weight digest (about a second of CPU hashing for 160M parameters) is computed on a thread while
     # the passes run: hashlib releases the GIL, and on a GPU the CPU is otherwise idle.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trustrepair-fingerprint") as pool:
+        versions = _tensor_versions(model)
         fingerprint_job = pool.submit(model_fingerprint, model, layers)
         modules, timings = _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress,
                                        checkpoint_dir, matmul_dtype, arguments, fingerprint_job.result)
-        return EKFACFactors(modules, arguments, fingerprint_job.result(), timings)
+        factors = EKFACFactors(modules, arguments, fingerprint_job.result(), timings)
+    factors._verified = (weakref.ref(model), versions)  # the digest is of these very tensors
+    return factors
 
 
 def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress, checkpoint_dir, matmul_dtype,

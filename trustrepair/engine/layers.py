@@ -125,7 +125,9 @@ def find_modules(model: nn.Module, modules: ModuleSelection = None) -> list[Trac
             module names; or a predicate ``(name, module) -> bool`` applied to every supported layer.
     Raises:
         ValueError: unknown names (with the closest matches), a named module of an unsupported type,
-            or a selection that is empty.
+            a selection that is empty, or a selected layer whose parameter a module outside the selection
+            shares (an LM head tied to the input embedding, ``tie_word_embeddings=True``: fitting or
+            repairing it would move the embedding through the shared tensor).
     """
     supported = {name: m for name, m in model.named_modules() if name and is_supported_layer(m)}
     if modules is None:
@@ -160,7 +162,28 @@ def find_modules(model: nn.Module, modules: ModuleSelection = None) -> list[Trac
             raise ValueError(f"module names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
         order = {name: i for i, name in enumerate(supported)}
         chosen = sorted(names, key=order.__getitem__)
+    _refuse_shared_parameters(model, {name: supported[name] for name in chosen})
     return [TrackedLayer.of(name, supported[name]) for name in chosen]
+
+
+def _refuse_shared_parameters(model: nn.Module, chosen: Mapping[str, nn.Module]) -> None:
+    """Refuse a selected layer whose weight or bias is also a parameter of a module outside the selection,
+    e.g. an LM head tied to the input embedding: EK-FAC would see the parameter only as that layer, and
+    a repair would move the other module through the shared tensor too."""
+    selected = {id(m) for m in chosen.values()}
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in selected:
+            for param in module.parameters(recurse=False):
+                holders.setdefault(id(param), []).append(name)
+    for name, module in chosen.items():
+        for kind, param in (("weight", module.weight), ("bias", module.bias)):
+            if param is not None and id(param) in holders:
+                others = holders[id(param)]
+                raise ValueError(
+                    f"module {name!r} shares its {kind} with {others[:3]} (a tied input embedding and LM head?): "
+                    f"EK-FAC would see that parameter only as {name!r}, and a repair would move {others[0]!r} "
+                    f"too. Leave {name!r} out of modules, or untie the weights first")
 
 
 def apply_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor], alpha: float = 1.0) -> None:

@@ -18,16 +18,21 @@ import torch
 from tqdm.auto import tqdm
 
 from trustrepair.batching import example_length, length_sorted_batches
+from trustrepair.engine.examples import as_examples
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, Task
 
 
 @torch.no_grad()
 def query_log_odds(model: torch.nn.Module, queries: Sequence[Mapping], *, task: Task | None = None,
                    batch_size: int = 16, progress: bool = False, desc: str = "log-odds") -> torch.Tensor:
-    """(Q,) float64 log P(o|m) - log P(p|m) per query, in input order."""
+    """(Q,) float64 log P(o|m) - log P(p|m) per query, in input order (queries checked and converted by
+    :func:`trustrepair.methods.scoring.as_queries`)."""
+    from trustrepair.methods.scoring import as_queries
+
     if len(queries) == 0:
         raise ValueError("no trust queries to evaluate; pass at least one {'proponent', 'opponent'} pair")
     task = task or CausalLMTask()
+    queries = as_queries(queries, model, task)
     out = torch.empty(len(queries), dtype=torch.float64)
     chunks = length_sorted_batches([example_length(q) for q in queries], batch_size)
     for idx in tqdm(chunks, desc=desc, disable=not progress, leave=False):
@@ -39,8 +44,10 @@ def query_log_odds(model: torch.nn.Module, queries: Sequence[Mapping], *, task: 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, examples: Sequence[Mapping], *, task: Task | None = None,
                batch_size: int = 16, progress: bool = False) -> float:
-    """Token-weighted perplexity exp(sum NLL / labelled tokens) over ``examples``."""
+    """Token-weighted perplexity exp(sum NLL / labelled tokens) over ``examples`` (checked and converted
+    by :func:`trustrepair.engine.examples.as_examples`)."""
     task = task or CausalLMTask()
+    examples = as_examples(examples, "perplexity set", vocab_size=task.vocab_size(model))
     total_nll, total_tokens = 0.0, 0
     chunks = length_sorted_batches([example_length(ex) for ex in examples], batch_size)
     for idx in tqdm(chunks, desc="perplexity", disable=not progress, leave=False):

@@ -22,15 +22,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from trustrepair.batching import chunked
+from trustrepair.engine.arguments import finite
+from trustrepair.engine.ekfac import check_damping
+from trustrepair.engine.examples import as_example, as_examples, check_token_ids
 from trustrepair.engine.storage import save_tensors, tensor_metadata
 from trustrepair.engine.layers import TrackedLayer, apply_deltas, find_modules
 from trustrepair.task import CausalLMTask, Task
@@ -47,18 +53,52 @@ class RepairDelta:
 
     deltas: dict[str, torch.Tensor]
     metadata: dict = field(default_factory=dict)
+    _applied: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def scaled(self, factor: float) -> "RepairDelta":
         return RepairDelta({k: v * factor for k, v in self.deltas.items()},
                            {**self.metadata, "scale": self.metadata.get("scale", 1.0) * factor})
 
     def apply(self, model: torch.nn.Module, sign: float = 1.0) -> None:
-        """Add the change to ``model``'s layers in place (``sign=-1`` subtracts it)."""
-        apply_deltas(model, self.deltas, alpha=sign)
+        """Add the change to ``model``'s layers in place (``sign=-1`` subtracts it), keeping a copy of the
+        parameters it touches (the analysed layers' weights and biases only) for :meth:`revert`.
+
+        Raises:
+            ValueError: the delta is already applied to ``model`` (revert it first; for a larger step
+                apply ``delta.scaled(factor)``), or its shapes do not fit the model's layers (then the model
+                is left unchanged).
+        """
+        held = self._applied.get(id(model))
+        if held is not None and held[0]() is model:
+            raise ValueError("this RepairDelta is already applied to the model; revert() it before applying it "
+                             "again, or apply delta.scaled(2.0) for twice the step")
+        originals = [p.detach().clone() for p in _layer_parameters(find_modules(model, list(self.deltas)))]
+        try:
+            apply_deltas(model, self.deltas, alpha=sign)
+        except Exception:
+            self._restore(model, originals)
+            raise
+        self._applied[id(model)] = (weakref.ref(model), originals)
 
     def revert(self, model: torch.nn.Module) -> None:
-        """Undo :meth:`apply` (exact up to one floating-point rounding per weight)."""
-        self.apply(model, sign=-1.0)
+        """Undo :meth:`apply` exactly: the touched parameters get back the bits they had before it,
+        however many apply / revert cycles ran (anything else done to them in between is undone too).
+
+        Raises:
+            ValueError: the delta is not applied to ``model``. To subtract a change that was applied
+                elsewhere (e.g. before the model was saved), use ``delta.apply(model, sign=-1.0)``
+                (exact up to one floating-point rounding per weight).
+        """
+        held = self._applied.pop(id(model), None)
+        if held is None or held[0]() is not model:
+            raise ValueError("this RepairDelta is not applied to the model, so there is nothing to revert; to "
+                             "subtract a change applied elsewhere use delta.apply(model, sign=-1.0)")
+        self._restore(model, held[1])
+
+    def _restore(self, model: torch.nn.Module, originals: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for param, original in zip(_layer_parameters(find_modules(model, list(self.deltas))), originals):
+                param.copy_(original)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (safetensors, metadata as JSON under ``"trustrepair"`` in its header) atomically."""
@@ -70,29 +110,70 @@ class RepairDelta:
         return cls(load_file(str(path)), metadata)
 
 
-def _check_subset(train: Sequence, subset: Sequence[int]) -> list[int]:
-    subset = [int(i) for i in subset]
-    if not subset:
+def _check_subset(train: Sequence, subset) -> list[int]:
+    """The subset as a list of distinct indices into ``train``: integer indices (list, numpy array or
+    tensor) or a boolean mask of length ``len(train)``, converted explicitly.
+
+    Raises:
+        ValueError: an empty subset, a mask of another length, non-integer values, an index outside the
+            training set, or a repeated index.
+    """
+    n = len(train)
+    values = subset.detach().cpu().numpy() if isinstance(subset, torch.Tensor) else np.asarray(subset)
+    if values.ndim != 1:
+        raise ValueError(f"subset must be 1-D integer indices or a boolean mask of length {n}; got shape "
+                         f"{values.shape}")
+    if values.dtype == np.bool_:
+        if len(values) != n:
+            raise ValueError(f"a boolean subset mask must have length {n} (one entry per training example); "
+                             f"got length {len(values)}")
+        values = np.flatnonzero(values)
+    elif len(values) and values.dtype.kind not in "iu":
+        raise ValueError(f"subset must hold integer indices (or be a boolean mask); got {values.dtype} values "
+                         f"{values[:5].tolist()}")
+    indices = [int(i) for i in values]
+    if not indices:
         raise ValueError("the repair subset is empty; select at least one training example")
-    bad = [i for i in subset if not 0 <= i < len(train)]
+    bad = [i for i in indices if not 0 <= i < n]
     if bad:
-        raise ValueError(f"subset indices {bad[:5]} are outside the training set of {len(train)} examples")
-    return subset
+        raise ValueError(f"subset indices {bad[:5]} are outside the training set of {n} examples")
+    repeated = sorted(i for i, count in Counter(indices).items() if count > 1)
+    if repeated:
+        raise ValueError(f"subset indices repeat: {repeated[:5]}; each training example counts once")
+    return indices
 
 
-def newton_direction(model: torch.nn.Module, factors, train: Sequence, subset: Sequence[int], *,
-                     task: Task | None = None, damping: float | None = None,
-                     batch_size: int = 8, progress: bool = False) -> RepairDelta:
+def _subset_examples(model: torch.nn.Module, task: Task, train: Sequence, subset: list[int]) -> list:
+    """The subset's training examples, checked (and converted from lists) under their training-set names."""
+    names = [f"training set item {i}" for i in subset]
+    examples = [as_example(train[i], name) for i, name in zip(subset, names)]
+    vocab_size = task.vocab_size(model)
+    if vocab_size is not None:
+        check_token_ids(examples, names, vocab_size)
+    return examples
+
+
+def newton_direction(model: torch.nn.Module, factors, train: Sequence, subset, *,
+                     task: Task | None = None, damping: float | None = None, batch_size: int = 8,
+                     progress: bool = False, check_fingerprint: bool = True) -> RepairDelta:
     """sum_{z in S} (G + lambda I)^{-1} grad L(z) as a :class:`RepairDelta` at beta = 1 (Eq. 5).
 
     The summed gradient of the subset's loss is taken per analysed layer in the folded (d_out, d_in [+1])
     layout and preconditioned by ``factors.precondition`` (EK-FAC eigenbasis, damping as given).
+
+    Args:
+        subset: integer indices into ``train`` (distinct) or a boolean mask of length ``len(train)``.
+        check_fingerprint: refuse a model whose weights differ from those the factors were fitted on
+            (:meth:`EKFACFactors.check_model`); ``False`` skips that digest check (shapes are still checked).
     """
     from trustrepair.methods.scoring import summed_gradient
 
+    task = task or CausalLMTask()
+    damping = check_damping(damping)
+    factors.check_model(model, weights=check_fingerprint)
     subset = _check_subset(train, subset)
-    grads = summed_gradient(model, [train[i] for i in subset], modules=list(factors.modules), task=task,
-                            batch_size=batch_size, progress=progress)
+    grads = summed_gradient(model, _subset_examples(model, task, train, subset), modules=list(factors.modules),
+                            task=task, batch_size=batch_size, progress=progress)
     deltas = factors.precondition(grads, damping=damping)
     return RepairDelta(deltas, {"method": "newton", "beta": 1.0, "subset_size": len(subset),
                                 "damping": damping})
@@ -132,19 +213,23 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
         init: optional starting change (e.g. a scaled Newton step); the default starts at theta_post.
     """
     task = task or CausalLMTask()
+    beta = finite("beta", beta, minimum=0, hint="the weight of the loss ascent on the subset")
+    lr = finite("lr", lr, positive=True, hint="the PBRF learning rate")
+    proximal = finite("proximal", proximal, minimum=0, hint="the weight of the proximal term")
     subset = _check_subset(train, subset)
     if not kl_examples:
         raise ValueError("PBRF needs SFT examples for its KL term; pass kl_examples")
+    kl_examples = as_examples(kl_examples, "kl_examples", vocab_size=task.vocab_size(model))
     params = _layer_parameters(layers)
     post = [p.detach().clone() for p in params]
     post_folded = {layer.name: layer.folded_weight() for layer in layers}
-    kl_batches = [task.collate(chunk) for chunk in chunked(list(kl_examples), batch_size)]
+    kl_batches = [task.collate(chunk) for chunk in chunked(kl_examples, batch_size)]
     with torch.no_grad():
         post_log_probs = [_token_log_probs(model, task, b) for b in kl_batches]
     n_kl_tokens = sum(lp.shape[0] for lp in post_log_probs)
     if n_kl_tokens == 0:
         raise ValueError("kl_examples have no labelled tokens")
-    subset_batches = [task.collate([train[i] for i in chunk]) for chunk in chunked(subset, batch_size)]
+    subset_batches = [task.collate(chunk) for chunk in chunked(_subset_examples(model, task, train, subset), batch_size)]
     requires_grad = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -263,10 +348,8 @@ def search_beta(make_delta: Callable[[float], RepairDelta], model: torch.nn.Modu
     Returns:
         (chosen point, every probe in beta order, the post-SFT point at beta = 0).
     """
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 (a relative perplexity increase), got {tolerance}")
-    if beta0 <= 0:
-        raise ValueError(f"beta0 must be positive, got {beta0}")
+    tolerance = finite("tolerance", tolerance, minimum=0, hint="a relative perplexity increase")
+    beta0 = finite("beta0", beta0, positive=True, hint="the first step size probed")
     if max_probes < 1:
         raise ValueError(f"max_probes must be >= 1, got {max_probes}")
     if baseline is None:
@@ -296,28 +379,31 @@ def search_beta(make_delta: Callable[[float], RepairDelta], model: torch.nn.Modu
     return baseline, points, baseline
 
 
-def repair(model: torch.nn.Module, factors, train: Sequence, subset: Sequence[int], *, beta: float,
+def repair(model: torch.nn.Module, factors, train: Sequence, subset, *, beta: float,
            method: str = "newton", damping: float | None = None, task: Task | None = None,
            batch_size: int = 8, kl_examples: Sequence | None = None, steps: int = 10, lr: float = 1e-4,
-           proximal: float = 1e-3, progress: bool = False) -> RepairDelta:
+           proximal: float = 1e-3, progress: bool = False, check_fingerprint: bool = True) -> RepairDelta:
     """Repair ``model`` on ``subset`` at step size ``beta``; returns the change (the model is unchanged).
 
     ``method="newton"``: beta * sum_S (G + lambda I)^{-1} grad L(z) with the EK-FAC ``factors`` and
     ``damping`` (None: 0.1 x mean eigenvalue correction per module). ``method="pbrf"``: ``steps``
     gradient steps (learning rate ``lr``) on the PBRF objective over the analysed modules' parameters, warm-started at the Newton step,
     with the KL term on ``kl_examples``. Apply the result with ``delta.apply(model)``; undo with
-    ``delta.revert(model)``.
+    ``delta.revert(model)`` (exact: see :meth:`RepairDelta.revert`).
+
+    ``subset`` is integer indices (distinct) or a boolean mask of length ``len(train)``. Every float
+    argument must be finite. ``check_fingerprint=False`` lets factors fitted on other weights (same
+    layers and shapes) precondition this model's step.
     """
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0 (the weight of the loss ascent on the subset), got {beta}")
+    beta = finite("beta", beta, minimum=0, hint="the weight of the loss ascent on the subset")
+    if method not in ("newton", "pbrf"):
+        raise ValueError(f"unknown repair method {method!r}; choose 'newton' or 'pbrf'")
     direction = newton_direction(model, factors, train, subset, task=task, damping=damping,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, progress=progress, check_fingerprint=check_fingerprint)
     newton = direction.scaled(beta)
     newton.metadata.update(method="newton", beta=beta)
     if method == "newton":
         return newton
-    if method != "pbrf":
-        raise ValueError(f"unknown repair method {method!r}; choose 'newton' or 'pbrf'")
     layers = find_modules(model, list(factors.modules))
     return pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl_examples or [],
                        proximal=proximal, steps=steps, lr=lr, task=task, batch_size=batch_size,

@@ -51,21 +51,22 @@ from tqdm.auto import tqdm
 from trustrepair.engine.layout import aligned
 from trustrepair.batching import padded_batches
 from trustrepair.engine.capture import TokenCapture
-from trustrepair.engine.examples import as_examples, describe_rows, unlabelled
+from trustrepair.engine.examples import as_example, as_examples, check_token_ids, describe_rows, unlabelled
 from trustrepair.engine.ops.blocking import cache_blocked
 from trustrepair.engine.ops.ghost_dots import ghost_dots, low_rank_ghost_dots
 from trustrepair.engine.ops.projected_gradients import projected_gradients
 from trustrepair.engine.distributed import fail_together, gather_rows, map_once, progress_enabled, shard_range
-from trustrepair.engine.ekfac import EKFACFactors, factor_dtype
+from trustrepair.engine.ekfac import EKFACFactors, check_damping, factor_dtype
 from trustrepair.engine.lowrank import low_rank_factors, rotate_factors
 from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules
 from trustrepair.methods.selection import normalize_scores  # re-exported: the scores' [0, 1] convention
-from trustrepair.task import Batch, CausalLMTask, Task
+from trustrepair.task import IGNORE_INDEX, Batch, CausalLMTask, Task
 
 
 def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str, Sequence[Mapping]], *,
               damping: float | None = None, batch_size: int = 8, task: Task | None = None,
-              progress: bool = True, timings: dict | None = None) -> dict[str, torch.Tensor]:
+              progress: bool = True, timings: dict | None = None,
+              check_fingerprint: bool = True) -> dict[str, torch.Tensor]:
     """Aggregated influence gamma^j(z) of every training example on every aspect's metric.
 
     Args:
@@ -79,6 +80,8 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
         progress: tqdm bars (on rank 0 only under ``torch.distributed``).
         timings: if a dict is given, it receives seconds per stage: ``query_gradients``,
             ``precondition``, ``scores``.
+        check_fingerprint: refuse a model whose weights differ from those the factors were fitted on
+            (a digest, :meth:`EKFACFactors.check_model`); ``False`` skips it (layer shapes are still checked).
     Returns:
         aspect -> (n_train,) scores, float32 (float64 for a float64 model); positive = detrimental (see
         the module docstring for sign and scale). Equals the mean over the aspect's queries of
@@ -87,13 +90,13 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
     if not isinstance(trust, Mapping) or not trust:
         raise ValueError("trust must map each aspect name to a non-empty list of trust queries, e.g. "
                          "{'truthfulness': [{'proponent': ex, 'opponent': ex}, ...]}")
-    task, progress, layers, factors, examples = _prepare(model, factors, train, task, progress)
+    task, progress, layers, factors, examples, damping = _prepare(model, factors, train, task, progress, damping,
+                                                                  check_fingerprint)
+    trust = {aspect: as_queries(queries, model, task, f"aspect {aspect!r}") for aspect, queries in trust.items()}
     clock = _Clock(timings)
 
     aspect_grads = []
     for aspect, queries in trust.items():
-        if len(queries) == 0:
-            raise ValueError(f"aspect {aspect!r} has no trust queries")
         aspect_grads.append(measurement_gradient(model, queries, modules=[l.name for l in layers], task=task,
                                                  batch_size=batch_size, progress=progress))
     clock.lap("query_gradients")
@@ -109,8 +112,8 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
 
 def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: Sequence[Mapping], *,
                        damping: float | None = None, query_rank: int | None = None, batch_size: int = 8,
-                       task: Task | None = None, progress: bool = True,
-                       timings: dict | None = None) -> torch.Tensor:
+                       task: Task | None = None, progress: bool = True, timings: dict | None = None,
+                       check_fingerprint: bool = True) -> torch.Tensor:
     """Influence of every training example on every query's measurement.
 
     scores[q, z] = - grad m_q^T (G + lambda I)^{-1} grad L(z), m_q = log P(o_q|m_q) - log P(p_q|m_q).
@@ -128,8 +131,9 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
     """
     if query_rank is not None and query_rank < 1:
         raise ValueError(f"query_rank must be a positive rank or None; got {query_rank}")
-    task, progress, layers, factors, examples = _prepare(model, factors, train, task, progress)
-    queries = as_queries(queries)
+    task, progress, layers, factors, examples, damping = _prepare(model, factors, train, task, progress, damping,
+                                                                  check_fingerprint)
+    queries = as_queries(queries, model, task)
     clock = _Clock(timings)
 
     per_query = per_query_projected_gradients(model, factors, layers, queries, task, batch_size, progress)
@@ -145,18 +149,21 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
     return -scores.T.contiguous()
 
 
-def _prepare(model: nn.Module, factors: EKFACFactors, train, task: Task | None, progress: bool):
+def _prepare(model: nn.Module, factors: EKFACFactors, train, task: Task | None, progress: bool,
+             damping: float | None, check_fingerprint: bool):
     """What both scorers start from: the task (default :class:`CausalLMTask`), the rank-aware progress
-    flag, the analysed layers (checked against the factors), the factors on the model's device and the
-    validated training examples (warning about unlabelled ones)."""
+    flag, the analysed layers (checked against the factors, weight digest included unless
+    ``check_fingerprint=False``), the factors on the model's device, the validated training examples
+    (warning about unlabelled ones) and the checked damping."""
     task = task or CausalLMTask()
+    damping = check_damping(damping)
     progress = progress_enabled(progress)
-    factors.check_model(model, weights=False)
+    factors.check_model(model, weights=check_fingerprint)
     layers = find_modules(model, list(factors.modules))
     factors = factors.to(layers[0].module.weight.device)
-    examples = as_examples(train, "training set")
+    examples = as_examples(train, "training set", vocab_size=task.vocab_size(model))
     _warn_unlabelled(examples)
-    return task, progress, layers, factors, examples
+    return task, progress, layers, factors, examples, damping
 
 
 def measurement_gradient(model: nn.Module, queries: Sequence[Mapping], *, modules: ModuleSelection = None,
@@ -170,8 +177,8 @@ def measurement_gradient(model: nn.Module, queries: Sequence[Mapping], *, module
     Returns:
         module name -> (d_out, d_in [+ 1]) in the folded layout, float32 (float64 for a float64 model).
     """
-    queries = as_queries(queries)
     task = task or CausalLMTask()
+    queries = as_queries(queries, model, task)
     layers = find_modules(model, modules)
     batches = ((f"batch {n} of the trust queries", task.collate_queries(queries[start:start + batch_size]))
                for n, start in enumerate(range(0, len(queries), batch_size)))
@@ -191,7 +198,7 @@ def summed_gradient(model: nn.Module, examples, *, modules: ModuleSelection = No
     """
     task = task or CausalLMTask()
     layers = find_modules(model, modules)
-    examples = as_examples(examples, "example subset")
+    examples = as_examples(examples, "example subset", vocab_size=task.vocab_size(model))
     batches = ((describe_rows("example subset", n, rows), batch)
                for n, (rows, batch) in enumerate(padded_batches(examples, batch_size, collate=task.collate)))
     return _gradient_sums(model, layers, batches, task.train_loss, task, progress)
@@ -228,15 +235,49 @@ def per_query_projected_gradients(model: nn.Module, factors: EKFACFactors, layer
     return out
 
 
-def as_queries(queries) -> list:
-    """The trust queries as a list, each checked to have a proponent and an opponent."""
+def as_queries(queries, model: nn.Module, task: Task, what: str = "") -> list:
+    """The trust queries as a list of ``{"proponent": ex, "opponent": ex}``, each side checked and converted
+    like a training example (:func:`trustrepair.engine.examples.as_example`; lists become long tensors).
+
+    Raises:
+        ValueError: naming the query (and ``what``, e.g. the aspect): a missing side, a side without a
+            labelled response token (its log-probability would be 0 and the query would score exactly 0),
+            proponent and opponent with different prompt tokens (the tokens before the first labelled
+            one), or a token id outside ``task.vocab_size(model)``.
+    """
+    where = f" of {what}" if what else ""
     queries = list(queries)
     if not queries:
-        raise ValueError("no trust queries given; pass a list of {'proponent': ex, 'opponent': ex}")
+        raise ValueError(f"{what + ' has' if what else 'got'} no trust queries; pass a list of "
+                         f"{{'proponent': ex, 'opponent': ex}}")
+    checked, sides, names = [], [], []
     for i, q in enumerate(queries):
+        name = f"trust query {i}{where}"
         if not isinstance(q, Mapping) or {"proponent", "opponent"} - set(q):
-            raise ValueError(f"trust query {i} must be a dict with 'proponent' and 'opponent' examples")
-    return queries
+            raise ValueError(f"{name} must be a dict with 'proponent' and 'opponent' examples")
+        pair = {side: as_example(q[side], f"{name} ({side})") for side in ("proponent", "opponent")}
+        prompts = {}
+        for side, ex in pair.items():
+            labels = ex.get("labels")
+            if labels is None:
+                prompts[side] = ex["input_ids"][:0]
+                continue
+            labelled = (labels != IGNORE_INDEX).nonzero()
+            if not bool((labels[1:] != IGNORE_INDEX).any()):
+                raise ValueError(f"{name}: the {side} has no labelled token (labels[1:] all -100), so its "
+                                 f"log-probability is 0 and the query would score exactly 0; label its response")
+            prompts[side] = ex["input_ids"][:int(labelled[0])]
+        if not torch.equal(prompts["proponent"], prompts["opponent"]):
+            raise ValueError(f"{name}: the proponent's and the opponent's prompt tokens differ ({len(prompts['proponent'])} "
+                             f"and {len(prompts['opponent'])} tokens before the first label); a query compares "
+                             f"two responses to one prompt")
+        checked.append({**q, **pair})
+        sides += [pair["proponent"], pair["opponent"]]
+        names += [f"{name} (proponent)", f"{name} (opponent)"]
+    vocab_size = task.vocab_size(model)
+    if vocab_size is not None:
+        check_token_ids(sides, names, vocab_size)
+    return checked
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from trustrepair import _dpp
+from trustrepair.engine.arguments import finite
 
 STRATEGIES = ("dpp", "topk", "random")
 MEDIAN_SAMPLE = 1000  # rows sampled (deterministically) for the median-heuristic bandwidth
@@ -311,16 +312,11 @@ def _check_k(k) -> int:
 
 
 def _check_eta(eta) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not np.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta = {eta!r} must be finite and >= 0 (eta = 0 is pure diversity)")
-    return float(eta)
+    return finite("eta", eta, minimum=0, hint="eta = 0 is pure diversity")
 
 
 def _check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not np.isfinite(gamma) or gamma <= 0:
-        raise ValueError(f"gamma = {gamma!r} must be finite and > 0 (the RBF bandwidth), or None for the "
-                         "median heuristic")
-    return float(gamma)
+    return finite("gamma", gamma, positive=True, hint="the RBF bandwidth; None for the median heuristic")
 
 
 def _check_threads(num_threads) -> int:
