@@ -158,3 +158,14 @@ def assert_rel(actual, expected, rtol, what):
     err = float((actual.double() - expected.double()).abs().max())
     scale = float(expected.abs().max())
     assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:g} x {scale:.3e}"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The default model's tokenizer (SmolLM2-135M-Instruct, with a chat template), offline; the first use
+    on a machine de-quantises the model (~30 s, cached after)."""
+    from transformers import AutoTokenizer
+
+    from trustrepair.app.models import default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir())

@@ -1,8 +1,9 @@
 """Text records of the SFT and trust sets, and the seeded 80/20 split.
 
-An SFT record is a (prompt x, response y) pair; a trust record is a (prompt m, proponent p,
-opponent o) triple (paper Eq. 8: the metric is log P(o|m) - log P(p|m), lower is better). Texts are
-stored exactly as they will be tokenised: prompts end with their cue ("\\n\\nAssistant:",
+An SFT record is a (prompt x, response y) pair; a trust record is a (prompt m, proponent p, opponent o)
+triple (paper Eq. 8: the metric is log P(o|m) - log P(p|m), lower is better); a :class:`Conversation`
+keeps every turn of a fine-tuning example from a user's files (:mod:`trustrepair.data.training_files`).
+SFT and trust texts are stored exactly as they will be tokenised: prompts end with their cue ("\\n\\nAssistant:",
 "\\n\\nAnswer:") and responses start with the space that follows it, as in the HH dialogues. (The
 paper prints its templates with "\\n\\n Assistant:"; the built-in loaders drop that space so the cue
 is the one the HH-fine-tuned model saw.)
@@ -64,6 +65,46 @@ class TrustRecord:
         if self.proponent == self.opponent:
             raise DataError(f"{where}: proponent and opponent are identical ({self.proponent!r}); "
                             "the pair would carry no signal")
+
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One fine-tuning example with every turn: ``messages`` is a tuple of ``(role, content)`` pairs, role
+    one of :data:`ROLES`, contents as the chat template receives them.
+
+    The loss falls on the assistant turns at index ``>= context`` (earlier turns are context only).
+    ``text`` is the verbatim ``(prompt, completion)`` of the text layouts (prompt/completion,
+    prompt/response, HH dialogues); the ``plain`` format joins exactly these two strings, and
+    ``messages`` then holds the same example as turns (see
+    :func:`trustrepair.data.training_files.text_messages`). ``text`` is None for chat layouts.
+    ``source`` says where it came from ("file:line" or "dataset:row N").
+    """
+
+    messages: tuple[tuple[str, str], ...]
+    source: str = ""
+    context: int = 0
+    text: tuple[str, str] | None = None
+
+    def __post_init__(self):
+        where = self.source or "conversation"
+        object.__setattr__(self, "messages", tuple((role, content) for role, content in self.messages))
+        for role, content in self.messages:
+            if role not in ROLES:
+                raise DataError(f"{where}: unknown role {role!r}; accepted roles are {list(ROLES)}")
+            if not isinstance(content, str):
+                raise DataError(f"{where}: the content of a {role!r} turn must be a string, got "
+                                f"{type(content).__name__}")
+        if not self.trained_turns:
+            raise DataError(f"{where}: no assistant turn to train on (loss falls on assistant turns only); "
+                            "every example needs at least one")
+
+    @property
+    def trained_turns(self) -> tuple[int, ...]:
+        """Indices of the messages that carry the loss: the assistant turns at index >= ``context``."""
+        return tuple(i for i, (role, _) in enumerate(self.messages) if role == "assistant" and i >= self.context)
 
 
 def _group_ids(records: Sequence) -> list[int]:

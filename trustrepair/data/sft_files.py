@@ -7,12 +7,16 @@ Per line, the layout is recognised by its keys:
 * raw HH: ``chosen`` only, a whole dialogue "\\n\\nHuman: ...\\n\\nAssistant: ...". The prompt is
   everything up to and including the final "\\n\\nAssistant:", the response is what follows it.
 
+:func:`prompt_messages` reads such a prompt (or a trust prompt ending in "\\n\\nAnswer:") back into
+the turns a chat template takes.
+
 Dialogues whose final assistant turn is empty (4 of the 2,312 harmless-base test dialogues) carry no
 loss: they are skipped and counted in a warning.
 """
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from .reading import DataError, iter_jsonl, text_field
@@ -22,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 ASSISTANT_CUE = "\n\nAssistant:"
 HUMAN_CUE = "\n\nHuman:"
+ANSWER_CUE = "\n\nAnswer:"
+_TURN_CUE = re.compile(r"\n\n(Human|Assistant):")
+_ROLE_OF_CUE = {"Human": "user", "Assistant": "assistant"}
 
 
 def split_dialogue(dialogue: str) -> tuple[str, str]:
@@ -35,6 +42,33 @@ def split_dialogue(dialogue: str) -> tuple[str, str]:
         raise ValueError('not an HH dialogue: expected "\\n\\nHuman: ..." followed by "\\n\\nAssistant: ..."')
     cut += len(ASSISTANT_CUE)
     return dialogue[:cut], dialogue[cut:]
+
+
+def prompt_messages(prompt: str) -> list[tuple[str, str]]:
+    """The ``(role, content)`` turns a prompt text stands for, to be rendered with a chat template's
+    generation prompt.
+
+    A trailing "\\n\\nAssistant:" or "\\n\\nAnswer:" cue is dropped (the template's generation prompt
+    takes its place). What remains is an HH transcript when it holds a "\\n\\nHuman:" cue: each
+    "\\n\\nHuman:" / "\\n\\nAssistant:" segment becomes a user / assistant turn and any text before the
+    first cue a system turn; otherwise the whole text is one user turn. Whitespace around each turn's
+    text is dropped (the template supplies its own separators).
+
+        prompt_messages("What is 2+2?\\n\\nAnswer:")                 # [("user", "What is 2+2?")]
+        prompt_messages("\\n\\nHuman: Hi\\n\\nAssistant: Hello\\n\\nHuman: Bye\\n\\nAssistant:")
+        # [("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")]
+    """
+    body = prompt.rstrip()
+    for cue in (ASSISTANT_CUE, ANSWER_CUE):
+        if body.endswith(cue):
+            body = body[: -len(cue)]
+            break
+    if HUMAN_CUE not in body:
+        return [("user", body.strip())]
+    head, *rest = _TURN_CUE.split(body)
+    turns = [("system", head.strip())] if head.strip() else []
+    turns += [(_ROLE_OF_CUE[cue], text.strip()) for cue, text in zip(rest[::2], rest[1::2])]
+    return turns
 
 
 def load_sft_jsonl(path: str | Path) -> list[SFTRecord]:

@@ -64,10 +64,53 @@ def _check_max_length(max_length: int, add_bos: bool) -> int:
     return budget
 
 
-def _cut(prompt: list[int], response: list[int], overflow: int) -> tuple[list[int], list[int]]:
-    """Drop ``overflow`` tokens from the left of prompt + response."""
-    from_prompt = min(overflow, len(prompt))
-    return prompt[from_prompt:], response[overflow - from_prompt:]
+def left_truncate(input_ids: list[int], labels: list[int], keep: int, budget: int, source: str
+                  ) -> tuple[dict[str, torch.Tensor], bool]:
+    """The example ``{"input_ids", "labels"}`` of a token sequence, cut from the left (after its first
+    ``keep`` tokens, the BOS) to ``keep + budget`` tokens, and whether it was cut.
+
+    Raises:
+        DataError: no trainable label (one other than -100) is left, naming ``source``.
+    """
+    overflow = len(input_ids) - keep - budget
+    if overflow > 0:
+        input_ids = input_ids[:keep] + input_ids[keep + overflow:]
+        labels = labels[:keep] + labels[keep + overflow:]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(f"{source}: no trainable token left after left-truncation to {keep + budget} tokens; "
+                        "raise max_length or drop the example")
+    return ({"input_ids": torch.tensor(input_ids, dtype=torch.long),
+             "labels": torch.tensor(labels, dtype=torch.long)}, overflow > 0)
+
+
+def tokenize_pieces(examples: Sequence[Sequence[tuple[str, bool]]], sources: Sequence[str], tokenizer,
+                    max_length: int, *, add_bos: bool = False, add_eos: bool = True,
+                    what: str = "SFT examples") -> list[dict[str, torch.Tensor]]:
+    """Examples made of text pieces ``(text, trained)``, each tokenised separately and concatenated;
+    labels are -100 on untrained pieces. ``add_eos`` appends the EOS token after the last piece (in
+    the loss: every caller ends an example with a trained piece).
+
+    Raises:
+        DataError: a trained piece that tokenises to no tokens, naming its source.
+    """
+    budget = _check_max_length(max_length, add_bos)
+    ids = iter(encode_texts(tokenizer, [text for pieces in examples for text, _ in pieces]))
+    bos = [_special_id(tokenizer, "bos")] if add_bos else []
+    eos = [_special_id(tokenizer, "eos")] if add_eos else []
+    out, truncated = [], 0
+    for pieces, source in zip(examples, sources):
+        input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+        for _, trained in pieces:
+            piece = next(ids)
+            if trained and not piece:
+                raise DataError(f"{source}: the response tokenises to no tokens")
+            input_ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        example, cut = left_truncate(input_ids + eos, labels + eos, len(bos), budget, source)
+        out.append(example)
+        truncated += cut
+    _log_truncation(truncated, len(examples), what, max_length)
+    return out
 
 
 def _log_truncation(count: int, total: int, what: str, max_length: int) -> None:
@@ -82,23 +125,9 @@ def tokenize_sft(records: Sequence[SFTRecord], tokenizer, max_length: int, *, ad
     ``add_eos`` (default on) appends the EOS token to the response so the model learns to stop; it is
     part of the loss.
     """
-    budget = _check_max_length(max_length, add_bos)
-    prompts = encode_texts(tokenizer, [r.prompt for r in records])
-    responses = encode_texts(tokenizer, [r.response for r in records])
-    bos = [_special_id(tokenizer, "bos")] if add_bos else []
-    eos = [_special_id(tokenizer, "eos")] if add_eos else []
-    out, truncated = [], 0
-    for record, p_ids, r_ids in zip(records, prompts, responses):
-        if not r_ids:
-            raise DataError(f"{record.source or 'SFT record'}: the response tokenises to no tokens")
-        r_ids = r_ids + eos
-        overflow = len(p_ids) + len(r_ids) - budget
-        if overflow > 0:
-            p_ids, r_ids = _cut(p_ids, r_ids, overflow)
-            truncated += 1
-        out.append(make_example(bos + p_ids, r_ids))
-    _log_truncation(truncated, len(records), "SFT examples", max_length)
-    return out
+    return tokenize_pieces([[(r.prompt, False), (r.response, True)] for r in records],
+                           [r.source or "SFT record" for r in records], tokenizer, max_length,
+                           add_bos=add_bos, add_eos=add_eos)
 
 
 def tokenize_trust(records: Sequence[TrustRecord], tokenizer, max_length: int, *,
