@@ -3,6 +3,7 @@ conventions (dicts of 1-D ``input_ids`` / ``labels`` with -100 on prompt tokens)
 import os
 from pathlib import Path
 
+import benchmarks  # noqa: F401  (first: keeps this checkout's kernels/ from shadowing the installed `kernels`)
 import pytest
 import torch
 from torch import nn
