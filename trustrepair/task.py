@@ -145,6 +145,13 @@ class CausalLMTask(Task):
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         return out.logits if hasattr(out, "logits") else out
 
+    def final_hidden(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, T, H) hidden states after the last block and final norm (``base_model(...).last_hidden_state``),
+        e.g. for the DPP's response embeddings."""
+        device = next(model.parameters()).device
+        return model.base_model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+
     def train_loss(self, model, batch, sample=False, generator=None):
         logits = self.logits(model, batch)
         labels = batch["labels"].to(logits.device)

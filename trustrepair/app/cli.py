@@ -28,11 +28,12 @@ import typing
 from pathlib import Path
 from typing import Sequence
 
-from trustrepair.app.settings import DemoConfig
+from trustrepair.app.settings import AttributeConfig, DemoConfig, RepairOptions
 
 logger = logging.getLogger("trustrepair")
 
 DEFAULT_OUT = "runs/demo"
+DEFAULT_ATTRIBUTE_OUT = "runs/attribute"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 USER_ERRORS = (ValueError, FileNotFoundError)  # trustrepair.data.DataError is a ValueError
 
@@ -47,6 +48,15 @@ STAGES = {
     "evaluate": ("evaluation.json", "pre / post / repaired on both halves of every aspect"),
     "report": ("report.md", "tables, beta-sweep figure and top detrimental examples"),
 }
+
+
+# subcommands that, in a run directory made by `attribute`, continue the user's workflow
+WORKFLOW_HELP = {
+    "repair": "repair an attributed model: subset, Newton step under the perplexity tolerance, optional "
+              "--save-model",
+    "report": "report.md / report.json of a run (attribute runs: the last repair)",
+}
+RunDir_ATTRIBUTE = "attribute.json"  # trustrepair.app.rundir.RunDir.ATTRIBUTE_SETTINGS, without importing torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +90,8 @@ def _option_kwargs(name: str, annotation) -> dict:
             return {"type": str, "metavar": name.upper()}
         if inner[0] is float:
             return {"type": _optional_float, "metavar": "FLOAT|none"}
+        if inner[0] is int:
+            return {"type": int, "metavar": "INT"}
         raise TypeError(f"DemoConfig.{name}: unsupported optional type {inner[0]}")
     if typing.get_origin(annotation) is tuple:
         return {"type": args[0], "nargs": "+", "metavar": name.rstrip("s").upper()}
@@ -97,27 +109,31 @@ def _with_default(help_text: str, value) -> str:
     return f"{help_text} (default: {' '.join(value) if isinstance(value, tuple) else value})"
 
 
-def config_options() -> argparse.ArgumentParser:
-    """A parent parser with one option per DemoConfig field (default: not given, see :func:`build_config`)."""
+def config_options(settings=DemoConfig, title: str = "run settings (saved in DIR/config.json; omitted ones are "
+                                                         "read from it)", skip: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """A parent parser with one option per field of the ``settings`` dataclass but ``skip`` (default: not
+    given, see :func:`build_settings`)."""
     parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("run settings (saved in DIR/config.json; omitted ones are read from it)")
-    hints = typing.get_type_hints(DemoConfig)
-    for f in dataclasses.fields(DemoConfig):
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(settings)
+    for f in dataclasses.fields(settings):
+        if f.name in skip:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help")
         if not help_text:
-            raise TypeError(f"DemoConfig.{f.name} has no 'help' metadata")
+            raise TypeError(f"{settings.__name__}.{f.name} has no 'help' metadata")
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                            help=_with_default(help_text, default),
                            **_option_kwargs(f.name, hints[f.name]))
     return parser
 
 
-def common_options() -> argparse.ArgumentParser:
+def common_options(default_out: str = DEFAULT_OUT) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("output")
-    group.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), metavar="DIR",
-                       help=f"run directory: stage outputs are written and reused there (default: {DEFAULT_OUT})")
+    group.add_argument("--out", type=Path, default=Path(default_out), metavar="DIR",
+                       help=f"run directory: stage outputs are written and reused there (default: {default_out})")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
     group.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                        help="logging level; DEBUG also prints tracebacks (default: INFO)")
@@ -130,36 +146,55 @@ def build_parser() -> argparse.ArgumentParser:
                                  "and repair it (EK-FAC influence, DPP selection, Newton/PBRF repair).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = [config_options(), common_options()]
+    commands.add_parser("attribute", parents=[config_options(AttributeConfig, "attribute settings (saved in "
+                                                             "DIR/attribute.json; omitted ones are read from it)"),
+                                              common_options(DEFAULT_ATTRIBUTE_OUT)],
+                        help="your fine-tuned model and its data: EK-FAC factors and every example's influence",
+                        description="Attribute a fine-tuned Hugging Face model's trust aspects to its fine-tuning "
+                                    "examples: fits EK-FAC factors on the chosen layers and writes DIR/scores.jsonl "
+                                    "(positive = detrimental). Then `trustrepair repair --out DIR`.")
+    repair_only = config_options(RepairOptions, "repair of an attribute run (with DIR/attribute.json)",
+                                 skip=[f.name for f in dataclasses.fields(DemoConfig)])
+    repair_only.add_argument("--save-model", type=Path, metavar="DIR2", default=None,
+                             help="attribute runs: write the repaired model there as a complete Hugging Face "
+                                  "directory (atomically; never the input model)")
     for name, (output, description) in STAGES.items():
-        commands.add_parser(name, parents=parents, help=description,
-                            description=f"{description}. Runs the earlier stages whose outputs are missing "
-                                        f"and reuses those present; writes DIR/{output}.")
+        extra = [repair_only] if name == "repair" else []
+        commands.add_parser(name, parents=parents + extra, help=WORKFLOW_HELP.get(name, description),
+                            description=f"{WORKFLOW_HELP.get(name, description)}. In a demo run directory: "
+                                        f"{description}; runs the earlier stages whose outputs are missing and "
+                                        f"reuses those present; writes DIR/{output}.")
     commands.add_parser("demo", parents=parents, help="every stage in order, then the report",
                         description="The whole pipeline (sft, fit, score, select, repair, evaluate, report), "
                                     "reusing completed stages; writes DIR/report.md.")
     return parser
 
 
-def build_config(args: argparse.Namespace) -> DemoConfig:
-    """The run's settings: the given options over ``DIR/config.json`` when it exists, else over the defaults.
+def given_options(settings, args: argparse.Namespace) -> dict:
+    """The options of the ``settings`` dataclass given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(settings) if hasattr(args, f.name)}
+
+
+def build_config(args: argparse.Namespace, settings=DemoConfig, file: str = "config.json"):
+    """The run's settings: the given options over ``DIR/<file>`` when it exists, else over the defaults.
 
     An option that differs from a saved setting is kept, so :class:`~trustrepair.app.rundir.RunDir` refuses
     the directory.
     """
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)}
-    saved_path = Path(args.out) / "config.json"
+    given = given_options(settings, args)
+    saved_path = Path(args.out) / file
     if not saved_path.is_file():
-        return DemoConfig(**given)
+        return settings(**given)
     try:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{saved_path} is not valid JSON ({exc}); delete it or use a new --out directory") from None
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    known = {f.name for f in dataclasses.fields(settings)}
     unknown = sorted(set(saved) - known)
     if unknown:
         raise ValueError(f"{saved_path} has settings this version does not know: {unknown}; "
                          "use a new --out directory")
-    return DemoConfig(**{**saved, **given})
+    return settings(**{**saved, **given})
 
 
 def _configure_logging(level: str) -> None:
@@ -169,8 +204,39 @@ def _configure_logging(level: str) -> None:
     logger.setLevel(level)
 
 
+def run_workflow(args: argparse.Namespace) -> Path:
+    """``attribute``, or ``repair`` / ``report`` in an attribute run directory; returns the output's path."""
+    from trustrepair.app import workflow
+
+    progress = not args.quiet
+    if args.command == "attribute":
+        if (Path(args.out) / "config.json").is_file():
+            raise ValueError(f"{args.out} holds a demo run (config.json); attribute into a new --out directory")
+        config = build_config(args, AttributeConfig, RunDir_ATTRIBUTE)
+        return workflow.attribute(workflow.open_run(args.out, config, progress=progress))
+    demo_only = sorted(set(given_options(DemoConfig, args)) - {f.name for f in dataclasses.fields(RepairOptions)})
+    if demo_only:
+        raise ValueError(f"{args.out} is an attribute run; {', '.join('--' + n.replace('_', '-') for n in demo_only)} "
+                         "belong to the demo (its settings are in attribute.json)")
+    run = workflow.open_run(args.out, workflow.load_settings(args.out), progress=progress)
+    if args.command == "repair":
+        return workflow.repair(run, RepairOptions(**given_options(RepairOptions, args)), args.save_model)
+    from trustrepair.app.user_report import write_user_report
+
+    return write_user_report(run.dir, run.config, workflow.read_repair(run.dir))
+
+
 def run_command(args: argparse.Namespace) -> Path:
     """Run one subcommand; returns the path of its output."""
+    if args.command == "attribute" or (args.command in WORKFLOW_HELP and (Path(args.out) / RunDir_ATTRIBUTE).is_file()):
+        return run_workflow(args)
+    if given_options(RepairOptions, args).keys() - {f.name for f in dataclasses.fields(DemoConfig)} or \
+            getattr(args, "save_model", None) is not None:
+        raise ValueError(f"{args.out} is not an attribute run (no {RunDir_ATTRIBUTE}): --target, --strategy and "
+                         "--save-model repair a run made by `trustrepair attribute`")
+    if (Path(args.out) / RunDir_ATTRIBUTE).is_file():
+        raise ValueError(f"{args.out} holds an attribute run ({RunDir_ATTRIBUTE}); `{args.command}` is a stage of the "
+                         "demo: use `trustrepair repair` / `report` there, or a new --out directory")
     config = build_config(args)
     progress = not args.quiet
     if args.command == "demo":

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from trustrepair.app.settings import DemoConfig
+from trustrepair.app.settings import AttributeConfig, DemoConfig
 from trustrepair.engine.distributed import fail_together, is_main_process, progress_enabled
 from trustrepair.engine.storage import write_json
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 class RunDir:
-    """A run directory opened with ``config`` (written to ``config.json`` when new, checked against it
+    """A run directory opened with ``config`` (written to ``settings_file`` when new, checked against it
     otherwise) and the timings of its stages so far (``timings.json``)."""
 
     # Each stage's output, relative to the run directory.
@@ -39,12 +39,17 @@ class RunDir:
     EVALUATION = Path("evaluation.json")
     REPORT = Path("report.md")
 
-    def __init__(self, out_dir: str | os.PathLike, config: DemoConfig, *, progress: bool = True):
+    SETTINGS = "config.json"
+    """The demo's settings file; a user's ``attribute`` run keeps its settings in :data:`ATTRIBUTE_SETTINGS`."""
+    ATTRIBUTE_SETTINGS = "attribute.json"
+
+    def __init__(self, out_dir: str | os.PathLike, config: DemoConfig | AttributeConfig, *, progress: bool = True,
+                 settings_file: str = SETTINGS):
         self.dir = Path(out_dir)
         self.config = config
         self.progress = progress_enabled(progress)
         self.timings: dict[str, float] = {}
-        path = self.dir / "config.json"
+        path = self.dir / settings_file
         wanted = config.to_json()
         if path.is_file():
             saved = json.loads(path.read_text())

@@ -1,10 +1,13 @@
-"""Settings of a trust repair run (:class:`DemoConfig`).
+"""Settings of a trust repair run: the demo's (:class:`DemoConfig`), and a user's ``attribute`` run
+(:class:`AttributeConfig`) with the options of its ``repair`` (:class:`RepairOptions`).
 
 Kept free of torch and transformers so that ``trustrepair --help`` starts instantly.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 
 
@@ -61,3 +64,144 @@ class DemoConfig:
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+STRATEGIES = ("dpp", "topk", "random")  # the selection strategies of trustrepair.methods.selection
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+BUILTIN_ASPECTS = ("truthfulness", "ethics", "bias")  # trustrepair.data.ASPECTS, without importing torch
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _aspect(value: str) -> str:
+    """A built-in aspect's name as it is, a trust file's path made absolute (so a run directory reads the
+    same file from any working directory)."""
+    if value in BUILTIN_ASPECTS:
+        return value
+    if not os.path.isfile(os.path.expanduser(value)):
+        raise ValueError(f"unknown aspect {value!r}: built-in aspects are {list(BUILTIN_ASPECTS)}; any other value "
+                         "must be the path of a trust file ({\"prompt\", \"proponent\", \"opponent\"} JSON lines)")
+    return _absolute(value)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}")
+
+
+@dataclass
+class AttributeConfig:
+    """Settings of ``trustrepair attribute``: a user's fine-tuned model, the data it was tuned on, the trust
+    aspects to trace, and how the analysis runs (saved in ``RUN/attribute.json``)."""
+
+    model: str | None = field(default=None, metadata={"help": "the fine-tuned Hugging Face causal-LM directory "
+                                                              "(model + tokenizer); only ever read (required)"})
+    train: tuple[str, ...] = field(default=(), metadata={"help": "the fine-tuning data: JSON lines (chat "
+                                                                 "messages, prompt/completion, prompt/response, HH "
+                                                                 "dialogues), parquet, or a saved datasets folder "
+                                                                 "(required)"})
+    base_model: str | None = field(default=None, metadata={"help": "the model before fine-tuning (optional): the "
+                                                                   "report then shows how far each aspect moved "
+                                                                   "in fine-tuning and how much the repair undid"})
+    eval: str | None = field(default=None, metadata={"help": "perplexity set for the tolerance (same layouts); "
+                                                             "default: a seeded perplexity_fraction of the "
+                                                             "training data, held out of the analysis"})
+    aspects: tuple[str, ...] = field(default=("truthfulness", "ethics", "bias"),
+                                     metadata={"help": "built-in aspects (truthfulness, ethics, bias) and paths "
+                                                       "of trust files ({\"prompt\", \"proponent\", \"opponent\"} "
+                                                       "JSON lines, named after the file's stem)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder of the built-in aspects' datasets "
+                                                                 "(default ../shared/data)"})
+    layers: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns over module names of the linear "
+                                                                  "layers to analyse and repair; default: every "
+                                                                  "linear layer inside the transformer blocks"})
+    last_blocks: int | None = field(default=None, metadata={"help": "analyse and repair the linear layers of "
+                                                                    "the last N blocks only (instead of --layers)"})
+    format: str | None = field(default=None, metadata={"help": "'chat' (the tokenizer's chat template) or "
+                                                               "'plain'; default: chat when the tokenizer has a "
+                                                               "template"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype: float32 or bfloat16"})
+    max_length: int = field(default=512, metadata={"help": "token budget per sequence (longer ones lose their "
+                                                           "start)"})
+    max_pairs: int = field(default=300, metadata={"help": "trust pairs drawn per aspect (seeded, by group)"})
+    query_fraction: float = field(default=0.8, metadata={"help": "share of each aspect's pairs (by group) that "
+                                                                 "the influence queries use; the rest is held out"})
+    perplexity_fraction: float = field(default=0.1, metadata={"help": "share of the training data held out for "
+                                                                      "perplexity when no --eval is given"})
+    fisher: str = field(default="empirical", metadata={"help": "'empirical' or 'sampled' Fisher for EK-FAC"})
+    damping: float | None = field(default=None, metadata={"help": "absolute damping; None = 0.1 x mean(Lambda)"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per batch"})
+    score_chunk: int = field(default=2048, metadata={"help": "training examples scored (and saved) per chunk; a "
+                                                             "crash resumes from the last saved chunk"})
+    seed: int = field(default=0, metadata={"help": "seed of the splits"})
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("attribute needs --model DIR, the fine-tuned Hugging Face model directory")
+        if not self.train:
+            raise ValueError("attribute needs --train FILE [FILE ...], the data the model was fine-tuned on")
+        if not self.aspects:
+            raise ValueError("choose at least one aspect (--aspects truthfulness ethics bias or trust files)")
+        self.model = _absolute(self.model)
+        self.base_model = None if self.base_model is None else _absolute(self.base_model)
+        self.eval = None if self.eval is None else _absolute(self.eval)
+        self.data_dir = None if self.data_dir is None else _absolute(self.data_dir)
+        self.train = tuple(_absolute(p) for p in self.train)
+        self.aspects = tuple(_aspect(a) for a in self.aspects)
+        if len(set(self.aspects)) != len(self.aspects):
+            raise ValueError(f"an aspect is given twice: {list(self.aspects)}")
+        self.layers = tuple(self.layers)
+        if self.layers and self.last_blocks is not None:
+            raise ValueError("give --layers or --last-blocks, not both")
+        for name in ("max_length", "max_pairs", "batch_size", "score_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.last_blocks is not None and self.last_blocks < 1:
+            raise ValueError(f"last_blocks must be >= 1, got {self.last_blocks}")
+        _check_fraction("query_fraction", self.query_fraction)
+        _check_fraction("perplexity_fraction", self.perplexity_fraction)
+        if self.fisher not in ("empirical", "sampled"):
+            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}")
+        if self.format not in (None, "chat", "plain"):
+            raise ValueError(f"format must be 'chat' or 'plain', got {self.format!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.damping is not None and not (math.isfinite(self.damping) and self.damping > 0):
+            raise ValueError(f"damping must be a finite number > 0 or none, got {self.damping!r}")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class RepairOptions:
+    """Settings of one ``trustrepair repair`` of an attributed run (saved with the repair it made)."""
+
+    target: str | None = field(default=None, metadata={"help": "the aspect to repair, or 'common' (one subset "
+                                                               "chosen by the sum of every aspect's normalised "
+                                                               "scores); default: common with several aspects"})
+    strategy: str = field(default="dpp", metadata={"help": "subset selection: dpp, topk or random"})
+    subset_size: int = field(default=32, metadata={"help": "training examples in the repair subset"})
+    tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
+    eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
+    beta_probes: int = field(default=4, metadata={"help": "perplexity probes of the step-size search"})
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        for name in ("subset_size", "beta_probes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -141,11 +142,11 @@ def select(run: RunDir, scores: Scores) -> Selection:
     return selection
 
 
-def _objective(run: RunDir, ws: Workspace, target: str, post: Evaluation):
+def objective(aspects: Sequence[str], ws: Workspace, target: str, post: Evaluation):
     """Query-half objective of a repair target, as ``(measure(model), post-SFT value)``: the aspect's
-    log-odds, or for ``common`` the sum of every aspect's log-odds divided by its post-SFT magnitude
-    (so each aspect weighs the same)."""
-    aspects = run.config.aspects if target == COMMON else (target,)
+    log-odds, or for ``common`` the sum of every one of ``aspects``' log-odds divided by its post-SFT
+    magnitude (so each aspect weighs the same)."""
+    aspects = aspects if target == COMMON else (target,)
     post_query = {a: post.aspects[a].query for a in aspects}
     scale = {a: max(abs(v), 1e-6) if target == COMMON else 1.0 for a, v in post_query.items()}
 
@@ -161,7 +162,7 @@ def _traced(run: RunDir, target: str, strategy: str) -> bool:
     return target == (run.config.figure_target or run.config.aspects[0]) and strategy in ("dpp", "topk")
 
 
-def _initial_beta(ws: Workspace, direction) -> float:
+def initial_beta(ws: Workspace, direction) -> float:
     """The beta at which the step's norm is 1e-3 of the analysed weights' norm: a first probe that is
     in the quadratic regime of the perplexity yet large enough to measure its rise."""
     modules = dict(ws.tail.named_modules())
@@ -182,14 +183,14 @@ def repair(run: RunDir, ws: Workspace, factors: EKFACFactors, selection: Selecti
     post = sft_result.post
     with run.timed("repair"):
         for target, by_strategy in selection.subsets.items():
-            measure, post_objective = _objective(run, ws, target, post)
+            measure, post_objective = objective(cfg.aspects, ws, target, post)
             baseline = BetaPoint(0.0, post_objective, post.perplexity)
             repairs[target] = {}
             for strategy, subset in by_strategy.items():
                 direction = newton_direction(ws.tail, factors, ws.train, subset, task=ws.task, damping=cfg.damping,
                                              batch_size=cfg.batch_size, progress=run.progress)
                 best, points, base = search_beta(direction.scaled, ws.tail, lambda _m: ws.perplexity(), measure,
-                                                 tolerance=cfg.tolerance, beta0=_initial_beta(ws, direction),
+                                                 tolerance=cfg.tolerance, beta0=initial_beta(ws, direction),
                                                  max_probes=cfg.beta_probes, baseline=baseline,
                                                  trace_metric=_traced(run, target, strategy), progress=run.progress)
                 delta = direction.scaled(best.beta)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from trustrepair.app.prefix_cache import TailLM, TailTask
-from trustrepair.app.records import AspectLogOdds, Evaluation
+from trustrepair.app.records import HALVES, AspectLogOdds, Evaluation
 from trustrepair.app.rundir import RunDir
 from trustrepair.data import SFTRecord
 from trustrepair.methods.metrics import perplexity, query_log_odds
@@ -101,14 +101,76 @@ class Workspace:
                 "subset_size": subset_size}
 
 
-def load_workspace(run: RunDir) -> Workspace:
-    """Model, tokenizer, tokenised splits and the hidden states entering the trained blocks (computed
-    once and cached in the run directory); timed as ``load_model``, ``load_data`` and
-    ``cache_hidden_states``."""
-    from trustrepair.app.models import block_layer_names, freeze_all_but_last_blocks, load_causal_lm, transformer_blocks
+def cache_hidden_states(run: RunDir, model: nn.Module, first_block: int, pad_token_id: int, batch_size: int,
+                        train: list[dict], heldout: list[dict], trust: dict[str, tuple[list, list]]) -> dict:
+    """Hidden states entering block ``first_block`` of every example (cached in ``cache/hidden.pt``, read
+    back when present): ``{"train": [...], "heldout": [...], "<aspect>/query": [...], "<aspect>/heldout": [...]}``,
+    one (T, H) tensor per sequence; a trust half lists each pair's proponent then its opponent."""
     from trustrepair.app.prefix_cache import cache_prefix_hidden
-    from trustrepair.data import load_aspect, load_hh_sft
     from trustrepair.engine.storage import save_torch
+
+    cache = run.path(RunDir.HIDDEN_CACHE)
+    with run.timed("cache_hidden_states"):
+        if cache.is_file():
+            return torch.load(cache, weights_only=True)
+
+        def prefix(examples, desc):
+            rows = cache_prefix_hidden(model, examples, first_block, batch_size=batch_size,
+                                       pad_token_id=pad_token_id, progress=run.progress, desc=desc)
+            return [r["hidden"] for r in rows]
+
+        hidden = {"train": prefix(train, "hidden: train"), "heldout": prefix(heldout, "hidden: held-out")}
+        for aspect, halves in trust.items():
+            for half_name, queries in zip(HALVES, halves):
+                flat = [q[side] for q in queries for side in ("proponent", "opponent")]
+                hidden[f"{aspect}/{half_name}"] = prefix(flat, f"hidden: {aspect} {half_name}")
+        run.publish(lambda: save_torch(cache, hidden))
+    return hidden
+
+
+def _attach(examples, states):
+    return [{**ex, "hidden": h} for ex, h in zip(examples, states)]
+
+
+def _attach_queries(queries, states):
+    it = iter(states)
+    return [{side: {**q[side], "hidden": next(it)} for side in ("proponent", "opponent")} for q in queries]
+
+
+def build_workspace(run: RunDir, model: nn.Module, tokenizer, module_names: list[str], trained_params: list[str], *,
+                    train_records: list[SFTRecord], heldout_records: list[SFTRecord], train: list[dict],
+                    heldout: list[dict], trust: dict[str, tuple[list, list]], batch_size: int,
+                    first_block: int | None) -> Workspace:
+    """The workspace of tokenised splits (``trust[aspect] = (query, heldout)``); with ``first_block`` every
+    pass runs only blocks ``first_block ..`` from cached hidden states (:func:`cache_hidden_states`), with
+    None the whole model runs (:class:`~trustrepair.task.CausalLMTask`)."""
+    from trustrepair.task import CausalLMTask
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    common = dict(model=model, module_names=module_names, trained_params=trained_params,
+                  train_records=train_records, heldout_records=heldout_records, batch_size=batch_size,
+                  progress=run.progress)
+    if first_block is None:
+        task = CausalLMTask()
+        task.pad_token_id = int(pad)
+        return Workspace(tail=model, task=task, first_block=0, train=train, heldout=heldout,
+                         trust={a: dict(zip(HALVES, halves)) for a, halves in trust.items()}, **common)
+    task = TailTask()
+    task.pad_token_id = int(pad)
+    hidden = cache_hidden_states(run, model, first_block, task.pad_token_id, batch_size, train, heldout, trust)
+    return Workspace(
+        tail=TailLM(model, first_block), task=task, first_block=first_block,
+        train=_attach(train, hidden["train"]), heldout=_attach(heldout, hidden["heldout"]),
+        trust={a: {half: _attach_queries(queries, hidden[f"{a}/{half}"]) for half, queries in zip(HALVES, halves)}
+               for a, halves in trust.items()}, **common)
+
+
+def load_workspace(run: RunDir) -> Workspace:
+    """The demo's workspace: the model, its HH SFT split and the trust sets, with the hidden states entering
+    the trained blocks (computed once and cached in the run directory); timed as ``load_model``,
+    ``load_data`` and ``cache_hidden_states``."""
+    from trustrepair.app.models import block_layer_names, freeze_all_but_last_blocks, load_causal_lm, transformer_blocks
+    from trustrepair.data import load_aspect, load_hh_sft
 
     cfg = run.config
     with run.timed("load_model"):
@@ -118,54 +180,20 @@ def load_workspace(run: RunDir) -> Workspace:
     n_blocks = len(transformer_blocks(model))
     if cfg.trained_blocks > n_blocks:
         raise ValueError(f"trained_blocks={cfg.trained_blocks} but the model has {n_blocks} blocks")
-    first_block = n_blocks - cfg.trained_blocks
     module_names = block_layer_names(model, cfg.trained_blocks)
     trained_params = freeze_all_but_last_blocks(model, cfg.trained_blocks)
     for p in model.parameters():
         p.requires_grad_(False)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    task = TailTask()
-    task.pad_token_id = int(pad)
     with run.timed("load_data"):
         sft = load_hh_sft(cfg.data_dir, max_examples=cfg.n_sft, seed=cfg.seed)
         train, heldout = sft.split(0.8, seed=cfg.seed)
-        train_records, heldout_records = list(train), list(heldout)
         train_ex = train.tokenize(tokenizer, cfg.max_length)
         heldout_ex = heldout.tokenize(tokenizer, cfg.max_length)
         trust = {}
         for aspect in cfg.aspects:
             query, held = load_aspect(aspect, cfg.data_dir, max_pairs=cfg.n_pairs, seed=cfg.seed).split(0.8, cfg.seed)
             trust[aspect] = (query.tokenize(tokenizer, cfg.max_length), held.tokenize(tokenizer, cfg.max_length))
-    cache = run.path(RunDir.HIDDEN_CACHE)
-    with run.timed("cache_hidden_states"):
-        if cache.is_file():
-            hidden = torch.load(cache, weights_only=True)
-        else:
-            def prefix(examples, desc):
-                rows = cache_prefix_hidden(model, examples, first_block, batch_size=cfg.batch_size,
-                                           pad_token_id=task.pad_token_id, progress=run.progress, desc=desc)
-                return [r["hidden"] for r in rows]
-
-            hidden = {"train": prefix(train_ex, "hidden: sft train"),
-                      "heldout": prefix(heldout_ex, "hidden: sft held-out")}
-            for aspect, halves in trust.items():
-                for half_name, queries in zip(("query", "heldout"), halves):
-                    flat = [q[side] for q in queries for side in ("proponent", "opponent")]
-                    hidden[f"{aspect}/{half_name}"] = prefix(flat, f"hidden: {aspect} {half_name}")
-            run.publish(lambda: save_torch(cache, hidden))
-
-    def attach(examples, states):
-        return [{**ex, "hidden": h} for ex, h in zip(examples, states)]
-
-    def attach_queries(queries, states):
-        it = iter(states)
-        return [{side: {**q[side], "hidden": next(it)} for side in ("proponent", "opponent")} for q in queries]
-
-    return Workspace(
-        model=model, tail=TailLM(model, first_block), task=task, first_block=first_block,
-        module_names=module_names, trained_params=trained_params,
-        train_records=train_records, heldout_records=heldout_records,
-        train=attach(train_ex, hidden["train"]), heldout=attach(heldout_ex, hidden["heldout"]),
-        trust={a: {"query": attach_queries(q, hidden[f"{a}/query"]), "heldout": attach_queries(h, hidden[f"{a}/heldout"])}
-               for a, (q, h) in trust.items()},
-        batch_size=cfg.batch_size, progress=run.progress)
+    return build_workspace(run, model, tokenizer, module_names, trained_params,
+                           train_records=list(train), heldout_records=list(heldout), train=train_ex,
+                           heldout=heldout_ex, trust=trust, batch_size=cfg.batch_size,
+                           first_block=n_blocks - cfg.trained_blocks)

@@ -1,0 +1,303 @@
+"""A user's own model and data: ``trustrepair attribute``, then ``repair``, then ``report``.
+
+    attribute   EK-FAC factors of the chosen layers on the training examples, the influence of every
+                example on every aspect (query parts), the DPP embeddings     -> factors/, scores.jsonl
+    repair      one subset (dpp / topk / random) for one target (an aspect or ``common``), the Newton step
+                with its size searched under the perplexity tolerance, the input and repaired model
+                evaluated on both parts of every aspect; optionally the repaired model saved as a
+                complete Hugging Face directory                                -> repair.json, repair/delta.safetensors
+    report      report.md / report.json / beta_sweep.png of the last repair
+
+Run directory (``--out``), besides ``attribute.json`` (the settings) and ``timings.json``:
+
+    splits/<aspect>.query.jsonl, splits/<aspect>.heldout.jsonl   the trust pairs as the model sees them
+    splits/perplexity.jsonl       the examples perplexity is measured on, when held out of the training data
+    cache/hidden.pt               hidden states entering the first analysed block (prefix cache, if used)
+    factors/                      :class:`~trustrepair.engine.ekfac.EKFACFactors`
+    scores.partial/chunk-*.safetensors   scores of each chunk of ``score_chunk`` examples (removed at the end)
+    scores.safetensors            the scores per aspect and the embeddings (what ``repair`` reads)
+    scores.jsonl                  one line per analysed training example, in input order:
+                                  {"index", "source", "<aspect>": score, "<aspect>_rank": r, ...}
+    base.json                     the ``--base-model``'s log-odds and perplexity (with --base-model)
+    repair/delta.safetensors, repair.json   the last repair (a :class:`RepairDelta` and its record)
+
+Scores: gamma(z) = -grad F^T (G + lambda I)^-1 grad L(z) in nats of the aspect's log-odds per unit step,
+**positive = detrimental** (raising the example's loss is predicted to lower, i.e. improve, F); rank 1 is
+the most detrimental example. ``index`` is the example's position in the ``--train`` files (in the
+order given); examples held out for perplexity have no line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trustrepair.app import stages
+from trustrepair.app.records import COMMON, HALVES, AspectLogOdds, Evaluation, RepairRecord, Scores
+from trustrepair.app.rundir import RunDir
+from trustrepair.app.settings import AttributeConfig, RepairOptions
+from trustrepair.app.user_workspace import UserInputs, load_model, load_user_workspace
+from trustrepair.engine.storage import atomic_write, write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+SCORES_JSONL = Path("scores.jsonl")
+SCORE_CHUNKS = Path("scores.partial")
+BASE = Path("base.json")
+REPAIR_RECORD = Path("repair.json")
+REPAIR_DELTA = Path("repair") / "delta.safetensors"
+
+
+def open_run(out_dir, cfg: AttributeConfig, *, progress: bool = True) -> RunDir:
+    """The attribute run directory ``out_dir`` with settings ``cfg`` (``attribute.json``)."""
+    return RunDir(out_dir, cfg, progress=progress, settings_file=RunDir.ATTRIBUTE_SETTINGS)
+
+
+def load_settings(out_dir) -> AttributeConfig:
+    """The settings an attribute run was made with.
+
+    Raises:
+        FileNotFoundError: ``out_dir`` holds no attribute run.
+    """
+    path = Path(out_dir) / RunDir.ATTRIBUTE_SETTINGS
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} holds no attribute run ({path.name} is missing); run "
+                                f"`trustrepair attribute --model DIR --train FILE --out {out_dir}` first")
+    return AttributeConfig(**json.loads(path.read_text()))
+
+
+# -- attribute -----------------------------------------------------------------------------------------
+
+def _chunked_scores(run: RunDir, inputs: UserInputs, factors) -> dict[str, np.ndarray]:
+    """Influence of every analysed example on every aspect (query parts), ``score_chunk`` examples at a
+    time; each chunk is saved as it completes, and chunks already saved are read back."""
+    from safetensors.numpy import load_file, save_file
+
+    from trustrepair.methods.scoring import influence
+
+    cfg, ws = run.config, inputs.workspace
+    trust = {a: ws.trust[a]["query"] for a in inputs.aspects}
+    n, step = len(ws.train), cfg.score_chunk
+    parts = []
+    for number, start in enumerate(range(0, n, step)):
+        path = run.path(SCORE_CHUNKS) / f"chunk-{number:05d}.safetensors"
+        if path.is_file():
+            parts.append(load_file(str(path)))
+            continue
+        if n > step:
+            logger.info("scoring examples %d-%d of %d", start, min(start + step, n) - 1, n)
+        values = influence(ws.tail, factors, ws.train[start:start + step], trust, damping=cfg.damping, task=ws.task,
+                           batch_size=cfg.batch_size, progress=run.progress)
+        chunk = {a: values[a].double().cpu().numpy() for a in inputs.aspects}
+        run.publish(lambda: atomic_write(path, lambda tmp: save_file(chunk, str(tmp))))
+        parts.append(chunk)
+    return {a: np.concatenate([part[a] for part in parts]) for a in inputs.aspects}
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1 for the highest (most detrimental) score; ties by input order."""
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[np.argsort(-values, kind="stable")] = np.arange(1, len(values) + 1)
+    return ranks
+
+
+def scores_jsonl(inputs: UserInputs, per_aspect: dict[str, np.ndarray]) -> str:
+    """The text of ``scores.jsonl`` (module docstring)."""
+    ranks = {a: _ranks(v) for a, v in per_aspect.items()}
+    lines = []
+    for i, (index, source) in enumerate(zip(inputs.train_index, inputs.train_sources)):
+        row = {"index": index, "source": source}
+        for aspect, values in per_aspect.items():
+            row[aspect] = float(values[i])
+            row[f"{aspect}_rank"] = int(ranks[aspect][i])
+        lines.append(json.dumps(row) + "\n")
+    return "".join(lines)
+
+
+def _evaluate_base(run: RunDir, cfg: AttributeConfig, inputs: UserInputs) -> None:
+    """The base model's log-odds on both parts of every aspect and its perplexity (``base.json``), run in
+    full on the fine-tuned model's tokenisation."""
+    from trustrepair.methods.metrics import perplexity, query_log_odds
+    from trustrepair.task import CausalLMTask
+
+    if cfg.base_model is None or run.path(BASE).is_file():
+        return
+    ws = inputs.workspace
+    device = next(ws.model.parameters()).device
+    with run.timed("evaluate_base"):
+        base, _ = load_model(cfg.base_model, device, cfg.dtype, option="--base-model")
+        task = CausalLMTask()
+        task.pad_token_id = ws.task.pad_token_id
+        strip = lambda ex: {k: v for k, v in ex.items() if k != "hidden"}  # noqa: E731
+        aspects = {}
+        for aspect in inputs.aspects:
+            halves = {h: [{s: strip(q[s]) for s in ("proponent", "opponent")} for q in ws.trust[aspect][h]]
+                      for h in HALVES}
+            values = {h: query_log_odds(base, halves[h], task=task, batch_size=cfg.batch_size).tolist() for h in HALVES}
+            aspects[aspect] = AspectLogOdds(float(np.mean(values["query"])), float(np.mean(values["heldout"])),
+                                            values["heldout"])
+        result = Evaluation(aspects, perplexity(base, [strip(e) for e in ws.heldout], task=task,
+                                                batch_size=cfg.batch_size))
+    run.publish(lambda: write_json(run.path(BASE), result.to_json()))
+
+
+def attribute(run: RunDir) -> Path:
+    """Factors, chunked scores, embeddings, ``scores.jsonl`` (and ``base.json``); returns the path of
+    ``scores.jsonl``. Completed parts are read back, so a rerun after a crash resumes."""
+    from safetensors.numpy import save_file
+
+    cfg = run.config
+    inputs = load_user_workspace(run, cfg)
+    factors = stages.fit(run, inputs.workspace)
+    path = run.path(RunDir.SCORES)
+    if not path.is_file():
+        with run.timed("score"):
+            per_aspect = _chunked_scores(run, inputs, factors)
+        with run.timed("embeddings"):
+            scores = Scores(per_aspect, inputs.workspace.response_embeddings(inputs.workspace.train))
+        arrays = scores.to_arrays()
+        run.publish(lambda: atomic_write(path, lambda tmp: save_file(arrays, str(tmp))))
+    scores = _read_scores(run, inputs.aspects)
+
+    def publish_scores():
+        write_text(run.path(SCORES_JSONL), scores_jsonl(inputs, scores.per_aspect))
+        shutil.rmtree(run.path(SCORE_CHUNKS), ignore_errors=True)
+
+    run.publish(publish_scores)
+    _evaluate_base(run, cfg, inputs)
+    return run.path(SCORES_JSONL)
+
+
+def _read_scores(run: RunDir, aspects: list[str]) -> Scores:
+    from safetensors.numpy import load_file
+
+    return Scores.from_arrays(load_file(str(run.path(RunDir.SCORES))), aspects)
+
+
+# -- repair --------------------------------------------------------------------------------------------
+
+@dataclass
+class RepairResult:
+    """One repair of an attribute run (``repair.json``): its options, the target, the record of its
+    beta search, the input and repaired model's evaluation (held-out values per pair included), and
+    where the repaired model was saved (None when it was not)."""
+
+    options: dict
+    target: str
+    record: RepairRecord
+    input: Evaluation
+    repaired: Evaluation
+    saved_model: str | None
+
+    def to_json(self) -> dict:
+        return {"options": self.options, "target": self.target, "record": self.record.to_json(),
+                "input": self.input.to_json(), "repaired": self.repaired.to_json(), "saved_model": self.saved_model}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RepairResult":
+        return cls(data["options"], data["target"], RepairRecord.from_json(data["record"]),
+                   Evaluation.from_json(data["input"]), Evaluation.from_json(data["repaired"]), data["saved_model"])
+
+
+def resolve_target(options: RepairOptions, aspects: list[str]) -> str:
+    """The repair target: ``options.target``, or by default ``common`` with several aspects.
+
+    Raises:
+        ValueError: a target that is neither an aspect of the run nor ``common``.
+    """
+    targets = [*aspects, COMMON] if len(aspects) > 1 else list(aspects)
+    target = options.target or targets[-1]
+    if target not in targets:
+        raise ValueError(f"--target {target!r} is not one of this run's repair targets {targets}")
+    return target
+
+
+def check_save_path(save_model: Path, model_dir: str) -> Path:
+    """Refuse a ``--save-model`` that is (or lies inside, or contains) the input model, or exists.
+
+    Raises:
+        ValueError / FileExistsError: naming the path.
+    """
+    target, source = save_model.resolve(), Path(model_dir).resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ValueError(f"--save-model {save_model} would write into the input model {model_dir}, which is never "
+                         "overwritten; choose a new directory")
+    if target.exists():
+        raise FileExistsError(f"--save-model {save_model} already exists; choose a new directory or delete it")
+    return target
+
+
+def _evaluation(ws, aspects: list[str]) -> Evaluation:
+    out = {}
+    for aspect in aspects:
+        pairs = ws.log_odds_pairs(aspect, "heldout")
+        out[aspect] = AspectLogOdds(ws.log_odds(aspect, "query"), float(np.mean(pairs)), pairs)
+    return Evaluation(out, ws.perplexity())
+
+
+def repair(run: RunDir, options: RepairOptions, save_model: Path | None = None) -> Path:
+    """Select, step, search beta, evaluate and (optionally) save the repaired model; returns ``repair.json``."""
+    from trustrepair.app.models import save_causal_lm
+    from trustrepair.engine.ekfac import EKFACFactors
+    from trustrepair.methods.repair_step import BetaPoint, newton_direction, search_beta
+    from trustrepair.methods.selection import common_scores, select
+
+    cfg = run.config
+    if save_model is not None:
+        save_model = check_save_path(Path(save_model), cfg.model)
+    if not run.path(RunDir.SCORES).is_file() or not (run.path(RunDir.FACTORS) / "factors.json").is_file():
+        raise FileNotFoundError(f"{run.dir} has no completed attribution (factors and scores); rerun `trustrepair "
+                                f"attribute --out {run.dir}` to finish it")
+    inputs = load_user_workspace(run, cfg)
+    ws = inputs.workspace
+    target = resolve_target(options, inputs.aspects)
+    factors = EKFACFactors.load(run.path(RunDir.FACTORS))
+    scores = _read_scores(run, inputs.aspects)
+    values = common_scores(scores.per_aspect) if target == COMMON else scores.per_aspect[target]
+    with run.timed("repair"):
+        subset = [int(i) for i in select(options.strategy, values, options.subset_size, embeddings=scores.embeddings,
+                                         eta=options.eta, seed=cfg.seed)]
+        before = _evaluation(ws, inputs.aspects)
+        measure, start = stages.objective(inputs.aspects, ws, target, before)
+        direction = newton_direction(ws.tail, factors, ws.train, subset, task=ws.task, damping=cfg.damping,
+                                     batch_size=cfg.batch_size, progress=run.progress)
+        best, points, base = search_beta(direction.scaled, ws.tail, lambda _m: ws.perplexity(), measure,
+                                         tolerance=options.tolerance, beta0=stages.initial_beta(ws, direction),
+                                         max_probes=options.beta_probes,
+                                         baseline=BetaPoint(0.0, start, before.perplexity), trace_metric=True,
+                                         progress=run.progress)
+        delta = direction.scaled(best.beta)
+        delta.metadata.update(target=target, strategy=options.strategy, beta=best.beta)
+        delta.apply(ws.tail)
+        try:
+            after = _evaluation(ws, inputs.aspects)
+            if save_model is not None:
+                with run.timed("save_model"):
+                    run.publish(lambda: save_causal_lm(ws.model, inputs.tokenizer, save_model, metadata={
+                        "repaired_from": cfg.model, "run": str(run.dir.resolve()), "target": target,
+                        "strategy": options.strategy, "beta": best.beta, "subset": subset}))
+        finally:
+            delta.revert(ws.tail)
+    record = RepairRecord(best.beta, subset, best.metric, best.perplexity, [base, *points])
+    result = RepairResult(options.to_json(), target, record, before, after,
+                          None if save_model is None else str(save_model))
+
+    def save():
+        delta.save(run.path(REPAIR_DELTA))
+        write_json(run.path(REPAIR_RECORD), result.to_json())
+
+    run.publish(save)
+    return run.path(REPAIR_RECORD)
+
+
+def read_repair(run_dir) -> RepairResult:
+    path = Path(run_dir) / REPAIR_RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no repair yet ({path.name} is missing); run `trustrepair repair "
+                                f"--out {run_dir}` first")
+    return RepairResult.from_json(json.loads(path.read_text()))
