@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 class RunDir:
     """A run directory opened with ``config`` (written to ``settings_file`` when new, checked against it
-    otherwise) and the timings of its stages so far (``timings.json``)."""
+    otherwise; with ``replace_unused`` other settings replace the saved ones while the directory holds no
+    result yet, so a command that failed on bad input can be corrected) and the timings of its stages so
+    far (``timings.json``)."""
 
     # Each stage's output, relative to the run directory.
     SFT_PARAMS = Path("sft") / "params.safetensors"
@@ -44,7 +46,7 @@ class RunDir:
     ATTRIBUTE_SETTINGS = "attribute.json"
 
     def __init__(self, out_dir: str | os.PathLike, config: DemoConfig | AttributeConfig, *, progress: bool = True,
-                 settings_file: str = SETTINGS):
+                 settings_file: str = SETTINGS, replace_unused: bool = False):
         self.dir = Path(out_dir)
         self.config = config
         self.progress = progress_enabled(progress)
@@ -54,7 +56,10 @@ class RunDir:
         if path.is_file():
             saved = json.loads(path.read_text())
             changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-            if changed:
+            if changed and replace_unused and not self._has_results(settings_file):
+                logger.info("run directory %s has no results yet; replacing its settings %s", self.dir, changed)
+                self.publish(lambda: write_json(path, wanted))
+            elif changed:
                 raise ValueError(
                     f"run directory {self.dir} was made with other settings {changed} (saved, requested); "
                     "use a new --out directory or delete that one")
@@ -63,6 +68,10 @@ class RunDir:
         timings = self.dir / "timings.json"
         if timings.is_file():
             self.timings = json.loads(timings.read_text())
+
+    def _has_results(self, settings_file: str) -> bool:
+        """Whether anything but the settings, the timings and the data splits (rewritten by every run) is here."""
+        return any(p.name not in (settings_file, "timings.json", "splits") for p in self.dir.iterdir())
 
     def path(self, relative: str | os.PathLike) -> Path:
         return self.dir / relative

@@ -210,6 +210,8 @@ def load_user_workspace(run: RunDir, cfg: AttributeConfig) -> UserInputs:
                 halves.append(tokenized)
             trust[name] = tuple(halves)
 
+    module_names = choose_layers(model, cfg.layers, cfg.last_blocks)
+
     def write_splits():
         for key, rows in split_rows.items():
             _write_jsonl(run.path("splits") / f"{key}.jsonl", rows)
@@ -217,8 +219,6 @@ def load_user_workspace(run: RunDir, cfg: AttributeConfig) -> UserInputs:
                      [{"index": i, **_record_json(r)} for i, r in held])
 
     run.publish(write_splits)
-
-    module_names = choose_layers(model, cfg.layers, cfg.last_blocks)
     modules = dict(model.named_modules())
     trained_params = [f"{name}.{p}" for name in module_names for p, _ in modules[name].named_parameters()]
     first_block = _prefix_block(model, module_names, train_ex, heldout_ex, trust)
