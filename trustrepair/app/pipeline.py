@@ -17,7 +17,8 @@ from trustrepair.app import stages
 from trustrepair.app.records import EvaluationRecord, Repairs, Scores, Selection, SFTResult
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.settings import DemoConfig
-from trustrepair.app.workspace import Workspace, load_workspace
+from trustrepair.app.demo_workspace import load_demo_workspace
+from trustrepair.app.workspace import Workspace
 from trustrepair.engine.ekfac import EKFACFactors
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,12 @@ def run_stages(run: RunDir, last: str = "report") -> StageOutputs:
     if last not in STAGE_ORDER:
         raise ValueError(f"unknown stage {last!r}: choose one of {', '.join(STAGE_ORDER)}")
     wanted = STAGE_ORDER[:STAGE_ORDER.index(last) + 1]
-    ws = load_workspace(run)
+    ws = load_demo_workspace(run).workspace
     out = StageOutputs(ws, stages.sft(run, ws))
     if "fit" in wanted:
         out.factors = stages.fit(run, ws)
     if "score" in wanted:
-        out.scores = stages.score(run, ws, out.factors)
+        out.scores = stages.score(run, ws, out.factors, run.config.aspects)
     if "select" in wanted:
         out.selection = stages.select(run, out.scores)
     if "repair" in wanted:

@@ -36,6 +36,7 @@ class RunDir:
     FACTORS = Path("factors")
     FACTORS_PARTIAL = Path("factors.partial")
     SCORES = Path("scores.safetensors")
+    SCORE_CHUNKS = Path("scores.partial")
     SELECTION = Path("selection.json")
     REPAIRS = Path("repairs.json")
     EVALUATION = Path("evaluation.json")

@@ -3,6 +3,7 @@
     sft       fine-tune the last ``trained_blocks`` blocks on the SFT split     -> sft/params.safetensors
     fit       EK-FAC factors on exactly those blocks' linear layers             -> factors/
     score     aggregated influence per aspect (query halves) + embeddings       -> scores.safetensors
+              (in chunks saved as they complete, for large training sets)
     select    subsets per aspect and strategy (dpp, topk, random); one common   -> selection.json
               DPP subset for all aspects (sum of normalised scores, Table 2)
     repair    Newton step per subset, beta searched under the perplexity bound  -> repairs/*.safetensors
@@ -94,26 +95,52 @@ def fit(run: RunDir, ws: Workspace) -> EKFACFactors:
     return factors
 
 
-def score(run: RunDir, ws: Workspace, factors: EKFACFactors) -> Scores:
-    """Aggregated influence of every SFT train example on every aspect (query halves), and the response
-    embeddings the DPP's similarity kernel uses."""
+def _chunk_scores(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Sequence[str], chunk: int | None):
+    """Influence of ``ws.train`` on every aspect (query halves), ``chunk`` examples at a time (all at once
+    when None or at least the set's size); each chunk of a chunked pass is saved in ``scores.partial/`` as
+    it completes, and chunks already saved are read back."""
     from safetensors.numpy import load_file, save_file
 
     from trustrepair.methods.scoring import influence
 
-    cfg = run.config
+    trust = {a: ws.trust[a]["query"] for a in aspects}
+    n = len(ws.train)
+    step = n if chunk is None or chunk >= n else chunk
+    parts = []
+    for number, start in enumerate(range(0, n, step)):
+        path = run.path(RunDir.SCORE_CHUNKS) / f"chunk-{number:05d}.safetensors"
+        if step < n and path.is_file():
+            parts.append(load_file(str(path)))
+            continue
+        values = influence(ws.tail, factors, ws.train[start:start + step], trust, damping=run.config.damping,
+                           task=ws.task, batch_size=run.config.batch_size, progress=run.progress)
+        part = {a: values[a].double().cpu().numpy() for a in aspects}
+        if step < n:
+            run.publish(lambda: atomic_write(path, lambda tmp: save_file(part, str(tmp))))
+        parts.append(part)
+    return {a: np.concatenate([part[a] for part in parts]) for a in aspects}
+
+
+def score(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Sequence[str], chunk: int | None = None) -> Scores:
+    """Aggregated influence of every training example on every aspect (query halves; scored ``chunk``
+    examples at a time, see :func:`_chunk_scores`), and the response embeddings the DPP's similarity
+    kernel uses."""
+    from safetensors.numpy import load_file, save_file
+
     path = run.path(RunDir.SCORES)
     if path.is_file():
-        return Scores.from_arrays(load_file(str(path)), cfg.aspects)
+        return Scores.from_arrays(load_file(str(path)), aspects)
     with run.timed("score"):
-        trust = {a: ws.trust[a]["query"] for a in cfg.aspects}
-        values = influence(ws.tail, factors, ws.train, trust, damping=cfg.damping, task=ws.task,
-                           batch_size=cfg.batch_size, progress=run.progress)
-        per_aspect = {a: values[a].double().cpu().numpy() for a in cfg.aspects}
+        per_aspect = _chunk_scores(run, ws, factors, aspects, chunk)
     with run.timed("embeddings"):
         scores = Scores(per_aspect, ws.response_embeddings(ws.train))
     arrays = scores.to_arrays()
-    run.publish(lambda: atomic_write(path, lambda tmp: save_file(arrays, str(tmp))))
+
+    def save():
+        atomic_write(path, lambda tmp: save_file(arrays, str(tmp)))
+        shutil.rmtree(run.path(RunDir.SCORE_CHUNKS), ignore_errors=True)
+
+    run.publish(save)
     return scores
 
 
@@ -171,9 +198,26 @@ def initial_beta(ws: Workspace, direction) -> float:
     return 1e-3 * (weight_sq / max(step_sq, 1e-300)) ** 0.5
 
 
+def repair_subset(ws: Workspace, factors: EKFACFactors, subset: list[int], measure, baseline, *, damping: float | None,
+                  tolerance: float, max_probes: int, trace_metric: bool, target: str, strategy: str):
+    """One repair: the Newton direction of ``subset``, the beta search under the perplexity ``tolerance``
+    (``measure``: the query-half objective; ``baseline``: the unrepaired model's point), and the delta at
+    the chosen beta; returns ``(RepairDelta, RepairRecord)``."""
+    from trustrepair.methods.repair_step import newton_direction, search_beta
+
+    direction = newton_direction(ws.tail, factors, ws.train, subset, task=ws.task, damping=damping,
+                                 batch_size=ws.batch_size, progress=ws.progress)
+    best, points, base = search_beta(direction.scaled, ws.tail, lambda _m: ws.perplexity(), measure,
+                                     tolerance=tolerance, beta0=initial_beta(ws, direction), max_probes=max_probes,
+                                     baseline=baseline, trace_metric=trace_metric, progress=ws.progress)
+    delta = direction.scaled(best.beta)
+    delta.metadata.update(target=target, strategy=strategy, beta=best.beta)
+    return delta, RepairRecord(best.beta, subset, best.metric, best.perplexity, [base, *points])
+
+
 def repair(run: RunDir, ws: Workspace, factors: EKFACFactors, selection: Selection, sft_result: SFTResult) -> Repairs:
-    """For every target and strategy: the Newton direction, the beta search, the saved delta."""
-    from trustrepair.methods.repair_step import BetaPoint, newton_direction, search_beta
+    """For every target and strategy: :func:`repair_subset`, and the saved delta."""
+    from trustrepair.methods.repair_step import BetaPoint
 
     cfg = run.config
     path = run.path(RunDir.REPAIRS)
@@ -187,17 +231,11 @@ def repair(run: RunDir, ws: Workspace, factors: EKFACFactors, selection: Selecti
             baseline = BetaPoint(0.0, post_objective, post.perplexity)
             repairs[target] = {}
             for strategy, subset in by_strategy.items():
-                direction = newton_direction(ws.tail, factors, ws.train, subset, task=ws.task, damping=cfg.damping,
-                                             batch_size=cfg.batch_size, progress=run.progress)
-                best, points, base = search_beta(direction.scaled, ws.tail, lambda _m: ws.perplexity(), measure,
-                                                 tolerance=cfg.tolerance, beta0=initial_beta(ws, direction),
-                                                 max_probes=cfg.beta_probes, baseline=baseline,
-                                                 trace_metric=_traced(run, target, strategy), progress=run.progress)
-                delta = direction.scaled(best.beta)
-                delta.metadata.update(target=target, strategy=strategy, beta=best.beta)
+                delta, repairs[target][strategy] = repair_subset(
+                    ws, factors, subset, measure, baseline, damping=cfg.damping, tolerance=cfg.tolerance,
+                    max_probes=cfg.beta_probes, trace_metric=_traced(run, target, strategy), target=target,
+                    strategy=strategy)
                 run.publish(lambda: delta.save(run.repair_path(target, strategy)))
-                repairs[target][strategy] = RepairRecord(best.beta, subset, best.metric, best.perplexity,
-                                                         [base, *points])
     run.publish(lambda: write_json(path, repairs_to_json(repairs)))
     return repairs
 

@@ -27,7 +27,8 @@ from trustrepair.app.records import Evaluation
 from trustrepair.app.report import (FIGURE_NAME, _num, _pct, _ppl_direction, _snippet, _table, plot_beta_sweep)
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.settings import AttributeConfig
-from trustrepair.app.user_workspace import aspect_names, display_record
+from trustrepair.app.inputs import display_record
+from trustrepair.app.user_workspace import aspect_names
 from trustrepair.app.workflow import BASE, SCORES_JSONL, RepairResult
 from trustrepair.engine.storage import write_bytes, write_json, write_text
 from trustrepair.methods.metrics import relative_change_pct, relative_change_se_pct

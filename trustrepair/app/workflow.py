@@ -30,24 +30,22 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trustrepair.app import stages
 from trustrepair.app.records import COMMON, HALVES, AspectLogOdds, Evaluation, RepairRecord, Scores
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.settings import AttributeConfig, RepairOptions
-from trustrepair.app.user_workspace import UserInputs, load_model, load_user_workspace
-from trustrepair.engine.storage import atomic_write, write_json, write_text
+from trustrepair.app.inputs import PreparedRun
+from trustrepair.app.user_workspace import load_model, load_user_workspace
+from trustrepair.engine.storage import write_json, write_text
 
 logger = logging.getLogger(__name__)
 
 SCORES_JSONL = Path("scores.jsonl")
-SCORE_CHUNKS = Path("scores.partial")
 BASE = Path("base.json")
 REPAIR_RECORD = Path("repair.json")
 REPAIR_DELTA = Path("repair") / "delta.safetensors"
@@ -74,32 +72,6 @@ def load_settings(out_dir) -> AttributeConfig:
 
 # -- attribute -----------------------------------------------------------------------------------------
 
-def _chunked_scores(run: RunDir, inputs: UserInputs, factors) -> dict[str, np.ndarray]:
-    """Influence of every analysed example on every aspect (query parts), ``score_chunk`` examples at a
-    time; each chunk is saved as it completes, and chunks already saved are read back."""
-    from safetensors.numpy import load_file, save_file
-
-    from trustrepair.methods.scoring import influence
-
-    cfg, ws = run.config, inputs.workspace
-    trust = {a: ws.trust[a]["query"] for a in inputs.aspects}
-    n, step = len(ws.train), cfg.score_chunk
-    parts = []
-    for number, start in enumerate(range(0, n, step)):
-        path = run.path(SCORE_CHUNKS) / f"chunk-{number:05d}.safetensors"
-        if path.is_file():
-            parts.append(load_file(str(path)))
-            continue
-        if n > step:
-            logger.info("scoring examples %d-%d of %d", start, min(start + step, n) - 1, n)
-        values = influence(ws.tail, factors, ws.train[start:start + step], trust, damping=cfg.damping, task=ws.task,
-                           batch_size=cfg.batch_size, progress=run.progress)
-        chunk = {a: values[a].double().cpu().numpy() for a in inputs.aspects}
-        run.publish(lambda: atomic_write(path, lambda tmp: save_file(chunk, str(tmp))))
-        parts.append(chunk)
-    return {a: np.concatenate([part[a] for part in parts]) for a in inputs.aspects}
-
-
 def _ranks(values: np.ndarray) -> np.ndarray:
     """1 for the highest (most detrimental) score; ties by input order."""
     ranks = np.empty(len(values), dtype=np.int64)
@@ -107,7 +79,7 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def scores_jsonl(inputs: UserInputs, per_aspect: dict[str, np.ndarray]) -> str:
+def scores_jsonl(inputs: PreparedRun, per_aspect: dict[str, np.ndarray]) -> str:
     """The text of ``scores.jsonl`` (module docstring)."""
     ranks = {a: _ranks(v) for a, v in per_aspect.items()}
     lines = []
@@ -120,7 +92,7 @@ def scores_jsonl(inputs: UserInputs, per_aspect: dict[str, np.ndarray]) -> str:
     return "".join(lines)
 
 
-def _evaluate_base(run: RunDir, cfg: AttributeConfig, inputs: UserInputs) -> None:
+def _evaluate_base(run: RunDir, cfg: AttributeConfig, inputs: PreparedRun) -> None:
     """The base model's log-odds on both parts of every aspect and its perplexity (``base.json``), run in
     full on the fine-tuned model's tokenisation."""
     from trustrepair.methods.metrics import perplexity, query_log_odds
@@ -150,26 +122,12 @@ def _evaluate_base(run: RunDir, cfg: AttributeConfig, inputs: UserInputs) -> Non
 def attribute(run: RunDir) -> Path:
     """Factors, chunked scores, embeddings, ``scores.jsonl`` (and ``base.json``); returns the path of
     ``scores.jsonl``. Completed parts are read back, so a rerun after a crash resumes."""
-    from safetensors.numpy import save_file
-
     cfg = run.config
     inputs = load_user_workspace(run, cfg)
     factors = stages.fit(run, inputs.workspace)
-    path = run.path(RunDir.SCORES)
-    if not path.is_file():
-        with run.timed("score"):
-            per_aspect = _chunked_scores(run, inputs, factors)
-        with run.timed("embeddings"):
-            scores = Scores(per_aspect, inputs.workspace.response_embeddings(inputs.workspace.train))
-        arrays = scores.to_arrays()
-        run.publish(lambda: atomic_write(path, lambda tmp: save_file(arrays, str(tmp))))
-    scores = _read_scores(run, inputs.aspects)
+    scores = stages.score(run, inputs.workspace, factors, inputs.aspects, chunk=cfg.score_chunk)
 
-    def publish_scores():
-        write_text(run.path(SCORES_JSONL), scores_jsonl(inputs, scores.per_aspect))
-        shutil.rmtree(run.path(SCORE_CHUNKS), ignore_errors=True)
-
-    run.publish(publish_scores)
+    run.publish(lambda: write_text(run.path(SCORES_JSONL), scores_jsonl(inputs, scores.per_aspect)))
     _evaluate_base(run, cfg, inputs)
     return run.path(SCORES_JSONL)
 
@@ -245,7 +203,7 @@ def repair(run: RunDir, options: RepairOptions, save_model: Path | None = None) 
     """Select, step, search beta, evaluate and (optionally) save the repaired model; returns ``repair.json``."""
     from trustrepair.app.models import save_causal_lm
     from trustrepair.engine.ekfac import EKFACFactors
-    from trustrepair.methods.repair_step import BetaPoint, newton_direction, search_beta
+    from trustrepair.methods.repair_step import BetaPoint
     from trustrepair.methods.selection import common_scores, select
 
     cfg = run.config
@@ -265,15 +223,10 @@ def repair(run: RunDir, options: RepairOptions, save_model: Path | None = None) 
                                          eta=options.eta, seed=cfg.seed)]
         before = _evaluation(ws, inputs.aspects)
         measure, start = stages.objective(inputs.aspects, ws, target, before)
-        direction = newton_direction(ws.tail, factors, ws.train, subset, task=ws.task, damping=cfg.damping,
-                                     batch_size=cfg.batch_size, progress=run.progress)
-        best, points, base = search_beta(direction.scaled, ws.tail, lambda _m: ws.perplexity(), measure,
-                                         tolerance=options.tolerance, beta0=stages.initial_beta(ws, direction),
-                                         max_probes=options.beta_probes,
-                                         baseline=BetaPoint(0.0, start, before.perplexity), trace_metric=True,
-                                         progress=run.progress)
-        delta = direction.scaled(best.beta)
-        delta.metadata.update(target=target, strategy=options.strategy, beta=best.beta)
+        delta, record = stages.repair_subset(ws, factors, subset, measure, BetaPoint(0.0, start, before.perplexity),
+                                             damping=cfg.damping, tolerance=options.tolerance,
+                                             max_probes=options.beta_probes, trace_metric=True, target=target,
+                                             strategy=options.strategy)
         delta.apply(ws.tail)
         try:
             after = _evaluation(ws, inputs.aspects)
@@ -281,10 +234,9 @@ def repair(run: RunDir, options: RepairOptions, save_model: Path | None = None) 
                 with run.timed("save_model"):
                     run.publish(lambda: save_causal_lm(ws.model, inputs.tokenizer, save_model, metadata={
                         "repaired_from": cfg.model, "run": str(run.dir.resolve()), "target": target,
-                        "strategy": options.strategy, "beta": best.beta, "subset": subset}))
+                        "strategy": options.strategy, "beta": record.beta, "subset": subset}))
         finally:
             delta.revert(ws.tail)
-    record = RepairRecord(best.beta, subset, best.metric, best.perplexity, [base, *points])
     result = RepairResult(options.to_json(), target, record, before, after,
                           None if save_model is None else str(save_model))
 

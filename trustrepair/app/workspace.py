@@ -1,9 +1,9 @@
 """The loaded state every stage works on: the model, the tokenised splits and their cached hidden states.
 
-Only the last ``trained_blocks`` blocks are trained, analysed and repaired, so the hidden states entering
-them are the same for the pre-SFT, post-SFT and repaired models: they are computed once per dataset and
-cached in ``cache/hidden.pt`` (see :mod:`trustrepair.app.prefix_cache`), and every later pass runs only
-the last blocks (:attr:`Workspace.tail`).
+When only blocks ``first_block ..`` are trained, analysed and repaired, the hidden states entering them
+are the same for the model before and after fine-tuning and repair: they are computed once per dataset
+and cached in ``cache/hidden.pt`` (see :mod:`trustrepair.app.prefix_cache`), and every later pass runs
+only those blocks (:attr:`Workspace.tail`). Built by :func:`trustrepair.app.inputs.prepare_workspace`.
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from trustrepair.methods.metrics import perplexity, query_log_odds
 
 @dataclass
 class Workspace:
-    """Built once per command by :func:`load_workspace`.
+    """Built once per command by :func:`build_workspace`.
 
     Attributes:
         model: the whole causal LM; only ``trained_params`` are ever changed (by SFT and repairs).
-        tail: the last blocks and the head, fed the cached hidden states.
+        tail: the blocks from ``first_block`` on and the head, fed the cached hidden states (or the whole
+            model, when no prefix is cached).
         task: the loss and batching of ``tail``.
         first_block: index of the first trained block.
         module_names: the analysed linear layers, as names in ``model``.
@@ -163,37 +164,3 @@ def build_workspace(run: RunDir, model: nn.Module, tokenizer, module_names: list
         train=_attach(train, hidden["train"]), heldout=_attach(heldout, hidden["heldout"]),
         trust={a: {half: _attach_queries(queries, hidden[f"{a}/{half}"]) for half, queries in zip(HALVES, halves)}
                for a, halves in trust.items()}, **common)
-
-
-def load_workspace(run: RunDir) -> Workspace:
-    """The demo's workspace: the model, its HH SFT split and the trust sets, with the hidden states entering
-    the trained blocks (computed once and cached in the run directory); timed as ``load_model``,
-    ``load_data`` and ``cache_hidden_states``."""
-    from trustrepair.app.models import block_layer_names, freeze_all_but_last_blocks, load_causal_lm, transformer_blocks
-    from trustrepair.data import load_aspect, load_hh_sft
-
-    cfg = run.config
-    with run.timed("load_model"):
-        model, tokenizer = load_causal_lm(cfg.model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-    n_blocks = len(transformer_blocks(model))
-    if cfg.trained_blocks > n_blocks:
-        raise ValueError(f"trained_blocks={cfg.trained_blocks} but the model has {n_blocks} blocks")
-    module_names = block_layer_names(model, cfg.trained_blocks)
-    trained_params = freeze_all_but_last_blocks(model, cfg.trained_blocks)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with run.timed("load_data"):
-        sft = load_hh_sft(cfg.data_dir, max_examples=cfg.n_sft, seed=cfg.seed)
-        train, heldout = sft.split(0.8, seed=cfg.seed)
-        train_ex = train.tokenize(tokenizer, cfg.max_length)
-        heldout_ex = heldout.tokenize(tokenizer, cfg.max_length)
-        trust = {}
-        for aspect in cfg.aspects:
-            query, held = load_aspect(aspect, cfg.data_dir, max_pairs=cfg.n_pairs, seed=cfg.seed).split(0.8, cfg.seed)
-            trust[aspect] = (query.tokenize(tokenizer, cfg.max_length), held.tokenize(tokenizer, cfg.max_length))
-    return build_workspace(run, model, tokenizer, module_names, trained_params,
-                           train_records=list(train), heldout_records=list(heldout), train=train_ex,
-                           heldout=heldout_ex, trust=trust, batch_size=cfg.batch_size,
-                           first_block=n_blocks - cfg.trained_blocks)
