@@ -130,6 +130,19 @@ def test_beta_search_lands_near_the_boundary_in_four_probes(slope, curvature):
     assert len(points) <= 4
 
 
+@pytest.mark.parametrize("slope,curvature", [(50.0, 0.0), (200.0, 0.0), (20.0, 2e4)])
+def test_beta_search_recovers_from_a_first_probe_far_past_the_boundary(slope, curvature):
+    """beta0 = 1e-3 raises the perplexity 2-25x the tolerance (as a step on all 30 blocks of SmolLM2 did):
+    the probes that overshot locate the boundary from above, so four probes still land within 10% of it
+    (scaling the step by (aim / rise)^0.75 alone approached it too slowly to end admissible)."""
+    (best, points, _), _ = _toy_search(0.01, curvature, slope=slope, max_probes=4)
+    target = math.log1p(0.01)
+    boundary = (target / slope if curvature == 0 else
+                (-slope + math.sqrt(slope * slope + 4 * curvature * target)) / (2 * curvature))
+    assert points[-1].beta == 1e-3 and math.log(points[-1].perplexity / 10.0) > 2 * target
+    assert 0.9 * boundary <= best.beta <= boundary * (1 + 1e-9)
+
+
 def test_beta_search_measures_the_objective_only_where_needed_unless_traced():
     lazy_calls, traced_calls = {}, {}
     (lazy, lazy_points, _), _ = _toy_search(0.01, 1.0, calls=lazy_calls)

@@ -285,7 +285,8 @@ def _next_probe(rises: Sequence[tuple[float, float]], target: float) -> float | 
 
     ``rises`` holds (beta, d(beta)) of every probe so far (d = inf for a diverged one); the aim is
     d = 0.97 * target. From the probes nearest the boundary (the largest admissible one and the smallest
-    inadmissible one, or the two largest admissible ones) the model d = b beta + c beta^2 is solved
+    inadmissible one, or the two largest admissible ones, or when every probe overshot the two smallest
+    inadmissible ones) the model d = b beta + c beta^2 is solved
     exactly and its root taken; with one probe of rise d_1 > 0 the step is beta_1 (aim / d_1)^0.75,
     between the linear (exponent 1) and the quadratic (exponent 1/2) extrapolation; while the perplexity
     does not rise at all beta grows 4x. A guess outside the bracket (largest admissible, smallest
@@ -298,8 +299,13 @@ def _next_probe(rises: Sequence[tuple[float, float]], target: float) -> float | 
     high = too_far[0] if too_far else None
     if low[1] >= 0.95 * target or (high is not None and low[0] > 0 and high[0] / low[0] < 1.1):
         return None
-    anchors = [p for p in (admissible[-2:] if high is None else [low, high])
-               if p[0] > 0 and 1e-9 < p[1] < math.inf]
+    if high is None:
+        candidates = admissible[-2:]
+    elif admissible:
+        candidates = [low, high]
+    else:  # every probe overshot: the two smallest are the nearest the boundary, from above
+        candidates = too_far[:2]
+    anchors = [p for p in candidates if p[0] > 0 and 1e-9 < p[1] < math.inf]
     if len(anchors) == 2:
         (x1, y1), (x2, y2) = anchors
         c = (y2 / x2 - y1 / x1) / (x2 - x1)
