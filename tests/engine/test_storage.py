@@ -102,3 +102,27 @@ def test_paired_tensors_and_metadata(tmp_path):
     assert sorted(os.listdir(tmp_path)) == storage_dir
     assert storage.load_paired_tensors(tmp_path, "pair", storage.load_paired_metadata(tmp_path, "pair")) is None
     assert storage.load_paired_metadata(tmp_path, "missing") is None
+
+
+def test_loaded_tensors_survive_their_file_being_overwritten_in_place(tmp_path):
+    """A memory-mapped load dies of SIGBUS when the file is truncated under it (exit -7); run in a child
+    process so that a regression fails this test instead of killing pytest."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import torch
+        from trustrepair.engine import storage
+        from trustrepair.methods.repair_step import RepairDelta
+        path = {str(tmp_path / "t.safetensors")!r}
+        want = torch.randn(257, 129, generator=torch.Generator().manual_seed(3))
+        RepairDelta({{"layer": want}}, {{"beta": 1.0}}).save(path)
+        plain, delta = storage.load_tensors(path), RepairDelta.load(path)
+        with open(path, "r+b") as f:
+            f.truncate(0)
+        assert torch.equal(plain["layer"], want) and torch.equal(delta.deltas["layer"], want)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

@@ -30,7 +30,7 @@ from trustrepair.app.records import (COMMON, EvaluationRecord, Evaluation, Aspec
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.workspace import Workspace
 from trustrepair.engine.ekfac import EKFACFactors
-from trustrepair.engine.storage import atomic_write, save_tensors, write_json
+from trustrepair.engine.storage import atomic_write, load_tensors, save_tensors, write_json
 
 TOP_EXAMPLES = 10
 
@@ -38,11 +38,9 @@ TOP_EXAMPLES = 10
 def restore_post_sft(run: RunDir, ws: Workspace) -> None:
     """Copy the saved post-SFT parameters into ``ws.model``. Applying and reverting a repair leaves one
     rounding per weight, so a stage that measures the post-SFT model after repairs restores it first."""
-    from safetensors.torch import load_file
-
     params = dict(ws.model.named_parameters())
     with torch.no_grad():
-        for name, value in load_file(str(run.path(RunDir.SFT_PARAMS))).items():
+        for name, value in load_tensors(run.path(RunDir.SFT_PARAMS)).items():
             params[name].copy_(value)
 
 

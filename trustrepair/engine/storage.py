@@ -25,7 +25,8 @@ from typing import Callable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 
 def _default_mode() -> int:
@@ -104,6 +105,13 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), private=private)
 
 
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read into memory (CPU): unlike ``safetensors.torch.load_file``,
+    which memory-maps the file, the result does not depend on the file staying unchanged (a process
+    whose mapped file is overwritten in place dies of SIGBUS)."""
+    return safetensors_load(Path(path).read_bytes())
+
+
 def tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata in a safetensors file's header (empty when it has none)."""
     with safe_open(str(path), framework="pt") as handle:
@@ -138,4 +146,4 @@ def load_paired_tensors(directory: str | os.PathLike, stem: str, metadata: dict)
     path = Path(directory) / f"{stem}.safetensors"
     if tensor_metadata(path).get("save_id") != metadata.get("save_id"):
         return None
-    return load_file(str(path))
+    return load_tensors(path)

@@ -30,14 +30,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from trustrepair.batching import chunked
 from trustrepair.engine.arguments import finite
 from trustrepair.engine.ekfac import check_damping
 from trustrepair.engine.examples import as_example, as_examples, check_token_ids
-from trustrepair.engine.storage import save_tensors, tensor_metadata
+from trustrepair.engine.storage import load_tensors, save_tensors, tensor_metadata
 from trustrepair.engine.layers import TrackedLayer, apply_deltas, find_modules
 from trustrepair.task import CausalLMTask, Task
 
@@ -107,7 +106,7 @@ class RepairDelta:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RepairDelta":
         metadata = json.loads(tensor_metadata(path).get("trustrepair", "{}"))
-        return cls(load_file(str(path)), metadata)
+        return cls(load_tensors(path), metadata)
 
 
 def _check_subset(train: Sequence, subset) -> list[int]:
