@@ -112,7 +112,11 @@ def test_later_stages_read_the_saved_settings(tmp_path):
 
 @pytest.mark.parametrize("argv, expected", [
     (["fit", "--subset-size", "abc"], "argument --subset-size: invalid int value: 'abc'"),
-    (["fit", "--damping", "abc"], "argument --damping: expected a number or 'none', got 'abc'"),
+    (["fit", "--damping", "abc"], "argument --damping: expected a finite number or 'none', got 'abc'"),
+    (["fit", "--damping", "nan"], "argument --damping: expected a finite number or 'none', got 'nan'"),
+    (["fit", "--tolerance", "nan"], "argument --tolerance: expected a finite number, got 'nan'"),
+    (["repair", "--eta", "inf"], "argument --eta: expected a finite number, got 'inf'"),
+    (["attribute", "--query-fraction", "inf"], "argument --query-fraction: expected a finite number, got 'inf'"),
     (["fit", "--subset-size", "0"], "subset_size must be >= 1, got 0"),
     (["fit", "--fisher", "exact"], "fisher must be 'empirical' or 'sampled'"),
     (["fit", "--aspects", "bias", "--figure-target", "common"], "figure_target must be one of the repair targets ['bias']"),

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import types
 import typing
@@ -66,14 +67,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _finite_float(text: str) -> float:
+    """A finite float: a NaN or an infinity would be saved as null and reach a weight."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _optional_float(text: str) -> float | None:
-    """A float, or ``none`` for the field's automatic choice."""
+    """A finite float, or ``none`` for the field's automatic choice."""
     if text.strip().lower() == "none":
         return None
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+        return _finite_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'none', got {text!r}") from None
 
 
 def _option_kwargs(name: str, annotation) -> dict:
@@ -97,8 +109,10 @@ def _option_kwargs(name: str, annotation) -> dict:
         return {"type": args[0], "nargs": "+", "metavar": name.rstrip("s").upper()}
     if annotation is str:
         return {"type": str, "metavar": name.upper()}
-    if annotation in (int, float):
-        return {"type": annotation, "metavar": annotation.__name__.upper()}
+    if annotation is int:
+        return {"type": int, "metavar": "INT"}
+    if annotation is float:
+        return {"type": _finite_float, "metavar": "FLOAT"}
     raise TypeError(f"DemoConfig.{name}: unsupported type {annotation}; extend trustrepair.app.cli._option_kwargs")
 
 
