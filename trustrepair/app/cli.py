@@ -272,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or an argument error (2, already reported on one line)
         return int(exc.code or 0)
     _configure_logging(args.log_level)
+    if getattr(args, "quiet", False):  # transformers' own bars (loading and writing weights) too
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     from trustrepair.engine.distributed import init_from_env, is_distributed
 
     launched = not is_distributed() and init_from_env()  # under torchrun: one group for the whole command
