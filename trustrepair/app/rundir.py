@@ -8,7 +8,6 @@ which computed the same result, wait; an error on rank 0 is raised on every rank
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ from typing import Callable
 
 from trustrepair.app.settings import AttributeConfig, DemoConfig
 from trustrepair.engine.distributed import fail_together, is_main_process, progress_enabled
-from trustrepair.engine.storage import write_json
+from trustrepair.engine.storage import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class RunDir:
         path = self.dir / settings_file
         wanted = config.to_json()
         if path.is_file():
-            saved = json.loads(path.read_text())
+            saved = read_json(path)
             changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
             if changed and replace_unused and not self._has_results(settings_file):
                 logger.info("run directory %s has no results yet; replacing its settings %s", self.dir, changed)
@@ -68,7 +67,7 @@ class RunDir:
             self.publish(lambda: write_json(path, wanted))
         timings = self.dir / "timings.json"
         if timings.is_file():
-            self.timings = json.loads(timings.read_text())
+            self.timings = read_json(timings)
 
     def _has_results(self, settings_file: str) -> bool:
         """Whether anything but the settings, the timings and the data splits (rewritten by every run) is here."""

@@ -17,7 +17,6 @@ order in which they run, each once, is :func:`trustrepair.app.pipeline.run_stage
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +29,7 @@ from trustrepair.app.records import (COMMON, EvaluationRecord, Evaluation, Aspec
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.workspace import Workspace
 from trustrepair.engine.ekfac import EKFACFactors
-from trustrepair.engine.storage import atomic_write, load_tensors, save_tensors, write_json
+from trustrepair.engine.storage import atomic_write, load_numpy, load_tensors, read_json, save_tensors, write_json
 
 TOP_EXAMPLES = 10
 
@@ -54,7 +53,7 @@ def sft(run: RunDir, ws: Workspace) -> SFTResult:
     params = dict(ws.model.named_parameters())
     if path.is_file() and evals_path.is_file():
         restore_post_sft(run, ws)
-        return SFTResult.from_json(json.loads(evals_path.read_text()))
+        return read_json(evals_path, SFTResult.from_json)
     with run.timed("evaluate_pre"):
         pre = ws.evaluation(cfg.aspects)
     with run.timed("sft"):
@@ -97,7 +96,7 @@ def _chunk_scores(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Se
     """Influence of ``ws.train`` on every aspect (query halves), ``chunk`` examples at a time (all at once
     when None or at least the set's size); each chunk of a chunked pass is saved in ``scores.partial/`` as
     it completes, and chunks already saved are read back."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     from trustrepair.methods.scoring import influence
 
@@ -108,7 +107,7 @@ def _chunk_scores(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Se
     for number, start in enumerate(range(0, n, step)):
         path = run.path(RunDir.SCORE_CHUNKS) / f"chunk-{number:05d}.safetensors"
         if step < n and path.is_file():
-            parts.append(load_file(str(path)))
+            parts.append(load_numpy(path))
             continue
         values = influence(ws.tail, factors, ws.train[start:start + step], trust, damping=run.config.damping,
                            task=ws.task, batch_size=run.config.batch_size, progress=run.progress)
@@ -119,15 +118,24 @@ def _chunk_scores(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Se
     return {a: np.concatenate([part[a] for part in parts]) for a in aspects}
 
 
+def read_scores(path: Path, aspects: Sequence[str]) -> Scores:
+    """The :class:`Scores` of ``scores.safetensors``."""
+    from trustrepair.engine.storage import reading
+
+    arrays = load_numpy(path)
+    with reading(path):
+        return Scores.from_arrays(arrays, aspects)
+
+
 def score(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Sequence[str], chunk: int | None = None) -> Scores:
     """Aggregated influence of every training example on every aspect (query halves; scored ``chunk``
     examples at a time, see :func:`_chunk_scores`), and the response embeddings the DPP's similarity
     kernel uses."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     path = run.path(RunDir.SCORES)
     if path.is_file():
-        return Scores.from_arrays(load_file(str(path)), aspects)
+        return read_scores(path, aspects)
     with run.timed("score"):
         per_aspect = _chunk_scores(run, ws, factors, aspects, chunk)
     with run.timed("embeddings"):
@@ -150,7 +158,7 @@ def select(run: RunDir, scores: Scores) -> Selection:
     cfg = run.config
     path = run.path(RunDir.SELECTION)
     if path.is_file():
-        return Selection.from_json(json.loads(path.read_text()))
+        return read_json(path, Selection.from_json)
     targets = dict(scores.per_aspect)
     if len(cfg.aspects) > 1:
         targets[COMMON] = common_scores(scores.per_aspect)
@@ -220,7 +228,7 @@ def repair(run: RunDir, ws: Workspace, factors: EKFACFactors, selection: Selecti
     cfg = run.config
     path = run.path(RunDir.REPAIRS)
     if path.is_file():
-        return repairs_from_json(json.loads(path.read_text()))
+        return read_json(path, repairs_from_json)
     repairs: Repairs = {}
     post = sft_result.post
     with run.timed("repair"):
@@ -258,7 +266,7 @@ def evaluate(run: RunDir, ws: Workspace, repairs: Repairs, sft_result: SFTResult
 
     path = run.path(RunDir.EVALUATION)
     if path.is_file():
-        return EvaluationRecord.from_json(json.loads(path.read_text()))
+        return read_json(path, EvaluationRecord.from_json)
     restore_post_sft(run, ws)  # the repair stage's beta searches applied and reverted steps
     repaired = {}
     with run.timed("evaluate_repaired"):

@@ -30,7 +30,7 @@ from trustrepair.app.settings import AttributeConfig
 from trustrepair.app.inputs import display_record
 from trustrepair.app.user_workspace import aspect_names
 from trustrepair.app.workflow import BASE, SCORES_JSONL, RepairResult
-from trustrepair.engine.storage import write_bytes, write_json, write_text
+from trustrepair.engine.storage import read_json, write_bytes, write_json, write_text
 from trustrepair.methods.metrics import relative_change_pct, relative_change_se_pct
 
 TOP_N = 10
@@ -134,9 +134,9 @@ def render_markdown(summary: dict) -> str:
 def write_user_report(run_dir: Path, cfg: AttributeConfig, result: RepairResult) -> Path:
     """``beta_sweep.png``, ``report.json`` and (last) ``report.md``; returns the path of ``report.md``."""
     base_path = run_dir / BASE
-    base = Evaluation.from_json(json.loads(base_path.read_text())) if base_path.is_file() else None
+    base = read_json(base_path, Evaluation.from_json) if base_path.is_file() else None
     timings_path = run_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = read_json(timings_path) if timings_path.is_file() else {}
     summary = summarize(run_dir, cfg, result, base, timings)
     figure = plot_beta_sweep({result.target: {result.options["strategy"]: result.record}}, result.options["tolerance"])
     markdown = render_markdown(summary) + "\n"

@@ -41,7 +41,7 @@ from trustrepair.app.rundir import RunDir
 from trustrepair.app.settings import AttributeConfig, RepairOptions
 from trustrepair.app.inputs import PreparedRun
 from trustrepair.app.user_workspace import load_model, load_user_workspace
-from trustrepair.engine.storage import write_json, write_text
+from trustrepair.engine.storage import read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def load_settings(out_dir) -> AttributeConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} holds no attribute run ({path.name} is missing); run "
                                 f"`trustrepair attribute --model DIR --train FILE --out {out_dir}` first")
-    return AttributeConfig(**json.loads(path.read_text()))
+    return read_json(path, lambda saved: AttributeConfig(**saved))
 
 
 # -- attribute -----------------------------------------------------------------------------------------
@@ -133,9 +133,7 @@ def attribute(run: RunDir) -> Path:
 
 
 def _read_scores(run: RunDir, aspects: list[str]) -> Scores:
-    from safetensors.numpy import load_file
-
-    return Scores.from_arrays(load_file(str(run.path(RunDir.SCORES))), aspects)
+    return stages.read_scores(run.path(RunDir.SCORES), aspects)
 
 
 # -- repair --------------------------------------------------------------------------------------------
@@ -253,4 +251,4 @@ def read_repair(run_dir) -> RepairResult:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no repair yet ({path.name} is missing); run `trustrepair repair "
                                 f"--out {run_dir}` first")
-    return RepairResult.from_json(json.loads(path.read_text()))
+    return read_json(path, RepairResult.from_json)

@@ -108,12 +108,12 @@ def cache_hidden_states(run: RunDir, model: nn.Module, first_block: int, pad_tok
     back when present): ``{"train": [...], "heldout": [...], "<aspect>/query": [...], "<aspect>/heldout": [...]}``,
     one (T, H) tensor per sequence; a trust half lists each pair's proponent then its opponent."""
     from trustrepair.app.prefix_cache import cache_prefix_hidden
-    from trustrepair.engine.storage import save_torch
+    from trustrepair.engine.storage import load_torch, save_torch
 
     cache = run.path(RunDir.HIDDEN_CACHE)
     with run.timed("cache_hidden_states"):
         if cache.is_file():
-            return torch.load(cache, weights_only=True)
+            return load_torch(cache)
 
         def prefix(examples, desc):
             rows = cache_prefix_hidden(model, examples, first_block, batch_size=batch_size,

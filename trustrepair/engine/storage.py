@@ -12,6 +12,10 @@ Tensors with their metadata (:func:`save_paired`, :func:`load_paired_metadata`,
 :func:`load_paired_tensors`): ``<stem>.safetensors`` and ``<stem>.json`` in one folder, both carrying
 the same random save id; the JSON is written last, so a complete pair has matching ids and an
 interrupted save is detected instead of mixing two saves.
+
+Reading back (:func:`read_json`, :func:`load_tensors`, :func:`load_numpy`, :func:`load_torch`): a file
+that cannot be parsed (truncated, overwritten, edited) raises :class:`DamagedFileError`, a ``ValueError``
+naming the file and what to do, never the parser's own traceback.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Mapping
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
@@ -105,16 +110,61 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), private=private)
 
 
+class DamagedFileError(ValueError):
+    """A file trustrepair wrote cannot be read back; the message names it and says to delete it."""
+
+
+@contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a parser's error while reading ``path`` into a :class:`DamagedFileError`.
+
+    Parse errors only: a missing or unreadable file stays a ``FileNotFoundError`` / ``PermissionError``.
+    ``RuntimeError`` and ``OSError`` (EINVAL) are torch's answers to a damaged archive; ``KeyError`` /
+    ``TypeError`` come from a JSON record missing a field.
+    """
+    try:
+        yield
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, EOFError, OSError, RuntimeError, KeyError,
+            TypeError, ValueError) as err:
+        detail = " ".join(str(err).split())[:160]
+        raise DamagedFileError(f"{path} is damaged and cannot be read ({type(err).__name__}: {detail}); delete it "
+                               "and rerun the command, which recomputes it") from None
+
+
+def read_json(path: str | os.PathLike, parse: Callable | None = None):
+    """The JSON in ``path``, passed through ``parse`` when given (e.g. a record's ``from_json``)."""
+    with reading(path):
+        payload = json.loads(Path(path).read_text())
+        return payload if parse is None else parse(payload)
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, read into memory (CPU): unlike ``safetensors.torch.load_file``,
     which memory-maps the file, the result does not depend on the file staying unchanged (a process
     whose mapped file is overwritten in place dies of SIGBUS)."""
-    return safetensors_load(Path(path).read_bytes())
+    with reading(path):
+        return safetensors_load(Path(path).read_bytes())
+
+
+def load_numpy(path: str | os.PathLike) -> dict:
+    """The arrays of a safetensors file, as numpy arrays in memory."""
+    from safetensors.numpy import load
+
+    with reading(path):
+        return load(Path(path).read_bytes())
+
+
+def load_torch(path: str | os.PathLike):
+    """An object :func:`save_torch` wrote (tensors and containers only: ``weights_only=True``)."""
+    with reading(path):
+        return torch.load(path, weights_only=True)
 
 
 def tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata in a safetensors file's header (empty when it has none)."""
-    with safe_open(str(path), framework="pt") as handle:
+    with reading(path), safe_open(str(path), framework="pt") as handle:
         return handle.metadata() or {}
 
 
@@ -137,7 +187,7 @@ def load_paired_metadata(directory: str | os.PathLike, stem: str) -> dict | None
     meta_path, tensor_path = directory / f"{stem}.json", directory / f"{stem}.safetensors"
     if not meta_path.is_file() or not tensor_path.is_file():
         return None
-    return json.loads(meta_path.read_text())
+    return read_json(meta_path)
 
 
 def load_paired_tensors(directory: str | os.PathLike, stem: str, metadata: dict) -> dict[str, torch.Tensor] | None:
