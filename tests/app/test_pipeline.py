@@ -108,3 +108,25 @@ def test_demo_on_the_real_model_and_a_slice_of_the_real_data(shared_data, tmp_pa
     for aspect in config.aspects:
         for strategy, record in repairs[aspect].items():
             assert record["metric"] <= post["aspects"][aspect]["query"], "a chosen repair never worsens its objective"
+
+
+def test_a_demo_model_changed_in_place_is_refused_by_name(tiny_model_dir, shared_data, tmp_path, capsys):
+    """The demo records its inputs' fingerprints: a model re-saved in place after the SFT stage is refused
+    by name instead of mixing the old post-SFT weights and hidden-state cache with the new model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    args = ["--out", str(tmp_path / "run"), "--quiet", "--model", str(model_dir), "--data-dir", str(shared_data),
+            "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--batch-size", "8", "--aspects", "bias"]
+    assert main(["sft", *args]) == 0
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["fit", *args]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and f"model {weights} (changed)" in line, line

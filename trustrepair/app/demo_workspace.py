@@ -12,13 +12,17 @@ from trustrepair.app.rundir import RunDir
 
 def load_demo_workspace(run: RunDir) -> PreparedRun:
     """The demo's prepared run; timed as ``load_model``, ``load_data``, ``tokenize`` and ``cache_hidden_states``."""
-    from trustrepair.app.models import block_layer_names, freeze_all_but_last_blocks, load_causal_lm, transformer_blocks
-    from trustrepair.data import Conversation, load_aspect, load_hh_sft, split
+    from trustrepair.app.models import (block_layer_names, default_model_dir, freeze_all_but_last_blocks, load_causal_lm,
+                                        transformer_blocks)
+    from trustrepair.data import Conversation, aspect_file, hh_file, load_aspect, load_hh_sft, split
     from trustrepair.data.training_files import text_messages
 
     cfg = run.config
+    model_dir = default_model_dir() if cfg.model is None else cfg.model
+    run.check_inputs({"model": model_dir, "SFT data": hh_file(cfg.data_dir),
+                      **{f"aspect {a}": aspect_file(a, cfg.data_dir) for a in cfg.aspects}})
     with run.timed("load_model"):
-        model, tokenizer = load_causal_lm(cfg.model)
+        model, tokenizer = load_causal_lm(model_dir)
     n_blocks = len(transformer_blocks(model))
     if cfg.trained_blocks > n_blocks:
         raise ValueError(f"trained_blocks={cfg.trained_blocks} but the model has {n_blocks} blocks")

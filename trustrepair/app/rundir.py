@@ -1,8 +1,9 @@
 """The run directory: where each stage's output lives, the settings it was made with, and the wall time
 per stage.
 
-A run directory holds the outputs of one set of settings (``config.json``): opening it with other
-settings is refused (``ValueError``), never mixed. Every write goes through :meth:`RunDir.publish`:
+A run directory holds the outputs of one set of settings (``config.json``, or ``attribute.json`` for a
+user's run) and one set of inputs (``inputs.json``: the SHA-256 of every model and data file the run
+reads): opening it with other settings or changed inputs is refused (``ValueError``), never mixed. Every write goes through :meth:`RunDir.publish`:
 rank 0 writes (atomically, :mod:`trustrepair.engine.storage`) while under ``torchrun`` the other ranks,
 which computed the same result, wait; an error on rank 0 is raised on every rank.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +46,7 @@ class RunDir:
     SETTINGS = "config.json"
     """The demo's settings file; a user's ``attribute`` run keeps its settings in :data:`ATTRIBUTE_SETTINGS`."""
     ATTRIBUTE_SETTINGS = "attribute.json"
+    INPUTS = "inputs.json"
 
     def __init__(self, out_dir: str | os.PathLike, config: DemoConfig | AttributeConfig, *, progress: bool = True,
                  settings_file: str = SETTINGS, replace_unused: bool = False):
@@ -51,6 +54,7 @@ class RunDir:
         self.config = config
         self.progress = progress_enabled(progress)
         self.timings: dict[str, float] = {}
+        self.settings_file = settings_file
         path = self.dir / settings_file
         wanted = config.to_json()
         if path.is_file():
@@ -58,6 +62,7 @@ class RunDir:
             changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
             if changed and replace_unused and not self._has_results(settings_file):
                 logger.info("run directory %s has no results yet; replacing its settings %s", self.dir, changed)
+                self._forget_splits()
                 self.publish(lambda: write_json(path, wanted))
             elif changed:
                 raise ValueError(
@@ -69,9 +74,34 @@ class RunDir:
         if timings.is_file():
             self.timings = read_json(timings)
 
+    def check_inputs(self, inputs: dict) -> None:
+        """Record the fingerprints of the files this run reads (``inputs``: label -> file or directory,
+        :mod:`trustrepair.app.fingerprints`) in ``inputs.json``, or check them against the recorded ones.
+
+        Raises:
+            ValueError: an input changed since the directory's results were computed, naming the file.
+        """
+        from trustrepair.app.fingerprints import changed_inputs, fingerprint
+
+        path = self.dir / self.INPUTS
+        now = fingerprint(inputs)
+        if path.is_file():
+            changed = changed_inputs(read_json(path), now)
+            if not changed:
+                return
+            if self._has_results(self.settings_file):
+                shown = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+                raise ValueError(f"the inputs of run directory {self.dir} changed since its results were computed "
+                                 f"({shown}); use a new --out directory, or delete {self.dir} to start over")
+            self._forget_splits()
+        self.publish(lambda: write_json(path, now))
+
+    def _forget_splits(self) -> None:
+        self.publish(lambda: shutil.rmtree(self.dir / "splits", ignore_errors=True))
+
     def _has_results(self, settings_file: str) -> bool:
         """Whether anything but the settings, the timings and the data splits (rewritten by every run) is here."""
-        return any(p.name not in (settings_file, "timings.json", "splits") for p in self.dir.iterdir())
+        return any(p.name not in (settings_file, "timings.json", "splits", self.INPUTS) for p in self.dir.iterdir())
 
     def path(self, relative: str | os.PathLike) -> Path:
         return self.dir / relative

@@ -22,7 +22,7 @@ from trustrepair.app.inputs import PreparedRun, RunInputs, prepare_workspace
 from trustrepair.app.layer_plan import choose_layers
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.settings import BUILTIN_ASPECTS, AttributeConfig
-from trustrepair.data import (DataError, load_aspect, load_training_file, load_training_files, load_trust_file,
+from trustrepair.data import (DataError, aspect_file, load_aspect, load_training_file, load_training_files, load_trust_file,
                               resolve_format, split)
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,24 @@ def _trust_set(value: str, cfg: AttributeConfig):
     return load_trust_file(value, aspect_name(value)).subsample(cfg.max_pairs, cfg.seed)
 
 
+def input_files(cfg: AttributeConfig) -> dict[str, str]:
+    """Every file or directory the run reads, by the option that names it (for the run's fingerprints)."""
+    files = {"--model": str(check_model_dir(cfg.model))}
+    if cfg.base_model is not None:
+        files["--base-model"] = str(check_model_dir(cfg.base_model, "--base-model"))
+    for i, path in enumerate(cfg.train):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--train {path}: no such file or directory")
+        files[f"--train {i + 1}"] = path
+    if cfg.eval is not None:
+        if not Path(cfg.eval).exists():
+            raise FileNotFoundError(f"--eval {cfg.eval}: no such file or directory")
+        files["--eval"] = cfg.eval
+    for value, name in zip(cfg.aspects, aspect_names(cfg)):
+        files[f"aspect {name}"] = str(aspect_file(value, cfg.data_dir) if value in BUILTIN_ASPECTS else value)
+    return files
+
+
 def load_user_workspace(run: RunDir, cfg: AttributeConfig) -> PreparedRun:
     """Load the model, the data and the trust sets of ``cfg`` and prepare the run
     (:func:`~trustrepair.app.inputs.prepare_workspace`: tokenised, ``splits/`` written, fit planned).
@@ -116,6 +134,7 @@ def load_user_workspace(run: RunDir, cfg: AttributeConfig) -> PreparedRun:
     """
     names = aspect_names(cfg)
     device = resolve_device(cfg.device)
+    run.check_inputs(input_files(cfg))
     with run.timed("load_model"):
         model, tokenizer = load_model(cfg.model, device, cfg.dtype)
     fmt = resolve_format(tokenizer, cfg.format)

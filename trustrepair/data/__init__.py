@@ -14,7 +14,8 @@ A user's own fine-tuning data, in the chat or plain format:
     examples = tokenize_conversations(records, tokenizer, 512)  # loss on assistant turns only
     queries = tokenize_trust_pairs(query_half, tokenizer, 256)  # the trust pairs in the same format
 """
-from .aspects import ASPECTS, SOURCES, default_data_dir, load_aspect, load_hh_sft, load_trust_file
+from .aspects import (ASPECTS, SOURCES, aspect_file, default_data_dir, hh_file, load_aspect, load_hh_sft,
+                      load_trust_file)
 from .bias import CROWS_GROUPS, DT_COUNTERPARTS, load_crows_pairs, load_decodingtrust
 from .ethics import load_ethics
 from .formats import FORMATS, format_trust, render_chat, resolve_format, tokenize_conversations, tokenize_trust_pairs
@@ -28,7 +29,7 @@ from .training_files import load_training_file, load_training_files
 from .truthfulqa import load_truthfulqa
 
 __all__ = [
-    "ASPECTS", "CROWS_GROUPS", "Conversation", "DT_COUNTERPARTS", "DataError", "FORMATS", "SFTRecord", "SFTSet",
+    "ASPECTS", "CROWS_GROUPS", "aspect_file", "hh_file", "Conversation", "DT_COUNTERPARTS", "DataError", "FORMATS", "SFTRecord", "SFTSet",
     "SOURCES", "TrustRecord", "TrustSet", "default_data_dir", "format_trust", "load_aspect",
     "load_crows_pairs", "load_decodingtrust", "load_ethics", "load_hh_sft", "load_sft_jsonl",
     "load_training_file", "load_training_files", "load_trust_file", "load_trust_jsonl", "load_truthfulqa",

@@ -68,6 +68,28 @@ def _resolve(data_dir: str | Path | None) -> Path:
     return path
 
 
+def _source(name: str, data_dir: str | Path | None, source: str | None):
+    if name not in SOURCES:
+        raise ValueError(f"unknown aspect {name!r}; built-in aspects are {list(SOURCES)} (bring others with "
+                         "load_trust_file)")
+    sources = SOURCES[name]
+    source = next(iter(sources)) if source is None else source
+    if source not in sources:
+        raise ValueError(f"unknown source {source!r} for aspect {name!r}; choose from {list(sources)}")
+    relative, loader = sources[source]
+    return _resolve(data_dir) / relative, loader
+
+
+def aspect_file(name: str, data_dir: str | Path | None = None, source: str | None = None) -> Path:
+    """The file :func:`load_aspect` reads for aspect ``name`` (and ``source``, default the first)."""
+    return _source(name, data_dir, source)[0]
+
+
+def hh_file(data_dir: str | Path | None = None, file: str = HH_STATIC) -> Path:
+    """The file :func:`load_hh_sft` reads."""
+    return _resolve(data_dir) / file
+
+
 def load_aspect(name: str, data_dir: str | Path | None = None, *, source: str | None = None,
                 max_pairs: int | None = None, seed: int = 0, **options) -> TrustSet:
     """The trust set of a built-in aspect.
@@ -81,19 +103,12 @@ def load_aspect(name: str, data_dir: str | Path | None = None, *, source: str | 
         **options: passed to the loader (``pairs_per_question`` for TruthfulQA, ``min_similarity``
             for ETHICS, ``counterparts`` for DecodingTrust).
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown aspect {name!r}; built-in aspects are {list(SOURCES)} (bring others with "
-                         "load_trust_file)")
-    sources = SOURCES[name]
-    source = next(iter(sources)) if source is None else source
-    if source not in sources:
-        raise ValueError(f"unknown source {source!r} for aspect {name!r}; choose from {list(sources)}")
-    relative, loader = sources[source]
+    path, loader = _source(name, data_dir, source)
     accepted = [p for p in inspect.signature(loader).parameters if p != "path"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"option(s) {unknown} do not apply to source {source!r}; it accepts {accepted}")
-    trust = TrustSet(name, loader(_resolve(data_dir) / relative, **options))
+    trust = TrustSet(name, loader(path, **options))
     return trust if max_pairs is None else trust.subsample(max_pairs, seed)
 
 
@@ -110,5 +125,5 @@ def load_hh_sft(data_dir: str | Path | None = None, *, file: str = HH_STATIC, ma
 
     ``max_examples`` keeps a seeded random subset in file order.
     """
-    sft = SFTSet("sft", load_sft_jsonl(_resolve(data_dir) / file))
+    sft = SFTSet("sft", load_sft_jsonl(hh_file(data_dir, file)))
     return sft if max_examples is None else sft.subsample(max_examples, seed)

@@ -1,5 +1,6 @@
-"""Damaged files in a run directory (issue 16 item 14): a rerun either completes with the same results or
-stops with one line, exit 2, naming the file to delete; never a traceback."""
+"""What a run directory refuses to mix: damaged files (a rerun completes with the same results or stops
+with one line, exit 2, naming the file to delete; never a traceback) and inputs that changed since its
+results were computed (the model's files, each data file)."""
 import hashlib
 import json
 import shutil
@@ -74,3 +75,55 @@ def test_an_intact_rerun_reuses_every_result(finished_run, tmp_path):
     assert main(["attribute", *args[:-3], "--out", str(run), "--quiet"]) == 0
     after = {p.relative_to(run): _digest(p) for p in run.rglob("*") if p.is_file() and p.name != "timings.json"}
     assert after == before
+
+
+def _rerun_refused(args, run, capsys, what):
+    capsys.readouterr()
+    assert main(["attribute", *args[:-3], "--out", str(run), "--quiet"]) == 2
+    line = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(line) == 1 and "changed since its results were computed" in line[0] and what in line[0], line
+    assert main(["repair", "--out", str(run), "--quiet"]) == 2
+
+
+def _copied_run(finished_run, tmp_path):
+    """A copy of the fixture's model, data and run directory, its settings and fingerprints naming the copy."""
+    source, args = finished_run
+    root = tmp_path / "copy"
+    shutil.copytree(source.parent, root)
+    for file in ("attribute.json", "inputs.json"):
+        path = root / "run" / file
+        path.write_text(path.read_text().replace(str(source.parent), str(root)))
+    args = [a.replace(str(source.parent), str(root)) for a in args]
+    assert main(["attribute", *args]) == 0  # the same bytes: every result reused
+    return root, args
+
+
+def test_an_edited_training_file_is_refused_by_name(finished_run, tmp_path, capsys):
+    root, args = _copied_run(finished_run, tmp_path)
+    with open(root / "train.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
+    _rerun_refused(args, root / "run", capsys, f"{root / 'train.jsonl'} (changed)")
+
+
+def test_a_model_changed_in_place_is_refused_by_name(finished_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    root, args = _copied_run(finished_run, tmp_path)
+    weights = root / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(n for n in tensors if "layers.1.mlp" in n)
+    tensors[name] = tensors[name] * 1.5  # "re-fine-tuned in place"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    _rerun_refused(args, root / "run", capsys, f"{weights} (changed)")
+
+
+def test_inputs_of_a_run_without_results_may_change(tmp_path, finished_run, capsys):
+    source, args = finished_run
+    run = tmp_path / "fresh"
+    bad = [a for a in args]
+    bad[bad.index("--last-blocks") + 1] = "9"  # refused before any result: a corrected command may follow
+    bad[bad.index("--out") + 1] = str(run)
+    assert main(["attribute", *bad]) == 2
+    fixed = [str(run) if a == str(source) else a for a in args]
+    assert main(["attribute", *fixed]) == 0
+    assert (run / "scores.jsonl").is_file()
