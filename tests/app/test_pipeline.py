@@ -130,3 +130,15 @@ def test_a_demo_model_changed_in_place_is_refused_by_name(tiny_model_dir, shared
     assert main(["fit", *args]) == 2
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and f"model {weights} (changed)" in line, line
+
+
+def test_a_diverged_sft_is_refused_before_its_weights_are_saved(tiny_model_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--quiet", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
+            "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--batch-size", "8", "--aspects", "bias",
+            "--sft-lr", "1e30"]
+    capsys.readouterr()
+    assert main(["sft", *args]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "non-finite" in line, line
+    assert not (out / "sft" / "params.safetensors").exists()

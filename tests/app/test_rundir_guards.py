@@ -127,3 +127,19 @@ def test_inputs_of_a_run_without_results_may_change(tmp_path, finished_run, caps
     fixed = [str(run) if a == str(source) else a for a in args]
     assert main(["attribute", *fixed]) == 0
     assert (run / "scores.jsonl").is_file()
+
+
+def test_a_model_with_a_nan_weight_is_refused_by_parameter_name(finished_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    root, args = _copied_run(finished_run, tmp_path)
+    weights = root / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    fresh = [str(tmp_path / "fresh") if a == str(root / "run") else a for a in args]
+    capsys.readouterr()
+    assert main(["attribute", *fresh]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "non-finite weights: model.layers.0.mlp.down_proj.weight (1 of" in line, line
+    assert not (tmp_path / "fresh" / "scores.jsonl").exists()

@@ -13,7 +13,7 @@ need no repeated options), the ``DemoConfig`` defaults otherwise; an option that
 saved settings is refused rather than mixing results of different settings.
 
 Exit codes: 0 success; 2 bad usage or input (argument errors, ``ValueError`` including the data
-module's ``DataError``, ``FileNotFoundError``), reported as one line on stderr (with the traceback
+module's ``DataError`` and damaged run files, ``FileNotFoundError``, ``FloatingPointError``), reported as one line on stderr (with the traceback
 at ``--log-level DEBUG``); 130 interrupted.
 """
 from __future__ import annotations
@@ -36,7 +36,9 @@ logger = logging.getLogger("trustrepair")
 DEFAULT_OUT = "runs/demo"
 DEFAULT_ATTRIBUTE_OUT = "runs/attribute"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-USER_ERRORS = (ValueError, FileNotFoundError)  # trustrepair.data.DataError is a ValueError
+# trustrepair.data.DataError and storage.DamagedFileError are ValueErrors; FloatingPointError: a non-finite
+# loss, gradient or weight, named by the library
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 # subcommand (a stage of trustrepair.app.pipeline.STAGE_ORDER) -> (what it leaves in the run directory,
 # one-line description)

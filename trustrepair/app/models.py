@@ -184,6 +184,7 @@ def load_causal_lm(path: str | Path | None = None, *, dtype: torch.dtype = torch
     Raises:
         FileNotFoundError: ``path`` is not a model directory (no config.json), or the default model's
             package is missing.
+        FloatingPointError: a weight holds NaN or infinity (:func:`check_finite_parameters`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -192,8 +193,26 @@ def load_causal_lm(path: str | Path | None = None, *, dtype: torch.dtype = torch
         raise FileNotFoundError(f"{folder} is not a Hugging Face model directory (no config.json); pass a "
                                 "folder written by save_pretrained, or no path for the default model")
     model = AutoModelForCausalLM.from_pretrained(folder, **_dtype_kwargs(dtype))
+    check_finite_parameters(model, what=str(folder))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
+
+
+def check_finite_parameters(model: nn.Module, names=None, what: str = "the model") -> None:
+    """Refuse non-finite parameters, naming them as the model names them.
+
+    Args:
+        names: the parameters to check (names in ``model.named_parameters()``); None checks all.
+    Raises:
+        FloatingPointError: naming up to three parameters with NaN or infinite entries and how many.
+    """
+    wanted = None if names is None else set(names)
+    bad = []
+    for name, param in model.named_parameters():
+        if (wanted is None or name in wanted) and not bool(torch.isfinite(param).all()):
+            bad.append(f"{name} ({int((~torch.isfinite(param)).sum())} of {param.numel()} entries)")
+    if bad:
+        raise FloatingPointError(f"{what} has non-finite weights: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

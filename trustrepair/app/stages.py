@@ -46,6 +46,7 @@ def restore_post_sft(run: RunDir, ws: Workspace) -> None:
 def sft(run: RunDir, ws: Workspace) -> SFTResult:
     """Fine-tune the last blocks of ``ws.model`` in place (loading them instead when already trained);
     evaluate the model before and after."""
+    from trustrepair.app.models import check_finite_parameters
     from trustrepair.app.sft import supervised_finetune
 
     cfg = run.config
@@ -66,6 +67,7 @@ def sft(run: RunDir, ws: Workspace) -> SFTResult:
             params[name].requires_grad_(False)
     with run.timed("evaluate_post"):
         post = ws.evaluation(cfg.aspects)
+    check_finite_parameters(ws.model, ws.trained_params, what="the fine-tuned model (lower --sft-lr)")
     result = SFTResult(pre, post, [float(x) for x in history.epoch_losses])
 
     def save():
@@ -138,6 +140,11 @@ def score(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Sequence[s
         return read_scores(path, aspects)
     with run.timed("score"):
         per_aspect = _chunk_scores(run, ws, factors, aspects, chunk)
+    for aspect, values in per_aspect.items():
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise FloatingPointError(f"aspect {aspect!r}: non-finite influence scores for {bad.size} training examples "
+                                     f"(first: {ws.train_records[bad[0]].source or bad[0]}); try a larger --damping")
     with run.timed("embeddings"):
         scores = Scores(per_aspect, ws.response_embeddings(ws.train))
     arrays = scores.to_arrays()
