@@ -137,6 +137,7 @@ def test_bad_values_exit_2_with_one_line(argv, expected, tmp_path, capsys):
 
 def test_config_mismatch_in_existing_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     RunDir(tmp_path, DemoConfig(subset_size=4))
+    (tmp_path / "selection.json").write_text("{}")  # a completed stage
     before = (tmp_path / "config.json").read_text()
     monkeypatch.setattr(pipeline, "run_stages", lambda run, last: pytest.fail("a refused run must not start a stage"))
     assert main(["fit", "--out", str(tmp_path), "--subset-size", "8"]) == 2
@@ -215,3 +216,12 @@ def test_bugs_are_not_swallowed_and_interrupts_exit_130(tmp_path, monkeypatch, c
     monkeypatch.setattr(pipeline, "run_stages", interrupt)
     assert main(["select", "--out", str(tmp_path)]) == 130
     assert "completed stages in" in one_line(capsys.readouterr().err)
+
+
+def test_a_run_dir_without_results_takes_corrected_settings(tmp_path, capsys):
+    """A first command that stopped on bad input (here a missing model) leaves no result, so the corrected
+    command is not refused as 'made with other settings'."""
+    assert main(["sft", "--out", str(tmp_path), "--model", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    RunDir(tmp_path, DemoConfig(subset_size=4))  # other settings: accepted, and saved
+    assert json.loads((tmp_path / "config.json").read_text())["subset_size"] == 4

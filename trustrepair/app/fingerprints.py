@@ -27,6 +27,8 @@ def path_digests(path: str | os.PathLike) -> dict[str, str]:
     """``{file: digest}`` of a file, or of every file below a directory (hidden ones and ``__pycache__``
     left out), keyed by absolute path."""
     path = Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         return {str(path): file_digest(path)}
     files = sorted(p for p in path.rglob("*") if p.is_file()

@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 class RunDir:
     """A run directory opened with ``config`` (written to ``settings_file`` when new, checked against it
-    otherwise; with ``replace_unused`` other settings replace the saved ones while the directory holds no
-    result yet, so a command that failed on bad input can be corrected) and the timings of its stages so
+    otherwise; other settings replace the saved ones while the directory holds no result yet, so a
+    command that stopped on bad input can be corrected) and the timings of its stages so
     far (``timings.json``)."""
 
     # Each stage's output, relative to the run directory.
@@ -49,7 +49,7 @@ class RunDir:
     INPUTS = "inputs.json"
 
     def __init__(self, out_dir: str | os.PathLike, config: DemoConfig | AttributeConfig, *, progress: bool = True,
-                 settings_file: str = SETTINGS, replace_unused: bool = False):
+                 settings_file: str = SETTINGS):
         self.dir = Path(out_dir)
         self.config = config
         self.progress = progress_enabled(progress)
@@ -60,7 +60,7 @@ class RunDir:
         if path.is_file():
             saved = read_json(path)
             changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-            if changed and replace_unused and not self._has_results(settings_file):
+            if changed and not self._has_results(settings_file):
                 logger.info("run directory %s has no results yet; replacing its settings %s", self.dir, changed)
                 self._forget_splits()
                 self.publish(lambda: write_json(path, wanted))

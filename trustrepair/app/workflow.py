@@ -54,7 +54,7 @@ REPAIR_DELTA = Path("repair") / "delta.safetensors"
 def open_run(out_dir, cfg: AttributeConfig, *, progress: bool = True) -> RunDir:
     """The attribute run directory ``out_dir`` with settings ``cfg`` (``attribute.json``); while it holds no
     result, new settings replace the saved ones (a run that stopped on bad input can be corrected)."""
-    return RunDir(out_dir, cfg, progress=progress, settings_file=RunDir.ATTRIBUTE_SETTINGS, replace_unused=True)
+    return RunDir(out_dir, cfg, progress=progress, settings_file=RunDir.ATTRIBUTE_SETTINGS)
 
 
 def load_settings(out_dir) -> AttributeConfig:
