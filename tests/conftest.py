@@ -170,3 +170,20 @@ def smollm2_tokenizer():
     from trustrepair.app.models import default_model_dir
 
     return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def save_tiny_model_dir(path, tokenizer, kind="llama", seed=0):
+    """A tiny causal-LM directory with ``tokenizer`` saved beside it: "llama" (tied embeddings) or "gpt2"
+    (Conv1D layers, absolute position embeddings); float32."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             tie_word_embeddings=True, max_position_embeddings=256))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=256))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

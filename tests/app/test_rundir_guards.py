@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-import torch
 
+from conftest import save_tiny_model_dir
 from trustrepair.app.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,16 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, smollm2_tokenizer):
     """A tiny Llama directory, chat data, a user trust file, and a run directory after attribute + repair."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("damaged")
-    tok = smollm2_tokenizer
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                         max_position_embeddings=128))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_model_dir(root / "model", smollm2_tokenizer)
     (root / "train.jsonl").write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"Name a colour number {i}."},
         {"role": "assistant", "content": ["Red.", "Blue.", "Green."][i % 3]}]}) + "\n" for i in range(16)))
