@@ -1,12 +1,13 @@
 """The public Python API refuses inputs that would quietly poison a model or a result (issue 16, items 1-9):
 non-finite numbers, inexact or repeated repairs, factors met with another model, malformed subsets and
 queries, an unlabelled training set, a tied LM head, token ids outside the vocabulary; and it accepts
-examples given as Python lists."""
+examples given as Python lists. A fuzz test over the numeric and index arguments closes it."""
 import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import make_examples, make_queries, make_tiny_llama
 from trustrepair.engine.ekfac import EKFACFactors, fit_ekfac
@@ -228,3 +229,46 @@ def test_examples_as_python_lists_are_converted(fitted):
     assert torch.equal(query_log_odds(model, queries_as_lists), query_log_odds(model, queries))
     with pytest.raises(ValueError, match="integer"):
         fit_ekfac(model, [{"input_ids": [1.5, 2.0], "labels": [1, 2]}], progress=False)
+
+
+# ---- fuzz: any numeric or index argument is refused by name or gives finite results ------------------
+
+NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-3, 3),
+                    st.sampled_from([0.0, -0.0, 1e-300, 1e300, -1e-3]))
+INDICES = st.one_of(st.lists(st.integers(-20, 20), max_size=6), st.lists(st.booleans(), min_size=16, max_size=16),
+                    st.lists(st.floats(-2, 20), min_size=1, max_size=3))
+
+
+def _finite(value) -> bool:
+    if isinstance(value, RepairDelta):
+        return all(bool(torch.isfinite(d).all()) for d in value.deltas.values())
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(call=st.sampled_from(["repair", "influence", "pairwise", "select_dpp"]), number=NUMBERS, index=INDICES,
+       k=st.integers(-2, 20))
+def test_fuzz_numbers_and_indices_are_refused_by_name_or_give_finite_results(fitted, call, number, index, k):
+    model, train, queries, factors = fitted
+    state = _state(model)
+    subset = np.array(index) if index and isinstance(index[0], bool) else index
+    calls = {
+        "repair": (lambda: repair(model, factors, train, subset, beta=number, progress=False), ("beta", "subset")),
+        "influence": (lambda: influence(model, factors, train, {"a": queries}, damping=number, progress=False),
+                      ("damping",)),
+        "pairwise": (lambda: pairwise_influence(model, factors, train, queries, damping=abs(number) if
+                                                isinstance(number, float) else None, query_rank=k, progress=False),
+                     ("damping", "query_rank")),
+        "select_dpp": (lambda: select_dpp(np.linspace(0, 1, 16), np.random.default_rng(0).normal(size=(16, 3)), k,
+                                          eta=number), ("eta", "k")),
+    }
+    run, names = calls[call]
+    try:
+        result = run()
+    except ValueError as err:
+        assert any(name in str(err) for name in names), (call, number, index, k, str(err))
+    else:
+        assert _finite(result), (call, number, index, k)
+    _assert_bit_identical(model, state)
