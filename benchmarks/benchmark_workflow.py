@@ -176,7 +176,7 @@ def write_results(rows: list[dict], args) -> None:
              f"cores, torch {torch.__version__}). A new user's run: SmolLM2-135M-Instruct (the cached fp32 directory), "
              f"{args.n_train} HH harmless dialogues converted to chat `messages` (a seeded 10% held out for "
              f"perplexity), chat format, max length {args.max_length}, aspects {', '.join(args.aspects)} with "
-             f"{args.max_pairs} pairs each (80% query), batch 8, one DPP repair of 32 examples for the common target "
+             f"{args.max_pairs} pairs each (80% query), batch 8, one DPP repair of {args.subset_size} examples for the common target "
              "with `--save-model`. Each command is a fresh process (`/usr/bin/time -v`: wall and peak RSS); "
              "stage seconds from `timings.json`.", "",
              "| layers | attribute wall s (peak MiB) | repair wall s (peak MiB) | report wall s | load model | "
