@@ -64,6 +64,7 @@ def test_killed_and_damaged_runs_resume_identically_or_name_the_file(setup, tria
     repaired = _cli(["repair", "--out", str(run), "--subset-size", "3"], root) if again.returncode == 0 else again
     for done in (again, repaired):
         assert done.returncode in (0, 2) and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert "Loading weights" not in done.stderr and "it/s]" not in done.stderr  # --quiet: no bars at all
         errors = [line for line in done.stderr.splitlines() if "error:" in line]
         if done.returncode == 2:
             assert len(errors) == 1 and "delete" in errors[0], done.stderr[-2000:]

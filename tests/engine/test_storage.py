@@ -69,13 +69,24 @@ def test_json_writes_non_finite_floats_as_null(tmp_path):
                                                                "c": {"d": None}, "e": 3}
 
 
-def test_permissions_private_or_umask_default(tmp_path):
-    storage.write_json(tmp_path / "j.json", {})
-    assert stat.S_IMODE((tmp_path / "j.json").stat().st_mode) == 0o600
-    storage.save_torch(tmp_path / "h.pt", {})
-    plain = tmp_path / "plain"
-    plain.write_bytes(b"")
-    assert stat.S_IMODE((tmp_path / "h.pt").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+def test_every_writer_gives_the_umask_default_mode(tmp_path):
+    """Not mkstemp's 0600: others on a shared server read a report like any file (issue 16 item 16)."""
+    from trustrepair.methods.repair_step import RepairDelta
+
+    old = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+        storage.write_json(tmp_path / "j.json", {})
+        storage.write_text(tmp_path / "r.md", "report")
+        storage.save_torch(tmp_path / "h.pt", {})
+        storage.save_tensors(tmp_path / "s.safetensors", {"w": torch.ones(2)})
+        RepairDelta({"w": torch.ones(2)}).save(tmp_path / "d.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o644
+    for name in ("j.json", "r.md", "h.pt", "s.safetensors", "d.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
 def test_paired_tensors_and_metadata(tmp_path):

@@ -5,8 +5,8 @@ A writer fills a temporary file with a unique name (``tempfile.mkstemp``) in the
 partial one, and the temporary file is removed on any failure (also ``KeyboardInterrupt``), so a failed
 write leaves the old file as it was and nothing beside it.
 
-Permissions: ``private=True`` keeps ``mkstemp``'s owner-only mode (0600); otherwise the file gets the
-mode a plain ``open`` would give it (0666 less the process umask).
+Permissions: every file gets the mode a plain ``open`` would give it (0666 less the process umask), not
+``mkstemp``'s owner-only 0600, so others on a shared server can read a report as they read any file.
 
 Tensors with their metadata (:func:`save_paired`, :func:`load_paired_metadata`,
 :func:`load_paired_tensors`): ``<stem>.safetensors`` and ``<stem>.json`` in one folder, both carrying
@@ -42,7 +42,7 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, private: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write ``path`` through ``write(temporary_path)`` then ``os.replace``; creates the parent folders.
 
     ``write`` receives the path of an existing, empty temporary file in the same folder and may
@@ -54,9 +54,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, priv
     os.close(fd)
     tmp = Path(name)
     try:
-        if not private:
-            os.chmod(tmp, _default_mode())
         write(tmp)
+        os.chmod(tmp, _default_mode())  # after: a writer such as safetensors' may recreate the file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -65,12 +64,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, priv
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """``data`` to ``path`` atomically, owner-only."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), private=True)
+    """``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """UTF-8 ``text`` to ``path`` atomically, owner-only."""
+    """UTF-8 ``text`` to ``path`` atomically."""
     return write_bytes(path, text.encode("utf-8"))
 
 
@@ -87,7 +86,7 @@ def finite_or_none(value):
 
 
 def write_json(path: str | os.PathLike, payload) -> Path:
-    """Standard JSON (indent 2, trailing newline), atomically, owner-only: non-finite floats (a diverged
+    """Standard JSON (indent 2, trailing newline), atomically: non-finite floats (a diverged
     beta probe) are written as null, since JSON has no NaN or infinity."""
     return write_text(path, json.dumps(finite_or_none(payload), indent=2, allow_nan=False) + "\n")
 
@@ -102,12 +101,12 @@ def save_torch(path: str | os.PathLike, obj) -> Path:
     return atomic_write(path, write)
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                 *, private: bool = False) -> Path:
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file of ``tensors`` (moved to the CPU, made contiguous) with the string ``metadata``
     in its header, atomically."""
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), private=private)
+    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 class DamagedFileError(ValueError):

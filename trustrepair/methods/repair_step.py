@@ -101,7 +101,7 @@ class RepairDelta:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (safetensors, metadata as JSON under ``"trustrepair"`` in its header) atomically."""
-        return save_tensors(path, self.deltas, metadata={"trustrepair": json.dumps(self.metadata)}, private=True)
+        return save_tensors(path, self.deltas, metadata={"trustrepair": json.dumps(self.metadata)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RepairDelta":
