@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_model_dir
+from transformers import AutoTokenizer
 from trustrepair.app.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,3 +202,49 @@ def test_save_model_never_writes_into_the_input_model(workdir, tmp_path, capsys)
         assert "\n" not in err and "would write into the input model" in err, err
     assert _digests(model) == before and not (model / "inside").exists()
     assert not (run / "repair.json").exists()
+
+
+def test_base_model_eval_file_builtin_aspect_globs_and_plain_format(workdir, tmp_path, shared_data):
+    """--base-model (the report adds the fine-tuning shift and how much the repair undid), --eval (no
+    training example is held out), a built-in aspect next to a user file, --layers globs, --format plain."""
+    from trustrepair.engine.ekfac import EKFACFactors
+
+    base = save_tiny_model_dir(tmp_path / "base", AutoTokenizer.from_pretrained(workdir / "llama"), seed=1)
+    train, evaluation = write_train(tmp_path, "prompt_completion"), tmp_path / "eval.jsonl"
+    evaluation.write_text("".join(json.dumps({"prompt": f"What is {i} times two?", "completion": f" {2 * i}."}) + "\n"
+                                  for i in range(6)))
+    run = tmp_path / "run"
+    assert main(["attribute", "--model", str(workdir / "llama"), "--base-model", str(base), "--train", str(train),
+                 "--eval", str(evaluation), "--aspects", "truthfulness", str(workdir / "pairs.jsonl"),
+                 "--data-dir", str(shared_data), "--max-pairs", "10", "--layers", "*.mlp.*", "--format", "plain",
+                 "--out", str(run), "--quiet"]) == 0
+    assert main(["repair", "--out", str(run), "--target", "truthfulness", "--strategy", "topk", "--subset-size", "3",
+                 "--quiet"]) == 0
+    assert main(["report", "--out", str(run), "--quiet"]) == 0
+    assert len((run / "scores.jsonl").read_text().splitlines()) == len(QUESTIONS)  # --eval: nothing held out
+    held = [json.loads(line) for line in (run / "splits" / "perplexity.jsonl").read_text().splitlines()]
+    assert len(held) == 6 and all("times two" in row["prompt"] for row in held)
+    modules = list(EKFACFactors.load(run / "factors").modules)
+    assert len(modules) == 6 and all(".mlp." in m for m in modules)
+    pair = json.loads((run / "splits" / "truthfulness.query.jsonl").read_text().splitlines()[0])
+    assert "<|im_start|>" not in pair["prompt"] and pair["prompt"].endswith("Answer:")  # plain: no chat template
+    report = json.loads((run / "report.json").read_text())
+    assert report["repair"]["target"] == "truthfulness" and report["repair"]["strategy"] == "topk"
+    assert "--eval" in report["perplexity"]["measured_on"] and "base" in report["perplexity"]
+    for aspect in ("truthfulness", "pairs"):
+        row = report["aspects"][aspect]
+        shift = row["heldout"]["input"] - row["heldout"]["base"]
+        assert row["fine_tuning_shift"] == pytest.approx(shift, rel=1e-12, abs=1e-12)
+        assert row["undone_pct"] == pytest.approx(100 * (row["heldout"]["input"] - row["heldout"]["repaired"]) / shift)
+    assert "Fine-tuning shift" in (run / "report.md").read_text()
+
+
+def test_bfloat16_model(workdir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["attribute", "--model", str(workdir / "llama"), "--train", str(write_train(tmp_path, "chat")),
+                 "--aspects", str(workdir / "pairs.jsonl"), "--dtype", "bfloat16", "--out", str(run), "--quiet"]) == 0
+    assert main(["repair", "--out", str(run), "--subset-size", "4", "--quiet"]) == 0
+    report = json.loads((run / "repair.json").read_text())
+    assert report["repaired"]["perplexity"] <= report["input"]["perplexity"] * 1.01 + 1e-9
+    values = [json.loads(line)["pairs"] for line in (run / "scores.jsonl").read_text().splitlines()]
+    assert all(v == v and abs(v) < float("inf") for v in values) and any(v != 0 for v in values)
