@@ -3,6 +3,7 @@ non-finite numbers, inexact or repeated repairs, factors met with another model,
 queries, an unlabelled training set, a tied LM head, token ids outside the vocabulary; and it accepts
 examples given as Python lists. A fuzz test over the numeric and index arguments closes it."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -231,6 +232,13 @@ def test_examples_as_python_lists_are_converted(fitted):
         fit_ekfac(model, [{"input_ids": [1.5, 2.0], "labels": [1, 2]}], progress=False)
 
 
+def test_a_beta_that_overflows_the_step_is_refused(fitted):
+    """Found by the fuzz test below: beta = 1e300 gave a float32 delta of infinities."""
+    model, train, _, factors = fitted
+    with pytest.raises(ValueError, match=r"beta = 1e\+300 scales the step past the range of torch.float32"):
+        repair(model, factors, train, [0], beta=1e300, progress=False)
+
+
 # ---- fuzz: any numeric or index argument is refused by name or gives finite results ------------------
 
 NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-3, 3),
@@ -247,7 +255,7 @@ def _finite(value) -> bool:
     return bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("TRUSTREPAIR_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(call=st.sampled_from(["repair", "influence", "pairwise", "select_dpp"]), number=NUMBERS, index=INDICES,
        k=st.integers(-2, 20))
 def test_fuzz_numbers_and_indices_are_refused_by_name_or_give_finite_results(fitted, call, number, index, k):

@@ -55,8 +55,19 @@ class RepairDelta:
     _applied: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def scaled(self, factor: float) -> "RepairDelta":
-        return RepairDelta({k: v * factor for k, v in self.deltas.items()},
-                           {**self.metadata, "scale": self.metadata.get("scale", 1.0) * factor})
+        """The change times ``factor`` (a step size beta).
+
+        Raises:
+            ValueError: ``factor`` is not finite, or takes an entry past the dtype's range (a beta such as
+                1e300 on a float32 model), which would write infinities into the weights.
+        """
+        factor = finite("beta", factor)
+        deltas = {k: v * factor for k, v in self.deltas.items()}
+        overflow = [k for k, v in deltas.items() if not bool(torch.isfinite(v).all())]
+        if overflow:
+            raise ValueError(f"beta = {factor!r} scales the step past the range of "
+                             f"{deltas[overflow[0]].dtype} (non-finite entries in {overflow[0]}); use a smaller beta")
+        return RepairDelta(deltas, {**self.metadata, "scale": self.metadata.get("scale", 1.0) * factor})
 
     def apply(self, model: torch.nn.Module, sign: float = 1.0) -> None:
         """Add the change to ``model``'s layers in place (``sign=-1`` subtracts it), keeping a copy of the
