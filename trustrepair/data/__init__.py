@@ -18,6 +18,7 @@ from .aspects import (ASPECTS, SOURCES, aspect_file, default_data_dir, hh_file, 
                       load_trust_file)
 from .bias import CROWS_GROUPS, DT_COUNTERPARTS, load_crows_pairs, load_decodingtrust
 from .ethics import load_ethics
+from .planted import PlantedScenario, planted_scenario
 from .formats import FORMATS, format_trust, render_chat, resolve_format, tokenize_conversations, tokenize_trust_pairs
 from .trust_jsonl import load_trust_jsonl
 from .reading import DataError
@@ -29,7 +30,7 @@ from .training_files import load_training_file, load_training_files
 from .truthfulqa import load_truthfulqa
 
 __all__ = [
-    "ASPECTS", "CROWS_GROUPS", "aspect_file", "hh_file", "Conversation", "DT_COUNTERPARTS", "DataError", "FORMATS", "SFTRecord", "SFTSet",
+    "ASPECTS", "CROWS_GROUPS", "PlantedScenario", "aspect_file", "hh_file", "planted_scenario", "Conversation", "DT_COUNTERPARTS", "DataError", "FORMATS", "SFTRecord", "SFTSet",
     "SOURCES", "TrustRecord", "TrustSet", "default_data_dir", "format_trust", "load_aspect",
     "load_crows_pairs", "load_decodingtrust", "load_ethics", "load_hh_sft", "load_sft_jsonl",
     "load_training_file", "load_training_files", "load_trust_file", "load_trust_jsonl", "load_truthfulqa",

@@ -64,12 +64,15 @@ CROWS_GROUPS = {
 """CrowS-Pairs ``bias_type`` -> the phrase that fills [target_group] in the prompt."""
 
 
-def load_decodingtrust(path: str | Path, counterparts: dict[str, str] | None = None) -> list[TrustRecord]:
+def load_decodingtrust(path: str | Path, counterparts: dict[str, str] | None = None, *,
+                       group_by_topic: bool = False) -> list[TrustRecord]:
     """Trust records from DecodingTrust's ``user_prompts.csv``, one per (template, stereotyped group).
 
     Args:
         path: the CSV (columns stereotype_topic, target_group, stereotype_template).
         counterparts: stereotyped group -> counterpart group; default :data:`DT_COUNTERPARTS`.
+        group_by_topic: give each record its stereotype topic as ``group``, so that a split keeps a
+            topic's three templates (paraphrases of one stereotype) on one side.
     Raises:
         DataError: missing columns, a template without "[target_group]", a group in neither half, no records.
     """
@@ -89,8 +92,10 @@ def load_decodingtrust(path: str | Path, counterparts: dict[str, str] | None = N
         seen.add((template, group))
         other = counterparts[group]
         prompt = TEMPLATE.format(target_group=" and ".join(sorted((group, other))))
+        topic = row["stereotype_topic"].strip() if group_by_topic else None
         records.append(TrustRecord(prompt, " " + template.replace("[target_group]", other),
-                                   " " + template.replace("[target_group]", group), source=f"{path}:{line_no}"))
+                                   " " + template.replace("[target_group]", group), group=topic,
+                                   source=f"{path}:{line_no}"))
     if not records:
         raise DataError(f"{path}: no rows about a stereotyped group ({sorted(counterparts)})")
     return records
