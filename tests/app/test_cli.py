@@ -225,3 +225,17 @@ def test_a_run_dir_without_results_takes_corrected_settings(tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
     RunDir(tmp_path, DemoConfig(subset_size=4))  # other settings: accepted, and saved
     assert json.loads((tmp_path / "config.json").read_text())["subset_size"] == 4
+
+
+@pytest.mark.parametrize("kind, argv, expected", [
+    ("attribute.json", ["fit"], "holds an attribute run (attribute.json); `fit` is a stage of the demo"),
+    ("attribute.json", ["repair", "--n-sft", "5"], "is an attribute run; --n-sft belong to the demo"),
+    ("config.json", ["attribute", "--model", "m", "--train", "t"], "holds a demo run (config.json)"),
+    ("config.json", ["repair", "--save-model", "x"], "is not an attribute run (no attribute.json)"),
+])
+def test_demo_and_attribute_runs_are_never_mixed(tmp_path, capsys, kind, argv, expected):
+    (tmp_path / kind).write_text("{}")
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert expected in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kind]
