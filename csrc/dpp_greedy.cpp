@@ -83,13 +83,14 @@ constexpr int64_t kRowsPerItem = 512;  // candidates per work item in the eager 
 
 // The selected set, read-only while candidates are updated (PicksView points into it).
 struct Picks {
-    int64_t d, kk;
-    std::vector<double> rows;    // (kk, d) embeddings of the picks, widened to float64
+    int64_t d, dp, kk;
+    std::vector<double> rows;    // (kk, dp) embeddings of the picks, widened to float64, zero-padded
     std::vector<double> sqnorm;  // (kk,)   ||e_{j_m}||^2
     std::vector<double> chol;    // (kk, kk) row m holds c_{j_m}[0:m] (lower-triangular V)
     std::vector<double> diag;    // (kk,)   sqrt(d2_{j_m}) at selection = V[m, m]
-    Picks(int64_t d_, int64_t kk_) : d(d_), kk(kk_), rows(kk_ * d_), sqnorm(kk_), chol(kk_ * kk_), diag(kk_) {}
-    PicksView view() const { return {d, kk, rows.data(), sqnorm.data(), chol.data(), diag.data()}; }
+    Picks(int64_t d_, int64_t kk_)
+        : d(d_), dp(padded_width(d_)), kk(kk_), rows(kk_ * dp), sqnorm(kk_), chol(kk_ * kk_), diag(kk_) {}
+    PicksView view() const { return {d, dp, kk, rows.data(), sqnorm.data(), chol.data(), diag.data()}; }
 };
 
 int resolve_threads(int requested) {
@@ -116,8 +117,9 @@ class Greedy {
            int threads, BatchPool& pool)
         : emb_(emb), s_(s), n_(n), d_(d), kk_(kk), eta_(eta), gamma_(gamma), pool_(pool),
           kernels_(kernels_named<T>(simd_variant())), lanes_(kernels_.lanes), picks_(d, kk),
-          chol_(new double[n * kk]), d2_(n, 2.0), logd2_(n, std::log(2.0)), stamp_(n, 0), taken_(n, 0),
-          scratch_(static_cast<size_t>(threads) * (d + kk) * lanes_) {}
+          chol_(new double[n * kk]), d2_(n, 2.0), logd2_(n, std::log(2.0)), sq_(n), stamp_(n, 0), taken_(n, 0),
+          scratch_per_thread_(scratch_doubles(d, kk, lanes_)),
+          scratch_(static_cast<size_t>(threads) * scratch_per_thread_) {}
 
     GreedyResult run(bool lazy) {
         // First pick: every candidate has d2_i = L_ii = 1 + K_ii = 2, so only the score term differs.
@@ -136,7 +138,7 @@ class Greedy {
     }
 
   private:
-    double* scratch() { return &scratch_[static_cast<size_t>(thread_id()) * (d_ + kk_) * lanes_]; }
+    double* scratch() { return &scratch_[static_cast<size_t>(thread_id()) * scratch_per_thread_]; }
 
     double score_gain(int64_t i) const { return eta_ > 0.0 ? eta_ * std::log1p(s_[i] / total_) : 0.0; }
 
@@ -151,6 +153,7 @@ class Greedy {
             g.row[w] = emb_ + i * d_;
             g.chol[w] = &chol_[i * kk_];
             g.d2[w] = &d2_[i];
+            g.sq[w] = &sq_[i];
             g.from[w] = stamp_[i];
         }
         kernels_.update(g, t, picks_.view(), gamma_, scratch());
@@ -168,9 +171,9 @@ class Greedy {
         out_.gains.push_back(gain);
         taken_[j] = 1;
         total_ += s_[j];
-        std::copy(emb_ + j * d_, emb_ + (j + 1) * d_, &picks_.rows[t * d_]);  // widened to float64
-        const T* row = emb_ + j * d_;
-        kernels_.sqnorm(&row, 1, d_, scratch(), &picks_.sqnorm[t]);
+        std::copy(emb_ + j * d_, emb_ + (j + 1) * d_, &picks_.rows[t * picks_.dp]);  // widened to float64
+        if (t == 0) sq_[j] = kernels_.sqnorm(emb_ + j * d_, d_, picks_.dp, scratch());  // never updated
+        picks_.sqnorm[t] = sq_[j];
         std::copy(&chol_[j * kk_], &chol_[j * kk_] + t, &picks_.chol[t * kk_]);
         picks_.diag[t] = std::sqrt(d2_[j]);
     }
@@ -306,9 +309,11 @@ class Greedy {
     std::unique_ptr<double[]> chol_;          // (n, kk) c_i rows; entry m is written before it is read
     std::vector<double> d2_;                  // (n,) Schur complements, L_ii = 2 before any update
     std::vector<double> logd2_;               // (n,) log d2_i, the diversity gain
+    std::vector<double> sq_;                  // (n,) ||e_i||^2, set at the first update (or first pick)
     std::vector<int64_t> stamp_;              // (n,) number of picks c_i is up to date with
     std::vector<char> taken_;                 // (n,) 1 once selected
-    std::vector<double> scratch_;             // per thread: (d + kk) * lanes_ doubles for the kernels
+    const int64_t scratch_per_thread_;        // doubles of kernel scratch per thread
+    std::vector<double> scratch_;             // (threads, scratch_per_thread_)
     double total_ = 0.0;                      // T_t, the score sum of the picks
     GreedyResult out_;
 };

@@ -1,6 +1,6 @@
-// The arithmetic of the greedy DPP selector: bringing candidates up to date with new picks, W candidates
-// at a time (one per SIMD lane), compiled for the widest SIMD the running CPU has (AVX-512: W = 8,
-// AVX2 + FMA: W = 4, baseline: W = 2) and chosen once when a selection starts.
+// The arithmetic of the greedy DPP selector: bringing candidates up to date with new picks, compiled for
+// the widest SIMD the running CPU has (AVX-512: W = 8 doubles per vector, AVX2 + FMA: W = 4, baseline:
+// W = 2) and chosen once when a selection starts.
 //
 // A candidate i with embedding row x (float32 or float64), Cholesky row c[0:from] and Schur complement d2
 // is brought up to date with picks m = from..to-1 (see dpp_greedy.cpp):
@@ -8,12 +8,16 @@
 //     K_m = exp(-gamma * max((||x||^2 + ||p_m||^2) - 2 <x, p_m>, 0))
 //     e_m = (K_m - <V[m, 0:m], c[0:m]>) / V[m, m],    c[m] = e_m,    d2 -= e_m^2
 //
-// all in float64 (float32 rows are widened exactly). Each lane carries one candidate through exactly the
-// same operations in the same order, whatever its group, lane or thread and whether the greedy is lazy
-// or eager: dot products over the embedding are (sum over even l) + (sum over odd l), each summed in
-// increasing l; the sum over q in the recurrence is ((q = 0 mod 4) + (1 mod 4)) + ((2 mod 4) + (3 mod 4)),
-// each in increasing q. So a candidate's values never depend on how the work was split; they can differ
-// in the last bits between CPUs that run different variants (FMA contraction differs).
+// all in float64 (float32 rows are widened exactly). The dot products <x, p_m> (2 d flops per kernel
+// entry, most of the work) are vectorised over the embedding, one candidate against up to kMaxPicks picks
+// per call; the recurrence (2 m flops per entry) runs one candidate per lane, W candidates at a time.
+// Every value is computed by the same operations in the same order, whatever the group, lane, thread or
+// batch of picks and whether the greedy is lazy or eager: a dot product over the embedding is
+// (lane-wise sum over even chunks of W) + (over odd chunks), each in increasing order, then its lanes are
+// added by a fixed tree (lane_sum); the sum over q in the recurrence is
+// ((q = 0 mod 4) + (1 mod 4)) + ((2 mod 4) + (3 mod 4)), each in increasing q. So a candidate's values
+// never depend on how the work was split; they can differ in the last bits between CPUs that run
+// different variants (the vector width changes the order of the sums).
 #pragma once
 
 #include <cmath>
@@ -31,14 +35,18 @@ namespace trustrepair {
 
 // The selected set as raw pointers (read-only while candidates are updated).
 struct PicksView {
-    int64_t d, kk;
-    const double* rows;    // (kk, d) embeddings of the picks, widened to float64
+    int64_t d, dp, kk;     // dp = padded_width(d), the stride of rows
+    const double* rows;    // (kk, dp) embeddings of the picks, widened to float64, zero-padded
     const double* sqnorm;  // (kk,)   ||p_m||^2
     const double* chol;    // (kk, kk) row m holds V[m, 0:m] = c_{j_m}[0:m]
     const double* diag;    // (kk,)   V[m, m] = sqrt(d2_{j_m}) at selection
 };
 
 constexpr int kMaxLanes = 8;
+
+// Row width in doubles once padded with zeros to a multiple of kMaxLanes (so that every variant's vectors
+// tile it; the zeros add exact zeros to every dot product).
+inline int64_t padded_width(int64_t d) { return (d + kMaxLanes - 1) / kMaxLanes * kMaxLanes; }
 
 // Up to kMaxLanes candidates updated together; lanes beyond `lanes` are idle.
 template <typename T>
@@ -47,6 +55,7 @@ struct CandidateGroup {
     const T* row[kMaxLanes];    // (d,) embedding rows
     double* chol[kMaxLanes];    // (kk,) Cholesky rows, valid on [0, from)
     double* d2[kMaxLanes];      // Schur complements
+    double* sq[kMaxLanes];      // ||x||^2, written when from = 0, read after
     int64_t from[kMaxLanes];    // picks each row is up to date with
 };
 
@@ -83,55 +92,6 @@ __attribute__((always_inline)) inline typename Vec<W>::type load_widened(const T
     }
 }
 
-// Transposes the W x W block r[0..W) in registers: at each level h = W/2, ..., 1 the off-diagonal h x h
-// blocks of every 2h x 2h block swap (two shuffles with constant masks per pair of rows).
-template <int W, int H>
-__attribute__((always_inline)) inline void swap_blocks(typename Vec<W>::type* r) {
-    typedef typename Vec<W>::index I;
-    I lo, hi;
-    if constexpr (W == 2) {
-        lo = I{0, 2}, hi = I{1, 3};
-    } else if constexpr (W == 4 && H == 2) {
-        lo = I{0, 1, 4, 5}, hi = I{2, 3, 6, 7};
-    } else if constexpr (W == 4) {
-        lo = I{0, 4, 2, 6}, hi = I{1, 5, 3, 7};
-    } else if constexpr (H == 4) {
-        lo = I{0, 1, 2, 3, 8, 9, 10, 11}, hi = I{4, 5, 6, 7, 12, 13, 14, 15};
-    } else if constexpr (H == 2) {
-        lo = I{0, 1, 8, 9, 4, 5, 12, 13}, hi = I{2, 3, 10, 11, 6, 7, 14, 15};
-    } else {
-        lo = I{0, 8, 2, 10, 4, 12, 6, 14}, hi = I{1, 9, 3, 11, 5, 13, 7, 15};
-    }
-    for (int i = 0; i < W; ++i)
-        if (!(i & H)) {
-            const typename Vec<W>::type a = r[i], b = r[i + H];
-            r[i] = __builtin_shuffle(a, b, lo);
-            r[i + H] = __builtin_shuffle(a, b, hi);
-        }
-}
-
-template <int W>
-__attribute__((always_inline)) inline void transpose_block(typename Vec<W>::type* r) {
-    static_assert(W == 2 || W == 4 || W == 8, "lane counts of the compiled variants");
-    if constexpr (W >= 8) swap_blocks<W, 4>(r);
-    if constexpr (W >= 4) swap_blocks<W, 2>(r);
-    swap_blocks<W, 1>(r);
-}
-
-// xt[l * W + w] = element l of row w, as float64; idle lanes repeat row 0.
-template <typename T, int W>
-__attribute__((always_inline)) inline void transpose_rows(const T* const* rows, int lanes, int64_t d, double* xt) {
-    typename Vec<W>::type r[W];
-    int64_t l = 0;
-    for (; l + W <= d; l += W) {
-        for (int w = 0; w < W; ++w) r[w] = load_widened<T, W>(rows[w < lanes ? w : 0] + l);
-        transpose_block<W>(r);
-        for (int w = 0; w < W; ++w) store<W>(xt + (l + w) * W, r[w]);
-    }
-    for (; l < d; ++l)
-        for (int w = 0; w < W; ++w) xt[l * W + w] = static_cast<double>(rows[w < lanes ? w : 0][l]);
-}
-
 // exp(x) per lane for x <= 0, within 1 ulp of the libm value (tested against numpy.exp): x = k ln2 + r with
 // |r| <= ln2/2 (Cody-Waite reduction, k*ln2_hi exact), exp(r) by its Taylor polynomial of degree 13
 // (truncation below 1e-17 relative) in Horner form, times 2^k built in the exponent field. Values below
@@ -163,122 +123,193 @@ __attribute__((always_inline)) inline void exp_nonpositive(typename Vec<W>::type
     *inout = x < -708.5 ? V{} : y;
 }
 
-// Per lane ||x||^2 from transposed rows: (sum over even l) + (sum over odd l), the order of the dot
-// products in group_update, so that identical rows are exactly 0 apart.
+// Picks per call of pick_dots: enough independent accumulator chains to hide the FMA latency (two per
+// pick), without spilling registers (32 vector registers with AVX-512, 16 otherwise).
 template <int W>
-__attribute__((always_inline)) inline void lane_sqnorm(const double* xt, int64_t d, typename Vec<W>::type* out) {
-    typedef typename Vec<W>::type V;
-    V even = {}, odd = {};
-    int64_t l = 0;
-    for (; l + 2 <= d; l += 2) {
-        const V a = load<W>(xt + l * W), b = load<W>(xt + (l + 1) * W);
-        even += a * a;
-        odd += b * b;
-    }
-    if (l < d) {
-        const V a = load<W>(xt + l * W);
-        even += a * a;
-    }
-    *out = even + odd;
-}
+constexpr int kMaxPicks = W >= 8 ? 8 : 4;
 
+// out[0..d) = row widened to float64, out[d..dp) = 0 (dp = padded_width(d)).
 template <typename T, int W>
-__attribute__((always_inline)) inline void group_sqnorm(const T* const* rows, int lanes, int64_t d, double* xt,
-                                                        double* out) {
-    typename Vec<W>::type sum;
-    transpose_rows<T, W>(rows, lanes, d, xt);
-    lane_sqnorm<W>(xt, d, &sum);
-    for (int w = 0; w < lanes; ++w) out[w] = sum[w];
+__attribute__((always_inline)) inline void widen_row(const T* row, int64_t d, int64_t dp, double* out) {
+    int64_t l = 0;
+    for (; l + W <= d; l += W) store<W>(out + l, load_widened<T, W>(row + l));
+    for (; l < d; ++l) out[l] = static_cast<double>(row[l]);
+    for (; l < dp; ++l) out[l] = 0.0;
 }
 
-// The update described at the top of this file for a group of candidates. Picks are processed four at a
-// time for the distances (eight independent accumulator chains), then one at a time for the recurrence,
-// which is sequential in m. Lane w takes part in pick m only when from[w] <= m; otherwise its c[m] is
-// already known and is kept. scratch holds (d + kk) * W doubles.
+// Sum of the W lanes of v as a fixed tree (halves added lane by lane, then their halves, ...):
+// ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)) for W = 8.
+template <int W>
+__attribute__((always_inline)) inline double lane_sum(typename Vec<W>::type v) {
+    double a[W];
+    __builtin_memcpy(a, &v, sizeof(a));
+    for (int h = W / 2; h >= 1; h /= 2)
+        for (int l = 0; l < h; ++l) a[l] += a[l + h];
+    return a[0];
+}
+
+// out[b] = lane_sum(v[b]) for b < P. For W = 8 the eight trees run side by side: each level adds, for
+// every vector, lane l to lane l + h exactly as lane_sum does (shuffles only regroup the halves of two
+// vectors into one), so out[b] is bit for bit lane_sum(v[b]).
+template <int W, int P>
+__attribute__((always_inline)) inline void lane_sums(const typename Vec<W>::type* v, double* out) {
+    typedef typename Vec<W>::type V;
+    typedef typename Vec<W>::index I;
+    if constexpr (W == 8 && P >= 4) {
+        V r[8];
+        for (int b = 0; b < 8; ++b) r[b] = b < P ? v[b] : V{};
+        V s[4], q[2];
+        for (int b = 0; b < 4; ++b)  // s[b] = (r[2b] lanes 0-3 + 4-7, r[2b+1] lanes 0-3 + 4-7)
+            s[b] = __builtin_shuffle(r[2 * b], r[2 * b + 1], I{0, 1, 2, 3, 8, 9, 10, 11}) +
+                   __builtin_shuffle(r[2 * b], r[2 * b + 1], I{4, 5, 6, 7, 12, 13, 14, 15});
+        for (int b = 0; b < 2; ++b)  // q[b] lanes: (4b, 4b+2, 4b+1, 4b+3) x (lane 0, 1)
+            q[b] = __builtin_shuffle(s[2 * b], s[2 * b + 1], I{0, 1, 8, 9, 4, 5, 12, 13}) +
+                   __builtin_shuffle(s[2 * b], s[2 * b + 1], I{2, 3, 10, 11, 6, 7, 14, 15});
+        const V sum = __builtin_shuffle(q[0], q[1], I{0, 2, 4, 6, 8, 10, 12, 14}) +
+                      __builtin_shuffle(q[0], q[1], I{1, 3, 5, 7, 9, 11, 13, 15});
+        constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // vector behind each lane of sum
+        for (int l = 0; l < 8; ++l)
+            if (kOrder[l] < P) out[kOrder[l]] = sum[l];
+    } else {
+        for (int b = 0; b < P; ++b) out[b] = lane_sum<W>(v[b]);
+    }
+}
+
+// out[b] = <x, p + b * dp> for b < P, over dp doubles (a multiple of W). Every dot product is computed
+// the same way, whatever P and whichever b: lane l of two accumulators sums x[c W + l] * p[c W + l] over
+// the even and the odd chunks c respectively, in increasing c (one FMA each); then the two are added and
+// the lanes summed by lane_sum's tree. So <x, x> equals <x, y> bit for bit when x and y hold the same
+// values, and identical rows are exactly 0 apart.
+template <int W, int P>
+__attribute__((always_inline)) inline void pick_dots(const double* x, const double* p, int64_t dp, double* out) {
+    typedef typename Vec<W>::type V;
+    V even[P], odd[P];
+    for (int b = 0; b < P; ++b) even[b] = odd[b] = V{};
+    int64_t l = 0;
+    for (; l + 2 * W <= dp; l += 2 * W) {
+        const V a = load<W>(x + l), c = load<W>(x + l + W);
+        for (int b = 0; b < P; ++b) {
+            even[b] += a * load<W>(p + b * dp + l);
+            odd[b] += c * load<W>(p + b * dp + l + W);
+        }
+    }
+    if (l < dp) {
+        const V a = load<W>(x + l);
+        for (int b = 0; b < P; ++b) even[b] += a * load<W>(p + b * dp + l);
+    }
+    V sum[P];
+    for (int b = 0; b < P; ++b) sum[b] = even[b] + odd[b];
+    lane_sums<W, P>(sum, out);
+}
+
+// pick_dots for a run-time count 1 <= count <= kMaxPicks<W>.
+template <int W>
+__attribute__((always_inline)) inline void pick_dots_n(const double* x, const double* p, int64_t dp, int count,
+                                                       double* out) {
+    switch (count) {
+        case 1: return pick_dots<W, 1>(x, p, dp, out);
+        case 2: return pick_dots<W, 2>(x, p, dp, out);
+        case 3: return pick_dots<W, 3>(x, p, dp, out);
+        case 4: return pick_dots<W, 4>(x, p, dp, out);
+    }
+    if constexpr (kMaxPicks<W> == 8) {
+        switch (count) {
+            case 5: return pick_dots<W, 5>(x, p, dp, out);
+            case 6: return pick_dots<W, 6>(x, p, dp, out);
+            case 7: return pick_dots<W, 7>(x, p, dp, out);
+            default: return pick_dots<W, 8>(x, p, dp, out);
+        }
+    }
+}
+
+// ||x||^2 of one embedding row, as pick_dots computes <x, x>. scratch holds dp doubles.
+template <typename T, int W>
+__attribute__((always_inline)) inline double row_sqnorm(const T* row, int64_t d, int64_t dp, double* scratch) {
+    widen_row<T, W>(row, d, dp, scratch);
+    double out;
+    pick_dots<W, 1>(scratch, scratch, dp, &out);
+    return out;
+}
+
+// The update described at the top of this file for a group of candidates, in two phases.
+//   1. Distances, candidate by candidate: the row is widened once into scratch, then its dot products
+//      with exactly the picks it has not seen are computed kMaxPicks<W> at a time (pick_dots, vectorised
+//      over the embedding: no transposes, each pick row reused from L1 by the next candidates of the
+//      group). A row seen for the first time (from = 0) also gets its squared norm, kept in *sq.
+//   2. Kernel values and the recurrence, one candidate per lane, one pick at a time (it is sequential in
+//      m). Lane w takes part in pick m only when from[w] <= m; otherwise its c[m] is already known and kept.
+// scratch holds dp + 2 kk W + kMaxPicks<W> doubles (P.dp = padded_width(d)).
 template <typename T, int W>
 __attribute__((always_inline)) inline void group_update(const CandidateGroup<T>& g, int64_t to, const PicksView& P,
                                                         double gamma, double* scratch) {
     typedef typename Vec<W>::type V;
-    const int64_t d = P.d;
-    double* xt = scratch;          // (d, W)
-    double* ct = scratch + d * W;  // (kk, W) Cholesky rows, transposed
-    transpose_rows<T, W>(g.row, g.lanes, d, xt);
-    V sq, d2, from;
-    lane_sqnorm<W>(xt, d, &sq);
+    const int64_t dp = P.dp;
+    double* x = scratch;             // (dp,) the widened row
+    double* dots = x + dp;           // (kk, W) <x_w, p_m>, lane-major
+    double* ct = dots + P.kk * W;    // (kk, W) Cholesky rows, transposed
+    double* tmp = ct + P.kk * W;     // (kMaxPicks,)
     int64_t lo = to;
+    for (int w = 0; w < g.lanes; ++w) lo = g.from[w] < lo ? g.from[w] : lo;
+    for (int w = 0; w < W; ++w) {
+        if (w >= g.lanes) {
+            for (int64_t m = lo; m < to; ++m) dots[m * W + w] = 0.0;
+            continue;
+        }
+        widen_row<T, W>(g.row[w], P.d, dp, x);
+        if (g.from[w] == 0) pick_dots<W, 1>(x, x, dp, g.sq[w]);
+        for (int64_t m = lo; m < g.from[w]; ++m) dots[m * W + w] = 0.0;
+        for (int64_t m = g.from[w]; m < to; m += kMaxPicks<W>) {
+            const int count = to - m < kMaxPicks<W> ? static_cast<int>(to - m) : kMaxPicks<W>;
+            pick_dots_n<W>(x, P.rows + m * dp, dp, count, tmp);
+            for (int b = 0; b < count; ++b) dots[(m + b) * W + w] = tmp[b];
+        }
+    }
+    V sq, d2, from;
     for (int w = 0; w < W; ++w) {
         const int src = w < g.lanes ? w : 0;
+        sq[w] = *g.sq[src];
         d2[w] = *g.d2[src];
         from[w] = static_cast<double>(g.from[src]);
-        lo = g.from[src] < lo ? g.from[src] : lo;
         for (int64_t q = 0; q < g.from[src]; ++q) ct[q * W + w] = g.chol[src][q];
     }
-    for (int64_t m0 = lo; m0 < to; m0 += 4) {
-        const int nb = to - m0 < 4 ? static_cast<int>(to - m0) : 4;
-        // Four picks at once (eight independent accumulator chains); a last block of fewer picks fills
-        // its empty slots with pick m0 and drops their results.
-        V dots[4];
-        {
-            V e0 = {}, o0 = {}, e1 = {}, o1 = {}, e2 = {}, o2 = {}, e3 = {}, o3 = {};
-            const double* p0 = P.rows + m0 * d;
-            const double* p1 = P.rows + (m0 + (nb > 1 ? 1 : 0)) * d;
-            const double* p2 = P.rows + (m0 + (nb > 2 ? 2 : 0)) * d;
-            const double* p3 = P.rows + (m0 + (nb > 3 ? 3 : 0)) * d;
-            int64_t l = 0;
-            for (; l + 2 <= d; l += 2) {
-                const V a = load<W>(xt + l * W), b = load<W>(xt + (l + 1) * W);
-                e0 += a * p0[l], o0 += b * p0[l + 1];
-                e1 += a * p1[l], o1 += b * p1[l + 1];
-                e2 += a * p2[l], o2 += b * p2[l + 1];
-                e3 += a * p3[l], o3 += b * p3[l + 1];
-            }
-            if (l < d) {
-                const V a = load<W>(xt + l * W);
-                e0 += a * p0[l], e1 += a * p1[l], e2 += a * p2[l], e3 += a * p3[l];
-            }
-            dots[0] = e0 + o0, dots[1] = e1 + o1, dots[2] = e2 + o2, dots[3] = e3 + o3;
+    for (int64_t m = lo; m < to; ++m) {
+        const V dist = (sq + P.sqnorm[m]) - 2.0 * load<W>(dots + m * W);
+        V k = -gamma * (dist > 0.0 ? dist : V{});
+        exp_nonpositive<W>(&k);
+        const double* vm = P.chol + m * P.kk;
+        V r0 = {}, r1 = {}, r2 = {}, r3 = {};
+        int64_t q = 0;
+        for (; q + 4 <= m; q += 4) {
+            r0 += load<W>(ct + q * W) * vm[q];
+            r1 += load<W>(ct + (q + 1) * W) * vm[q + 1];
+            r2 += load<W>(ct + (q + 2) * W) * vm[q + 2];
+            r3 += load<W>(ct + (q + 3) * W) * vm[q + 3];
         }
-        for (int b = 0; b < nb; ++b) {
-            const int64_t m = m0 + b;
-            const V dist = (sq + P.sqnorm[m]) - 2.0 * dots[b];
-            V k = -gamma * (dist > 0.0 ? dist : V{});
-            exp_nonpositive<W>(&k);
-            const double* vm = P.chol + m * P.kk;
-            V r0 = {}, r1 = {}, r2 = {}, r3 = {};
-            int64_t q = 0;
-            for (; q + 4 <= m; q += 4) {
-                r0 += load<W>(ct + q * W) * vm[q];
-                r1 += load<W>(ct + (q + 1) * W) * vm[q + 1];
-                r2 += load<W>(ct + (q + 2) * W) * vm[q + 2];
-                r3 += load<W>(ct + (q + 3) * W) * vm[q + 3];
-            }
-            if (q < m) r0 += load<W>(ct + q * W) * vm[q];
-            if (q + 1 < m) r1 += load<W>(ct + (q + 1) * W) * vm[q + 1];
-            if (q + 2 < m) r2 += load<W>(ct + (q + 2) * W) * vm[q + 2];
-            const V e = (k - ((r0 + r1) + (r2 + r3))) / P.diag[m];
-            const auto behind = from <= static_cast<double>(m);  // lanes that have not seen pick m yet
-            store<W>(ct + m * W, behind ? e : load<W>(ct + m * W));
-            d2 = behind ? d2 - e * e : d2;
-        }
+        if (q < m) r0 += load<W>(ct + q * W) * vm[q];
+        if (q + 1 < m) r1 += load<W>(ct + (q + 1) * W) * vm[q + 1];
+        if (q + 2 < m) r2 += load<W>(ct + (q + 2) * W) * vm[q + 2];
+        const V e = (k - ((r0 + r1) + (r2 + r3))) / P.diag[m];
+        const auto behind = from <= static_cast<double>(m);  // lanes that have not seen pick m yet
+        store<W>(ct + m * W, behind ? e : load<W>(ct + m * W));
+        d2 = behind ? d2 - e * e : d2;
     }
     for (int w = 0; w < g.lanes; ++w) {
         for (int64_t q = g.from[w]; q < to; ++q) g.chol[w][q] = ct[q * W + w];
         *g.d2[w] = d2[w];
     }
 }
-
 }  // namespace kernels
 
 // The entry points for one element type, bound to the best variant for this CPU.
 template <typename T>
 struct Kernels {
     using Update = void (*)(const CandidateGroup<T>&, int64_t, const PicksView&, double, double*);
-    using Sqnorm = void (*)(const T* const*, int, int64_t, double*, double*);
+    using Sqnorm = double (*)(const T*, int64_t, int64_t, double*);
     using Exp = void (*)(const double*, double*, int64_t);
     Update update;  // group_update for groups of up to `lanes` candidates
-    Sqnorm sqnorm;  // group_sqnorm for groups of up to `lanes` rows
+    Sqnorm sqnorm;  // row_sqnorm
     Exp exp;        // exp_nonpositive over an array (for testing it against numpy.exp)
-    int lanes;
+    int lanes;  // W, the candidates per group_update call
     const char* name;
 };
 
@@ -289,8 +320,8 @@ struct Kernels {
         kernels::group_update<T, W>(g, to, P, gamma, scratch);                                                  \
     }                                                                                                           \
     template <typename T>                                                                                       \
-    TARGET void sqnorm_##NAME(const T* const* rows, int lanes, int64_t d, double* xt, double* out) {            \
-        kernels::group_sqnorm<T, W>(rows, lanes, d, xt, out);                                                   \
+    TARGET double sqnorm_##NAME(const T* row, int64_t d, int64_t dp, double* scratch) {                        \
+        return kernels::row_sqnorm<T, W>(row, d, dp, scratch);                                                  \
     }                                                                                                           \
     TARGET inline void exp_##NAME(const double* x, double* out, int64_t n) {                                    \
         for (int64_t i = 0; i < n; i += W) {                                                                    \
@@ -319,6 +350,11 @@ inline std::vector<std::string> supported_variants() {
 #endif
     names.push_back("baseline");
     return names;
+}
+
+// Doubles of scratch one thread needs for group_update and row_sqnorm with `lanes` = W.
+inline int64_t scratch_doubles(int64_t d, int64_t kk, int lanes) {
+    return padded_width(d) + 2 * kk * lanes + kMaxLanes;
 }
 
 // The kernels of a variant returned by supported_variants().
