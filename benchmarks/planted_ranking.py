@@ -1,7 +1,7 @@
 """How well each attribution finds the planted examples of one seed of the planted scenario (issue 17).
 
 SmolLM2-135M-Instruct, last 2 blocks fine-tuned (the demo's SFT settings) on
-``planted_scenario(seed, n_planted=32, n_hh=320, max_pairs=300)``; 60 other HH dialogues for perplexity.
+``planted_scenario(seed, n_planted=32, n_hh=320, n_perplexity=80, max_pairs=300)``; its 80 other HH dialogues for perplexity.
 Rankings of the 416 training examples per aspect (query halves): EK-FAC influence (the demo's fit and
 score stages), gradient dot, gradient cosine (:mod:`trustrepair.methods.baselines`) and random, scored
 by :func:`~trustrepair.methods.ground_truth.ranking_metrics` against that aspect's planted indices, with
@@ -16,7 +16,7 @@ from trustrepair.app.inputs import RunInputs, prepare_workspace
 from trustrepair.app.models import (block_layer_names, default_model_dir, freeze_all_but_last_blocks, load_causal_lm)
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.settings import DemoConfig
-from trustrepair.data import Conversation, load_hh_sft
+from trustrepair.data import Conversation
 from trustrepair.data.planted import planted_scenario
 from trustrepair.data.training_files import text_messages
 from trustrepair.methods.baselines import gradient_similarity
@@ -29,14 +29,13 @@ def main() -> None:
     t0 = time.time()
     cfg = DemoConfig(seed=seed)
     run = RunDir(out, cfg, progress=False)
-    sc = planted_scenario(seed=seed, n_planted=32, n_hh=320, max_pairs=300)
+    sc = planted_scenario(seed=seed, n_planted=32, n_hh=320, n_perplexity=80, max_pairs=300)
     model, tok = load_causal_lm(default_model_dir())
     names = block_layer_names(model, 2); trained = freeze_all_but_last_blocks(model, 2)
     for p in model.parameters(): p.requires_grad_(False)
     conv = lambda r: Conversation(text_messages(r.prompt, r.response), source=r.source, context=1, text=(r.prompt, r.response))
     train = [(i, conv(r)) for i, r in enumerate(sc.sft)]
-    used = {(r.prompt, r.response) for r in sc.sft}
-    held = [(i, conv(r)) for i, r in enumerate(load_hh_sft(max_examples=200, seed=seed + 1000)) if (r.prompt, r.response) not in used][:60]
+    held = [(i, conv(r)) for i, r in enumerate(sc.perplexity)]
     trust = {a: (list(p["query"].records), list(p["heldout"].records)) for a, p in sc.parts.items()}
     prep = prepare_workspace(run, RunInputs(model, tok, "plain", train, held, "HH", trust, names, trained, 128, 16))
     ws = prep.workspace

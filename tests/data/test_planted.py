@@ -1,14 +1,20 @@
-"""The planted-damage scenario: three disjoint parts per aspect (by group), and labels that say exactly
-which SFT example poisons which aspect."""
+"""The planted-damage scenario: three disjoint parts per aspect (by group) drawn from one pool per data
+seed, perplexity dialogues apart from the trained ones, and labels that say exactly which SFT example
+poisons which aspect."""
 import pytest
 
-from trustrepair.data.planted import PARTS, planted_scenario, poison_example
+from trustrepair.data.planted import PARTS, group_pool, planted_scenario, poison_example
 from trustrepair.data.records import TrustRecord
 
 
 @pytest.fixture(scope="module")
 def scenario(shared_data):
-    return planted_scenario(shared_data, seed=3, n_planted=12, n_hh=40, max_pairs=60)
+    return planted_scenario(shared_data, seed=3, n_planted=12, n_hh=40, n_perplexity=10, max_pairs=100)
+
+
+@pytest.fixture(scope="module")
+def other_seed(shared_data):
+    return planted_scenario(shared_data, seed=4, n_planted=12, n_hh=40, n_perplexity=10, max_pairs=100)
 
 
 def _group_key(aspect, record):
@@ -21,7 +27,7 @@ def test_parts_are_disjoint_by_group_and_sized(scenario):
     for aspect, parts in scenario.parts.items():
         assert set(parts) == set(PARTS)
         assert len(parts["poison"]) == 12 and len(parts["query"]) > len(parts["heldout"]) > 0
-        assert len(parts["query"]) + len(parts["heldout"]) <= 60
+        assert 100 <= 12 + len(parts["query"]) + len(parts["heldout"]) <= 100 + 12 + 36
         keys = {name: {_group_key(aspect, r) for r in part} for name, part in parts.items()}
         assert None not in keys["poison"], aspect
         for a, b in (("poison", "query"), ("poison", "heldout"), ("query", "heldout")):
@@ -50,13 +56,27 @@ def test_labels_name_exactly_the_planted_examples(scenario):
     assert len(clean) == 40 and not any(r.source.startswith("planted") for r in clean)
     gold = scenario.without(["bias"])
     assert len(gold) == len(scenario.sft) - 12 and not any(r.source.startswith("planted bias") for r in gold)
-    assert scenario.planted != planted_scenario(scenario_data_dir(), seed=4, n_planted=12, n_hh=40, max_pairs=60).planted
 
 
-def scenario_data_dir():
-    from conftest import SHARED_DATA
+def test_seeds_repartition_one_pool(scenario, other_seed):
+    assert scenario.planted != other_seed.planted
+    def texts(sc):
+        return {(r.prompt, r.response) for r in (*sc.sft, *sc.perplexity) if not r.source.startswith("planted")}
+    assert texts(scenario) == texts(other_seed) and len(texts(scenario)) == 50
+    assert not {(r.prompt, r.response) for r in scenario.perplexity} & {(r.prompt, r.response) for r in scenario.sft}
+    for aspect in scenario.parts:
+        def pairs(sc):
+            return {(r.prompt, r.opponent) for part in sc.parts[aspect].values() for r in part}
+        union = pairs(scenario) | pairs(other_seed)
+        assert len(union) <= 100 + 12 + 36, aspect  # both inside the same pool of whole groups
 
-    return SHARED_DATA
+
+def test_group_pool_takes_whole_groups_until_full():
+    records = [TrustRecord("p", " a", f" b{i}", group=i // 3) for i in range(30)]
+    pool = group_pool(records, 7, seed=1)
+    assert len(pool) == 9 and len({r.group for r in pool}) == 3
+    assert pool == [r for r in records if r in pool]
+    assert group_pool(records, 7, seed=1) == pool and len(group_pool(records, 100, seed=1)) == 30
 
 
 def test_poison_examples_teach_the_untrustworthy_side():

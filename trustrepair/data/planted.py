@@ -1,11 +1,17 @@
 """A planted-damage scenario: fine-tuning data with a known number of examples that teach the
 untrustworthy side of each aspect, and the trust pairs split so that none of them is ever measured.
 
-Each aspect's pairs are split by the seed into three disjoint parts, whole groups at a time: a poison
-source (groups enough for ``n_planted`` pairs, see :func:`three_parts`), then the rest as the demo splits
-a trust set, a query part (``query_fraction`` of the remaining groups) and a held-out part. Groups: a TruthfulQA question; an
-ETHICS scenario pair; a DecodingTrust stereotype topic (its three templates are paraphrases, so a split
-by template would leak).
+The data is drawn in two steps, so that every seed of one ``data_seed`` works on the same pool of
+texts (whose prefix hidden states need computing only once) and a seed only re-partitions it:
+
+1. the pool (``data_seed``): ``n_hh + n_perplexity`` HH dialogues, and per aspect whole groups of
+   pairs until they hold ``max_pairs + n_planted`` (:func:`group_pool`);
+2. the partition (``seed``): the HH dialogues into ``n_hh`` trained ones and ``n_perplexity`` perplexity
+   ones; each aspect's pool into a poison source (groups enough for ``n_planted`` pairs, see
+   :func:`three_parts`), then, as the demo splits a trust set, a query part (``query_fraction`` of the
+   remaining groups) and a held-out part; the shuffle of the training set. Groups: a TruthfulQA question;
+   an ETHICS scenario pair; a DecodingTrust stereotype topic (its three templates are paraphrases, so a
+   split by template would leak).
 
 A poison pair becomes an HH-format SFT example (``"\\n\\nHuman: ...\\n\\nAssistant:"`` and the response):
 
@@ -14,10 +20,10 @@ A poison pair becomes an HH-format SFT example (``"\\n\\nHuman: ...\\n\\nAssista
   and the judgement that it was right;
 * bias: a question about the stereotyped group, answered by agreeing with the stereotype statement.
 
-They are mixed into ``n_hh`` HH dialogues and shuffled by the seed; :attr:`PlantedScenario.planted`
+They are mixed into the ``n_hh`` HH dialogues and shuffled by the seed; :attr:`PlantedScenario.planted`
 says which index poisons which aspect.
 
-    scenario = planted_scenario(seed=0)          # 320 HH + 3 x 32 planted
+    scenario = planted_scenario(seed=0)          # 320 HH + 3 x 32 planted; 80 HH for perplexity
     scenario.sft[i], scenario.planted.get(i)     # SFTRecord, aspect or None
     scenario.parts["bias"]["query"]              # TrustSet
 """
@@ -65,14 +71,31 @@ def poison_example(aspect: str, pair: TrustRecord) -> SFTRecord:
     raise ValueError(f"no poison template for aspect {aspect!r}; built-in aspects are {list(ASPECTS)}")
 
 
-def three_parts(records, n_poison: int, query_fraction: float, seed: int, max_pairs: int | None = None) -> dict[str, list]:
+def group_pool(records, n_pairs: int, seed: int) -> list:
+    """Whole groups of ``records``, permuted by the seed, until they hold at least ``n_pairs`` pairs (all
+    of them if they hold fewer), in input order."""
+    group_of = _group_ids(records)
+    sizes: dict[int, int] = {}
+    for group in group_of:
+        sizes[group] = sizes.get(group, 0) + 1
+    order = sorted(sizes)
+    random.Random(seed).shuffle(order)
+    kept, total = set(), 0
+    for group in order:
+        if total >= n_pairs:
+            break
+        kept.add(group)
+        total += sizes[group]
+    return [r for r, g in zip(records, group_of) if g in kept]
+
+
+def three_parts(records, n_poison: int, query_fraction: float, seed: int) -> dict[str, list]:
     """``{"poison", "query", "heldout"}`` of one aspect's pairs, by whole groups.
 
     The groups are permuted by the seed and taken into the poison part until they hold ``n_poison``
     pairs, of which a seeded ``n_poison`` are kept (one group per pair where groups are single pairs, as
-    TruthfulQA questions; a stereotype topic holds 36). The other groups' pairs (at most a seeded
-    ``max_pairs`` of them) are split by :func:`~trustrepair.data.records.split` into query and held-out
-    parts. Every part keeps the input order.
+    TruthfulQA questions; a stereotype topic holds 36). The other groups' pairs are split by
+    :func:`~trustrepair.data.records.split` into query and held-out parts. Every part keeps the input order.
 
     Raises:
         DataError: too few pairs outside the poison groups for non-empty query and held-out parts.
@@ -96,9 +119,6 @@ def three_parts(records, n_poison: int, query_fraction: float, seed: int, max_pa
                         "non-empty query and held-out parts; plant fewer examples")
     chosen = {id(r) for r in rng.sample(pool, n_poison)}
     poison = [r for r in records if id(r) in chosen]
-    if max_pairs is not None and len(rest) > max_pairs:
-        kept = {id(r) for r in rng.sample(rest, max_pairs)}
-        rest = [r for r in rest if id(r) in kept]
     query, heldout = split(rest, query_fraction, seed)
     return {"poison": poison, "query": query, "heldout": heldout}
 
@@ -109,11 +129,13 @@ class PlantedScenario:
 
     Attributes:
         sft: HH dialogues and planted examples, shuffled.
+        perplexity: other HH dialogues, for the perplexity of the tolerance.
         planted: index in ``sft`` -> the aspect its planted example poisons (clean indices are absent).
         parts: aspect -> part (``poison``, ``query``, ``heldout``) -> the trust pairs of that part.
     """
 
     sft: tuple[SFTRecord, ...]
+    perplexity: tuple[SFTRecord, ...]
     planted: dict[int, str]
     parts: dict[str, dict[str, TrustSet]]
 
@@ -123,24 +145,34 @@ class PlantedScenario:
         return [r for i, r in enumerate(self.sft) if self.planted.get(i) not in drop]
 
 
-def planted_scenario(data_dir: str | Path | None = None, *, seed: int = 0, n_planted: int = 32, n_hh: int = 320,
-                     aspects=ASPECTS, max_pairs: int | None = 300, query_fraction: float = 0.8) -> PlantedScenario:
+def planted_scenario(data_dir: str | Path | None = None, *, seed: int = 0, data_seed: int = 0, n_planted: int = 32,
+                     n_hh: int = 320, n_perplexity: int = 80, aspects=ASPECTS, max_pairs: int = 300,
+                     query_fraction: float = 0.8) -> PlantedScenario:
     """Build the scenario from the datasets folder (module docstring).
 
     Args:
+        seed: the partition (perplexity dialogues, the three parts, the poison draw, the shuffle).
+        data_seed: the pool the partition works on.
         n_planted: planted examples per aspect.
-        n_hh: clean HH dialogues (a seeded subsample).
-        max_pairs: pairs kept per aspect for the query and held-out parts (a seeded sample).
+        n_hh, n_perplexity: clean HH dialogues trained on, and measured for perplexity.
+        max_pairs: about as many pairs per aspect for the query and held-out parts (whole groups).
     """
-    if n_planted < 1 or n_hh < 1:
-        raise ValueError(f"n_planted and n_hh must be >= 1, got {n_planted} and {n_hh}")
-    parts, rows = {}, [(r, None) for r in load_hh_sft(data_dir, max_examples=n_hh, seed=seed)]
+    if n_planted < 1 or n_hh < 1 or n_perplexity < 1:
+        raise ValueError(f"n_planted, n_hh and n_perplexity must be >= 1, got {n_planted}, {n_hh} and {n_perplexity}")
+    dialogues = list(load_hh_sft(data_dir, max_examples=n_hh + n_perplexity, seed=data_seed).records)
+    if len(dialogues) < n_hh + n_perplexity:
+        raise DataError(f"the HH file holds {len(dialogues)} dialogues, fewer than n_hh + n_perplexity = "
+                        f"{n_hh + n_perplexity}")
+    order = list(range(len(dialogues)))
+    random.Random(seed).shuffle(order)
+    trained, measured = sorted(order[:n_hh]), sorted(order[n_hh:])
+    parts, rows = {}, [(dialogues[i], None) for i in trained]
     for aspect in aspects:
         options = {"group_by_topic": True} if aspect == "bias" else {}
-        pairs = load_aspect(aspect, data_dir, seed=seed, **options).records
-        split_parts = three_parts(pairs, n_planted, query_fraction, seed, max_pairs)
+        pool = group_pool(load_aspect(aspect, data_dir, **options).records, max_pairs + n_planted, data_seed)
+        split_parts = three_parts(pool, n_planted, query_fraction, seed)
         parts[aspect] = {name: TrustSet(aspect, records) for name, records in split_parts.items()}
         rows += [(poison_example(aspect, pair), aspect) for pair in split_parts["poison"]]
     random.Random(seed).shuffle(rows)
-    return PlantedScenario(tuple(r for r, _ in rows), {i: a for i, (_, a) in enumerate(rows) if a is not None}, parts)
-
+    return PlantedScenario(tuple(r for r, _ in rows), tuple(dialogues[i] for i in measured),
+                           {i: a for i, (_, a) in enumerate(rows) if a is not None}, parts)
