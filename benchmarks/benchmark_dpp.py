@@ -15,11 +15,16 @@ heavy-tailed distinct scores, k = 100, eta in {0, 1, 1e4}, gamma from the median
 per N, outside the selections). Every time is the median of ``--repeats`` calls (``--reference-repeats``
 for numpy) measured with ``time.perf_counter``; the selections of all providers are asserted identical.
 
-Memory roofline. A kernel entry K_ij reads one d-float row, so "kernel-entry bytes" = entries * d * 4.
-The floor is those bytes over the machine's copy bandwidth, measured in the same run (``np.copyto`` of a
-256 MiB buffer on 1 and on 2 threads; bandwidth = bytes read + bytes written per second; the larger is
-used). Achieved GB/s = kernel-entry bytes / C++ time. The lazy greedy usually beats this "floor": it
-brings a candidate up to date against several picks per read of its row, from cache.
+Floors, both measured in the same run, and the larger one is the floor of a row:
+
+* arithmetic: every kernel entry is a d-dimensional float64 dot product (2 d flops; the Cholesky
+  recurrence's 2 t flops per entry and the exp are not counted), so entries * 2 d flops over the
+  single-core float64 GEMM rate (numpy ``@`` of two 1024 x 1024 float64 matrices, median of 15 calls,
+  with the BLAS threads of the run). This binds where the embeddings stay in cache (N = 2,000: 2 MB).
+* bytes: every candidate update reads the candidate's embedding row once (rows read * d * itemsize;
+  its Cholesky row is not counted), over the copy bandwidth (``np.copyto`` of a 256 MiB buffer on 1 and
+  on 2 threads; bytes read + written per second; the larger is used). This is what streams from memory
+  at large N.
 
 Peak memory: the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
 during one extra call, so C++ allocations are counted too (tracemalloc would miss them), with glibc told
@@ -84,6 +89,18 @@ def copy_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / statistics.median(times)
 
 
+def gemm_flops(repeats: int = 15, size: int = 1024) -> float:
+    """Median float64 flop/s of numpy's ``a @ b`` for two size x size matrices (its BLAS, its threads)."""
+    a = np.random.default_rng(0).random((size, size))
+    b = np.random.default_rng(1).random((size, size))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
 def median_time(fn, repeats: int):
     """Median seconds of ``repeats`` calls of ``fn`` and its selection, asserted the same every call."""
     times, results = wall_times(fn, repeats)
@@ -105,6 +122,8 @@ def run(args) -> tuple[list[dict], dict]:
     bw = {t: copy_bandwidth(t) for t in (1, 2)}
     info["copy_gbs"] = {t: v / 1e9 for t, v in bw.items()}
     bandwidth = max(bw.values())
+    flops = gemm_flops()
+    info["gemm_gflops"] = flops / 1e9
     rows = []
     configs = [(n, eta) for n in args.sizes for eta in args.etas]
     data, gammas = {}, {}
@@ -116,7 +135,7 @@ def run(args) -> tuple[list[dict], dict]:
             info.setdefault("gamma_s", {})[n] = time.perf_counter() - start
         scores, emb = data[n]
         kw = dict(eta=eta, gamma=gammas[n])
-        row = dict(n=n, eta=eta)
+        row = dict(n=n, eta=eta, d=args.d)
         row["cpp_s"], fast = median_time(lambda: dpp_greedy(scores, emb, args.k, **kw), args.repeats)
         row["cpp_mib"] = peak_rss_rise_mib(lambda: dpp_greedy(scores, emb, args.k, **kw))
         row["entries"] = fast.kernel_entries
@@ -127,9 +146,10 @@ def run(args) -> tuple[list[dict], dict]:
                                             args.reference_repeats)
             row["ref_mib"] = peak_rss_rise_mib(lambda: dpp_greedy(scores, emb, args.k, engine="reference", **kw))
             assert np.array_equal(fast.indices, ref.indices), f"N={n} eta={eta}: C++ and numpy selections differ"
-        row["entry_bytes"] = row["entries"] * args.d * 4
-        row["floor_s"] = row["entry_bytes"] / bandwidth
-        row["eager_floor_s"] = row["eager_entries"] * args.d * 4 / bandwidth
+        row["row_bytes"] = row["row_reads"] * args.d * emb.itemsize
+        row["arith_floor_s"] = row["entries"] * 2 * args.d / flops
+        row["bytes_floor_s"] = row["row_bytes"] / bandwidth
+        row["floor_s"] = max(row["arith_floor_s"], row["bytes_floor_s"])
         rows.append(row)
         tqdm.write(format_row(row))
     info["load_after"] = os.getloadavg()[0]
@@ -145,34 +165,34 @@ def format_row(row) -> str:
     return (f"| {row['n']:,} | {row['eta']:g} | {cell(row, 'cpp_s', '{:.1f}', 1e3)} | {cell(row, 'ref_s', '{:.1f}', 1e3)}"
             f" | {speedup} | {row['entries']:,} / {row['eager_entries']:,}"
             f" ({row['entries'] / max(row['eager_entries'], 1):.0%}) | {row['row_reads']:,}"
-            f" | {row['floor_s'] * 1e3:.1f} | {row['cpp_s'] / row['floor_s']:.2f}"
-            f" | {row['entry_bytes'] / row['cpp_s'] / 1e9:.1f}"
-            f" | {row['eager_floor_s'] * 1e3:.1f} | {cell(row, 'cpp_mib', '{:.0f}')} / {cell(row, 'ref_mib', '{:.0f}')} |")
+            f" | {row['arith_floor_s'] * 1e3:.2f} | {row['bytes_floor_s'] * 1e3:.2f} | {row['cpp_s'] / row['floor_s']:.2f}"
+            f" | {row['entries'] * 2 * row['d'] / row['cpp_s'] / 1e9:.1f}"
+            f" | {cell(row, 'cpp_mib', '{:.0f}')} / {cell(row, 'ref_mib', '{:.0f}')} |")
 
 
 HEADER = ("| N | eta | C++ ms | numpy ms | numpy / C++ | kernel entries lazy / eager | rows read "
-          "| floor ms | C++ / floor | achieved GB/s | eager floor ms | peak MiB C++ / numpy |\n"
+          "| arithmetic floor ms | bytes floor ms | C++ / floor | dot GFLOP/s | peak MiB C++ / numpy |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def report(rows, info, args) -> str:
     gamma = ", ".join(f"{n:,}: {s * 1e3:.0f} ms" for n, s in info["gamma_s"].items())
     lines = [
-        "## Greedy log-det DPP selector, C++ vs numpy (issue 2)",
+        "## Greedy log-det DPP selector at its floor (issue 18)",
         "",
         f"{info['date']}; {info['machine']}, shared with other engineers' jobs (1-minute load average "
         f"{info['load_before']:.1f} before, {info['load_after']:.1f} after: nothing controlled it, so absolute "
         f"times are noisy); {info['versions']}; threads: {info['threads']}. Memory copy measured in the same "
         f"run: {info['copy_gbs'][1]:.1f} GB/s on 1 thread, {info['copy_gbs'][2]:.1f} GB/s on 2 (read + write "
-        "bytes; the larger sets the floor).",
+        f"bytes; the larger sets the bytes floor); float64 GEMM {info['gemm_gflops']:.1f} GFLOP/s (the arithmetic "
+        "floor's rate).",
         f"Workload: clustered float32 embeddings, d = {args.d}, k = {args.k}; medians of {args.repeats} calls "
         f"(numpy: {args.reference_repeats}); numpy reference run up to N = {args.reference_max:,}. Median-heuristic "
         f"gamma (not in the times): {gamma}. C++ and numpy selections identical (asserted). Command: "
         "`python -m benchmarks.benchmark_dpp "
         + " ".join(args.argv) + "`.",
-        "Floor = kernel-entry bytes (entries x d x 4) / copy bandwidth; achieved GB/s = kernel-entry bytes / C++ "
-        "time; rows read = candidate rows the lazy greedy fetched (each then serves several kernel entries); "
-        "eager floor = the same for the eager greedy's N - t entries per step.",
+        "Arithmetic floor = kernel entries x 2 d flops / GEMM rate; bytes floor = rows read x d x 4 bytes / copy "
+        "bandwidth; C++ / floor uses the larger; dot GFLOP/s = entries x 2 d / C++ time.",
         "",
         HEADER,
         *[format_row(r) for r in rows],

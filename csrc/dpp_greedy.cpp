@@ -41,7 +41,7 @@
 // equal values ordered by index. Otherwise the stale entries ranked above the best exact one are
 // processed in batches (8, doubling to 1024 within a step) and re-sorted in place; the candidates to
 // update are sorted by how many picks they have seen and updated a SIMD group at a time (dpp_kernels.hpp:
-// one candidate per lane, so a group of similar stamps shares the kernel rows it reads). The first pick's
+// a group of similar stamps reads the same pick rows, which stay in L1 between its candidates). The first pick's
 // gains contain eta log s_i, which bounds nothing later because the score term then starts from log(0):
 // the heap is built only after the first pick. The eager mode (lazy=false) updates every candidate at
 // every step. A candidate's values never depend on its group, lane or thread (each lane runs the same

@@ -74,6 +74,22 @@ def test_cpp_matches_reference_across_widths(d):
                               dpp_greedy(scores, emb, 40, eta=eta, engine="reference"), f"d={d} eta={eta}")
 
 
+@pytest.mark.parametrize("variant", _dpp.simd_variants())
+@pytest.mark.parametrize("n,d", [(9, 1), (17, 7), (31, 9), (63, 15), (130, 17), (257, 33)])
+def test_awkward_shapes_match_the_reference_and_the_eager_twin(n, d, variant, monkeypatch):
+    """Widths around the 8-double padding and row counts around the 8-pick blocks and lane groups, with k
+    at and just below N (the last picks see nearly every candidate), on fresh random inputs per shape."""
+    monkeypatch.setenv("TRUSTREPAIR_DPP_SIMD", variant)
+    scores, emb = clustered(n, d, seed=1000 + n * d, dtype=np.float32 if d % 2 else np.float64)
+    for k in (n - 1, n):
+        for eta in ETAS:
+            lazy = dpp_greedy(scores, emb, k, eta=eta)
+            assert_same_selection(lazy, dpp_greedy(scores, emb, k, eta=eta, engine="reference"),
+                                  f"{variant} n={n} d={d} k={k} eta={eta}")
+            eager = dpp_greedy(scores, emb, k, eta=eta, lazy=False)
+            assert np.array_equal(lazy.indices, eager.indices) and np.array_equal(lazy.gains, eager.gains)
+
+
 @pytest.mark.parametrize("eta", ETAS)
 def test_lazy_equals_eager_and_does_less_work(eta):
     scores, emb = clustered(1500, 24, seed=3)
