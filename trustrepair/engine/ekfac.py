@@ -40,6 +40,7 @@ ends with the same factors, equal to a single-process fit's up to summation orde
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -64,6 +65,7 @@ from trustrepair.engine.ops.gram import add_gram_upper_, symmetric_from_upper
 from trustrepair.engine.ops.projected_gradients import projected_gradient_squares
 from trustrepair.engine.distributed import (all_reduce_counts, all_reduce_sum_, fail_together, is_main_process, map_once,
                                      progress_enabled, rank, require_agreement, shard_range, world_size)
+from trustrepair.engine.replay import PrefixReplay
 from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules, model_fingerprint
 from trustrepair.engine.tunables import current
 from trustrepair.task import CausalLMTask, Example, Task
@@ -320,7 +322,7 @@ def _tensor_versions(model: nn.Module) -> tuple:
 def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task: Task | None = None,
               fisher: str = "sampled", batch_size: int = 8, max_examples: int | None = None,
               progress: bool = True, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
-              matmul_dtype: torch.dtype | None = None) -> EKFACFactors:
+              matmul_dtype: torch.dtype | None = None, replay_prefix: bool = True) -> EKFACFactors:
     """Fit EK-FAC factors of ``model`` on a training set (see the module docstring for the math).
 
     Args:
@@ -342,6 +344,11 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
             the eigenvalue-correction contraction: on CUDA the Triton kernel then runs bf16 products with
             float32 accumulation; the CPU path upcasts to float32 again (no bf16 speed-up without bf16
             hardware, only the rounding).
+        replay_prefix: when the analysed layers start at block b > 0 of the model's block list, run
+            blocks 0 .. b - 1 in the covariance pass only and replay their recorded output in the
+            eigenvalue-correction pass (:mod:`trustrepair.engine.replay`: the same factors, one prefix
+            forward fewer); the second pass runs the whole model when the forward does not meet that
+            module's conditions or the recordings would take over a quarter of the free memory.
     Returns:
         :class:`EKFACFactors` with per-stage ``timings``.
 
@@ -378,16 +385,19 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
         versions = _tensor_versions(model)
         fingerprint_job = pool.submit(model_fingerprint, model, layers)
         modules, timings = _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress,
-                                       checkpoint_dir, matmul_dtype, arguments, fingerprint_job.result)
+                                       checkpoint_dir, matmul_dtype, arguments, fingerprint_job.result,
+                                       PrefixReplay(model, layers) if replay_prefix else None)
         factors = EKFACFactors(modules, arguments, fingerprint_job.result(), timings)
     factors._verified = (weakref.ref(model), versions)  # the digest is of these very tensors
     return factors
 
 
 def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress, checkpoint_dir, matmul_dtype,
-                arguments, fingerprint: Callable[[], dict]) -> tuple[dict[str, ModuleFactors], dict[str, float]]:
+                arguments, fingerprint: Callable[[], dict],
+                replay: PrefixReplay | None) -> tuple[dict[str, ModuleFactors], dict[str, float]]:
     """The three stages of :func:`fit_ekfac`: (factors per layer name, seconds per stage).
-    ``fingerprint()`` waits for the model's digest, which only the covariance checkpoint needs early."""
+    ``fingerprint()`` waits for the model's digest, which only the covariance checkpoint needs early;
+    ``replay`` records the prefix in the covariance pass and replays it in the Lambda pass."""
     dtype = factor_dtype(layers)
     timings: dict[str, float] = {}
 
@@ -401,7 +411,8 @@ def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progres
                           f"{checkpoint}; put checkpoint_dir on a filesystem that every rank shares")
     if covariances is None:
         start = time.perf_counter()
-        covariances = _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dtype, progress)
+        covariances = _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dtype, progress,
+                                       replay)
         timings["covariance"] = time.perf_counter() - start
         if checkpoint is not None:
             with fail_together(f"saving the covariance checkpoint in {checkpoint}"):
@@ -420,7 +431,7 @@ def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progres
 
     start = time.perf_counter()
     lambdas = _lambda_pass(model, layers, examples, task, fisher, batch_size, seed, bases, dtype, matmul_dtype,
-                           progress)
+                           progress, replay)
     timings["lambda"] = time.perf_counter() - start
 
     factors = {
@@ -445,9 +456,10 @@ def _generator(layers: list[TrackedLayer], seed: int, stream: int) -> torch.Gene
     return torch.Generator(device=device).manual_seed((seed * 2 + stream) * world_size() + rank())
 
 
-def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dtype, progress) -> dict:
+def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dtype, progress,
+                     replay: PrefixReplay | None = None) -> dict:
     """Sums sum_t a_t a_t^T, sum_t g_t g_t^T and token counts per layer (padding rows are zero), over
-    this rank's shard of the examples, then summed over ranks."""
+    this rank's shard of the examples, then summed over ranks; ``replay`` records the prefix's outputs."""
     device = layers[0].module.weight.device
     pad = pads_widths(device)  # Grams of zero-padded token rows: the padding rows and columns stay zero
     operand, width = (zero_padded, padded_width) if pad else (aligned, lambda n: n)
@@ -456,7 +468,8 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
     counts = [0] * len(layers)
     generator = _generator(layers, seed, 0)
     shard = shard_range(len(examples))
-    with fail_together("the EK-FAC covariance pass"), TokenCapture(model, layers) as capture:
+    recording = replay.recording() if replay is not None else contextlib.nullcontext()
+    with fail_together("the EK-FAC covariance pass"), TokenCapture(model, layers) as capture, recording:
         for number, (rows, batch) in enumerate(padded_batches(examples[shard.start:shard.stop], batch_size,
                                                                "EK-FAC covariances", progress, task.collate)):
             rows = [shard.start + row for row in rows]
@@ -470,8 +483,9 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
                 add_gram_upper_(s_sums[i], g)
                 counts[i] += n_valid * (a.shape[0] // (mask.shape[0] * tokens))
 
-            capture.run(_training_objective(model, task, batch, fisher, generator), mask,
-                        describe_rows("training set", number, rows), on_layer)
+            with recording.batch() if replay is not None else contextlib.nullcontext():
+                capture.run(_training_objective(model, task, batch, fisher, generator), mask,
+                            describe_rows("training set", number, rows), on_layer)
     all_reduce_sum_(a_sums + s_sums)
     counts = all_reduce_counts(counts)
     return {l.name: (symmetric_from_upper(a_sums[i][:l.folded_in, :l.folded_in]),
@@ -511,14 +525,15 @@ def eigh_float64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _lambda_pass(model, layers, examples, task, fisher, batch_size, seed, bases, dtype, matmul_dtype,
-                 progress) -> dict:
+                 progress, replay: PrefixReplay | None = None) -> dict:
     """Sum over examples of (Q_S^T G_z Q_A) ** 2 per layer, via the dispatched contraction, over this
-    rank's shard of the examples, then summed over ranks."""
+    rank's shard of the examples, then summed over ranks; ``replay`` replays the recorded prefix."""
     device = layers[0].module.weight.device
     sums = [torch.zeros(l.d_out, l.folded_in, dtype=dtype, device=device) for l in layers]
     generator = _generator(layers, seed, 1)
     shard = shard_range(len(examples))
-    with fail_together("the EK-FAC eigenvalue-correction pass"), TokenCapture(model, layers) as capture:
+    replaying = replay.replaying() if replay is not None else contextlib.nullcontext()
+    with fail_together("the EK-FAC eigenvalue-correction pass"), TokenCapture(model, layers) as capture, replaying:
         for number, (rows, batch) in enumerate(padded_batches(examples[shard.start:shard.stop], batch_size,
                                                                "EK-FAC eigenvalue correction", progress,
                                                                task.collate)):
