@@ -51,6 +51,8 @@ class RunInputs:
         module_names: the analysed layers.
         trained_params: the parameters SFT and the repairs may change (names in ``model``).
         max_length, batch_size: token budget per sequence; sequences per pass.
+        hidden_store: a prefix hidden-state store shared with other runs of the same model and blocks
+            (:func:`~trustrepair.app.workspace.cache_hidden_states`); None = the run's own cache.
     """
 
     model: nn.Module
@@ -64,6 +66,7 @@ class RunInputs:
     trained_params: list[str]
     max_length: int
     batch_size: int
+    hidden_store: Path | None = None
 
 
 @dataclass
@@ -157,7 +160,8 @@ def prepare_workspace(run: RunDir, inputs: RunInputs) -> PreparedRun:
     ws = build_workspace(run, model, tok, inputs.module_names, inputs.trained_params,
                          train_records=[display_record(r) for _, r in inputs.analysed],
                          heldout_records=[display_record(r) for _, r in inputs.held], train=train_ex,
-                         heldout=heldout_ex, trust=trust, batch_size=inputs.batch_size, first_block=first_block)
+                         heldout=heldout_ex, trust=trust, batch_size=inputs.batch_size, first_block=first_block,
+                         hidden_store=inputs.hidden_store)
     return PreparedRun(ws, tok, fmt, [i for i, _ in inputs.analysed], [r.source for _, r in inputs.analysed],
                        inputs.perplexity_source, list(inputs.trust), fit_plan)
 

@@ -2,12 +2,15 @@
 
 When only blocks ``first_block ..`` are trained, analysed and repaired, the hidden states entering them
 are the same for the model before and after fine-tuning and repair: they are computed once per dataset
-and cached in ``cache/hidden.pt`` (see :mod:`trustrepair.app.prefix_cache`), and every later pass runs
+and cached in ``cache/hidden.pt`` or a store shared by several runs (:func:`cache_hidden_states`; see :mod:`trustrepair.app.prefix_cache`), and every later pass runs
 only those blocks (:attr:`Workspace.tail`). Built by :func:`trustrepair.app.inputs.prepare_workspace`.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,6 +22,8 @@ from trustrepair.app.records import HALVES, AspectLogOdds, Evaluation
 from trustrepair.app.rundir import RunDir
 from trustrepair.data import SFTRecord
 from trustrepair.methods.metrics import perplexity, query_log_odds
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,31 +107,54 @@ class Workspace:
                 "subset_size": subset_size}
 
 
+def _token_digest(example: dict) -> str:
+    return hashlib.sha256(torch.as_tensor(example["input_ids"], dtype=torch.int64).numpy().tobytes()).hexdigest()
+
+
 def cache_hidden_states(run: RunDir, model: nn.Module, first_block: int, pad_token_id: int, batch_size: int,
-                        train: list[dict], heldout: list[dict], trust: dict[str, tuple[list, list]]) -> dict:
-    """Hidden states entering block ``first_block`` of every example (cached in ``cache/hidden.pt``, read
-    back when present): ``{"train": [...], "heldout": [...], "<aspect>/query": [...], "<aspect>/heldout": [...]}``,
-    one (T, H) tensor per sequence; a trust half lists each pair's proponent then its opponent."""
+                        train: list[dict], heldout: list[dict], trust: dict[str, tuple[list, list]],
+                        store: Path | None = None) -> dict:
+    """Hidden states entering block ``first_block`` of every example: ``{"train": [...], "heldout": [...],
+    "<aspect>/query": [...], "<aspect>/heldout": [...]}``, one (T, H) tensor per sequence; a trust half lists
+    each pair's proponent then its opponent.
+
+    Without ``store`` they are cached in the run's ``cache/hidden.pt`` and read back when present. With
+    ``store`` (a file shared by runs of one model, ``first_block`` and tokenisation, as the seeds of a
+    planted demo; the caller guarantees that) they are kept there by the SHA-256 of each sequence's token
+    ids: only sequences missing from it are run (deduplicated), then added to it atomically, and the run's
+    own cache is not written. A state is the same whichever run computed it, up to the float32 rounding of
+    the batch it ran in."""
     from trustrepair.app.prefix_cache import cache_prefix_hidden
     from trustrepair.engine.storage import load_torch, save_torch
 
-    cache = run.path(RunDir.HIDDEN_CACHE)
+    def prefix(examples, desc):
+        rows = cache_prefix_hidden(model, examples, first_block, batch_size=batch_size,
+                                   pad_token_id=pad_token_id, progress=run.progress, desc=desc)
+        return [r["hidden"] for r in rows]
+
+    groups = {"train": train, "heldout": heldout}
+    for aspect, halves in trust.items():
+        for half_name, queries in zip(HALVES, halves):
+            groups[f"{aspect}/{half_name}"] = [q[side] for q in queries for side in ("proponent", "opponent")]
     with run.timed("cache_hidden_states"):
-        if cache.is_file():
-            return load_torch(cache)
-
-        def prefix(examples, desc):
-            rows = cache_prefix_hidden(model, examples, first_block, batch_size=batch_size,
-                                       pad_token_id=pad_token_id, progress=run.progress, desc=desc)
-            return [r["hidden"] for r in rows]
-
-        hidden = {"train": prefix(train, "hidden: train"), "heldout": prefix(heldout, "hidden: held-out")}
-        for aspect, halves in trust.items():
-            for half_name, queries in zip(HALVES, halves):
-                flat = [q[side] for q in queries for side in ("proponent", "opponent")]
-                hidden[f"{aspect}/{half_name}"] = prefix(flat, f"hidden: {aspect} {half_name}")
-        run.publish(lambda: save_torch(cache, hidden))
-    return hidden
+        if store is None:
+            cache = run.path(RunDir.HIDDEN_CACHE)
+            if cache.is_file():
+                return load_torch(cache)
+            hidden = {name: prefix(examples, f"hidden: {name}") for name, examples in groups.items()}
+            run.publish(lambda: save_torch(cache, hidden))
+            return hidden
+        states = load_torch(store) if store.is_file() else {}
+        keys = {name: [_token_digest(e) for e in examples] for name, examples in groups.items()}
+        missing = {}
+        for name, examples in groups.items():
+            missing.update((k, e) for k, e in zip(keys[name], examples) if k not in states)
+        if missing:
+            logger.info("prefix store %s: %d of %d sequences to compute", store, len(missing),
+                        sum(map(len, keys.values())))
+            states.update(zip(missing, prefix(list(missing.values()), "hidden: new sequences")))
+            run.publish(lambda: save_torch(store, states))
+    return {name: [states[k] for k in ks] for name, ks in keys.items()}
 
 
 def _attach(examples, states):
@@ -141,7 +169,7 @@ def _attach_queries(queries, states):
 def build_workspace(run: RunDir, model: nn.Module, tokenizer, module_names: list[str], trained_params: list[str], *,
                     train_records: list[SFTRecord], heldout_records: list[SFTRecord], train: list[dict],
                     heldout: list[dict], trust: dict[str, tuple[list, list]], batch_size: int,
-                    first_block: int | None) -> Workspace:
+                    first_block: int | None, hidden_store: Path | None = None) -> Workspace:
     """The workspace of tokenised splits (``trust[aspect] = (query, heldout)``); with ``first_block`` every
     pass runs only blocks ``first_block ..`` from cached hidden states (:func:`cache_hidden_states`), with
     None the whole model runs (:class:`~trustrepair.task.CausalLMTask`)."""
@@ -158,7 +186,8 @@ def build_workspace(run: RunDir, model: nn.Module, tokenizer, module_names: list
                          trust={a: dict(zip(HALVES, halves)) for a, halves in trust.items()}, **common)
     task = TailTask()
     task.pad_token_id = int(pad)
-    hidden = cache_hidden_states(run, model, first_block, task.pad_token_id, batch_size, train, heldout, trust)
+    hidden = cache_hidden_states(run, model, first_block, task.pad_token_id, batch_size, train, heldout, trust,
+                                 hidden_store)
     return Workspace(
         tail=TailLM(model, first_block), task=task, first_block=first_block,
         train=_attach(train, hidden["train"]), heldout=_attach(heldout, hidden["heldout"]),
