@@ -20,13 +20,15 @@ COMMANDS = (*STAGES, "demo")
 OTHER_VALUES = {
     "model": ("/models/tiny", "/models/tiny"),
     "data_dir": ("/data", "/data"),
+    "planted": ("8", 8),
+    "seeds": ("2", 2),
     "aspects": (["truthfulness", "bias"], ("truthfulness", "bias")),
     "n_sft": ("57", 57),
     "n_pairs": ("33", 33),
     "max_length": ("77", 77),
     "trained_blocks": ("3", 3),
     "sft_epochs": ("2", 2),
-    "sft_lr": ("3e-4", 3e-4),
+    "sft_lr": ("1e-3", 1e-3),
     "fisher": ("sampled", "sampled"),
     "damping": ("0.01", 0.01),
     "subset_size": ("8", 8),
@@ -136,11 +138,11 @@ def test_bad_values_exit_2_with_one_line(argv, expected, tmp_path, capsys):
 
 
 def test_config_mismatch_in_existing_run_dir_is_refused(tmp_path, capsys, monkeypatch):
-    RunDir(tmp_path, DemoConfig(subset_size=4))
+    RunDir(tmp_path, DemoConfig(subset_size=4, planted=0))
     (tmp_path / "selection.json").write_text("{}")  # a completed stage
     before = (tmp_path / "config.json").read_text()
     monkeypatch.setattr(pipeline, "run_stages", lambda run, last: pytest.fail("a refused run must not start a stage"))
-    assert main(["fit", "--out", str(tmp_path), "--subset-size", "8"]) == 2
+    assert main(["fit", "--out", str(tmp_path), "--subset-size", "8", "--planted", "0"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("trustrepair fit: error: run directory") and "subset_size" in line and "(4, 8)" in line
     assert (tmp_path / "config.json").read_text() == before
@@ -159,11 +161,11 @@ def test_each_subcommand_runs_its_stage(command, quiet, tmp_path, monkeypatch, c
     calls = []
     monkeypatch.setattr(pipeline, "run_stages", lambda run, last: calls.append((last, run.progress, run.config)))
     out_dir = tmp_path / "run"
-    argv = [command, "--out", str(out_dir), "--subset-size", "6"] + (["--quiet"] if quiet else [])
+    argv = [command, "--out", str(out_dir), "--subset-size", "6", "--planted", "0"] + (["--quiet"] if quiet else [])
     assert main(argv) == 0
-    assert calls == [(command, not quiet, DemoConfig(subset_size=6))]
+    assert calls == [(command, not quiet, DemoConfig(subset_size=6, planted=0))]
     assert one_line(capsys.readouterr().out) == f"trustrepair {command}: done; output in {out_dir / STAGES[command][0]}"
-    assert json.loads((out_dir / "config.json").read_text()) == DemoConfig(subset_size=6).to_json()
+    assert json.loads((out_dir / "config.json").read_text()) == DemoConfig(subset_size=6, planted=0).to_json()
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
@@ -189,7 +191,7 @@ def test_stage_errors_are_one_line_without_traceback(error, tmp_path, monkeypatc
         raise error
 
     monkeypatch.setattr(pipeline, "run_stages", fail)
-    assert main(["score", "--out", str(tmp_path)]) == 2
+    assert main(["score", "--out", str(tmp_path), "--planted", "0"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("trustrepair score: error: ")
     assert " ".join(str(error).split()) in line
@@ -197,7 +199,7 @@ def test_stage_errors_are_one_line_without_traceback(error, tmp_path, monkeypatc
 
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="trustrepair"):
-        assert main(["score", "--out", str(tmp_path), "--log-level", "DEBUG"]) == 2
+        assert main(["score", "--out", str(tmp_path), "--planted", "0", "--log-level", "DEBUG"]) == 2
     one_line(capsys.readouterr().err)
     assert "Traceback" in caplog.text and type(error).__name__ in caplog.text
 
@@ -208,22 +210,22 @@ def test_bugs_are_not_swallowed_and_interrupts_exit_130(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(pipeline, "run_stages", bug)
     with pytest.raises(RuntimeError, match="a bug"):
-        main(["select", "--out", str(tmp_path)])
+        main(["select", "--out", str(tmp_path), "--planted", "0"])
 
     def interrupt(run, last):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "run_stages", interrupt)
-    assert main(["select", "--out", str(tmp_path)]) == 130
+    assert main(["select", "--out", str(tmp_path), "--planted", "0"]) == 130
     assert "completed stages in" in one_line(capsys.readouterr().err)
 
 
 def test_a_run_dir_without_results_takes_corrected_settings(tmp_path, capsys):
     """A first command that stopped on bad input (here a missing model) leaves no result, so the corrected
     command is not refused as 'made with other settings'."""
-    assert main(["sft", "--out", str(tmp_path), "--model", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert main(["sft", "--out", str(tmp_path), "--model", str(tmp_path / "missing"), "--planted", "0", "--quiet"]) == 2
     assert "no such file or directory" in capsys.readouterr().err
-    RunDir(tmp_path, DemoConfig(subset_size=4))  # other settings: accepted, and saved
+    RunDir(tmp_path, DemoConfig(subset_size=4, planted=0))  # other settings: accepted, and saved
     assert json.loads((tmp_path / "config.json").read_text())["subset_size"] == 4
 
 

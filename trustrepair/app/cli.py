@@ -3,6 +3,11 @@
     trustrepair demo [--out runs/demo] [options]      every stage, then report.md
     trustrepair sft | fit | score | select | repair | evaluate | report [--out DIR] [options]
 
+``demo`` runs the planted scenario by default (``--planted 32`` examples per aspect, ``--seeds 3``, each seed
+in ``OUT/seed-N``, the report over the seeds in ``OUT``); ``--planted 0`` runs the clean HH demo in ``OUT``.
+A stage subcommand works on one run directory: a clean demo's, one seed's of a planted demo, or a new
+one-seed planted run (``--seeds 1``).
+
 Each stage subcommand runs the stages up to that one in order, each once
 (:func:`trustrepair.app.pipeline.run_stages`): a stage whose output is already in the run directory is
 read back, the others are computed; then it prints where its output is. The options are generated
@@ -259,6 +264,10 @@ def run_command(args: argparse.Namespace) -> Path:
         from trustrepair.app.pipeline import run_demo
 
         return run_demo(args.out, config, progress=progress)
+    if config.planted and config.seeds > 1:
+        raise ValueError(f"a planted demo of {config.seeds} seeds keeps each seed's stages in OUT/seed-N: run "
+                         f"`trustrepair demo`, or `trustrepair {args.command} --out {args.out}/seed-N` on one of its "
+                         "seeds; a new one-seed run takes --seeds 1 (planted) or --planted 0 (the clean demo)")
     from trustrepair.app import pipeline
     from trustrepair.app.rundir import RunDir
 

@@ -116,22 +116,24 @@ class RepairRecord:
     """One repair: the chosen beta, the subset, the query-half objective and the held-out perplexity at
     that beta, and every probe of its search (``points[0]`` is the post-SFT model, beta = 0; a probe's
     metric is None where the search did not measure it, and a value read back from JSON is None where
-    it was not finite)."""
+    it was not finite); ``seconds``: the repair's wall time (its Newton direction and beta search), None in
+    an older ``repairs.json``."""
 
     beta: float
     subset: list[int]
     metric: float | None
     perplexity: float | None
     points: list[BetaPoint]
+    seconds: float | None = None
 
     def to_json(self) -> dict:
         return {"beta": self.beta, "subset": self.subset, "metric": self.metric, "perplexity": self.perplexity,
-                "points": [dataclasses.asdict(p) for p in self.points]}
+                "points": [dataclasses.asdict(p) for p in self.points], "seconds": self.seconds}
 
     @classmethod
     def from_json(cls, data: dict) -> "RepairRecord":
         return cls(data["beta"], data["subset"], data.get("metric"), data.get("perplexity"),
-                   [BetaPoint(p["beta"], p["metric"], p["perplexity"]) for p in data["points"]])
+                   [BetaPoint(p["beta"], p["metric"], p["perplexity"]) for p in data["points"]], data.get("seconds"))
 
 
 Repairs = dict[str, dict[str, RepairRecord]]

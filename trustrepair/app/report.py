@@ -7,7 +7,8 @@ per-pair held-out values where measured, for standard errors), the
 examples per aspect and the wall time per stage.
 
 A target is an aspect (its subset was chosen by that aspect's scores) or ``"common"`` (one subset for
-every aspect, paper Table 2); strategies are ``dpp``, ``topk`` and ``random`` (Table 4).
+every aspect, paper Table 2); strategies are ``dpp``, ``topk`` and ``random`` (Table 4), and in a planted
+demo ``oracle`` (exactly the planted examples).
 
 Conventions (the paper's):
 
@@ -47,7 +48,7 @@ HEADLINE_STRATEGY = "dpp"
 TOP_N = 10
 SNIPPET_CHARS = 160
 FIGURE_NAME = "beta_sweep.png"
-_COLORS = {"dpp": "tab:blue", "topk": "tab:orange", "random": "tab:gray"}
+_COLORS = {"dpp": "tab:blue", "topk": "tab:orange", "random": "tab:gray", "oracle": "tab:green"}
 _HALF_LABEL = {"heldout": "held-out", "query": "query-half"}
 
 

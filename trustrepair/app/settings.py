@@ -20,12 +20,19 @@ class DemoConfig:
     data_dir: str | None = field(default=None, metadata={"help": "datasets folder (default ../shared/data)"})
     aspects: tuple[str, ...] = field(default=("truthfulness", "ethics", "bias"),
                                      metadata={"help": "trust aspects to analyse and repair"})
+    planted: int = field(default=32, metadata={"help": "planted examples per aspect that teach its untrustworthy "
+                                                       "side (trustrepair.data.planted), mixed into the SFT data; "
+                                                       "0 = the clean HH demo"})
+    seeds: int = field(default=3, metadata={"help": "planted demo only (the clean demo runs one seed): "
+                                                    "seeds run (seed, seed + 1, ...), each in OUT/seed-N, the "
+                                                    "report averaging them"})
     n_sft: int = field(default=400, metadata={"help": "SFT dialogues drawn from HH (80%% train, 20%% perplexity)"})
-    n_pairs: int = field(default=300, metadata={"help": "trust pairs per aspect (80%% queries, 20%% held out)"})
+    n_pairs: int = field(default=300, metadata={"help": "trust pairs per aspect (80%% queries, 20%% held out; "
+                                                        "planted: besides the poison source)"})
     max_length: int = field(default=128, metadata={"help": "token budget per sequence (left-truncated)"})
     trained_blocks: int = field(default=2, metadata={"help": "last blocks fine-tuned, analysed and repaired"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT epochs (AdamW)"})
-    sft_lr: float = field(default=1e-4, metadata={"help": "SFT learning rate (AdamW)"})
+    sft_lr: float = field(default=3e-4, metadata={"help": "SFT learning rate (AdamW)"})
     fisher: str = field(default="empirical", metadata={"help": "'empirical' or 'sampled' Fisher for EK-FAC"})
     damping: float | None = field(default=None, metadata={"help": "absolute damping; None = 0.1 x mean(Lambda)"})
     subset_size: int = field(default=32, metadata={"help": "training examples per repair subset"})
@@ -53,6 +60,10 @@ class DemoConfig:
             raise ValueError("n_sft and n_pairs must be >= 5 so that both halves of the 80/20 split are non-empty")
         if self.fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}")
+        if self.planted < 0:
+            raise ValueError(f"planted must be >= 0 (0 = the clean demo), got {self.planted}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.tolerance < 0:
             raise ValueError(f"tolerance is a relative perplexity increase and must be >= 0, got {self.tolerance}")
         if not self.aspects:

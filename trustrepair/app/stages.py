@@ -18,6 +18,7 @@ order in which they run, each once, is :func:`trustrepair.app.pipeline.run_stage
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -157,9 +158,10 @@ def score(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Sequence[s
     return scores
 
 
-def select(run: RunDir, scores: Scores) -> Selection:
+def select(run: RunDir, scores: Scores, oracle: dict[str, list[int]] | None = None) -> Selection:
     """Per aspect, a subset per strategy; with several aspects, one common DPP subset chosen by the sum
-    of the normalised scores."""
+    of the normalised scores. ``oracle`` (the planted demo): aspect -> the indices of its planted
+    examples, added as that aspect's ``oracle`` strategy (the subset a perfect attribution would pick)."""
     from trustrepair.methods.selection import STRATEGIES, common_scores, select as choose
 
     cfg = run.config
@@ -177,6 +179,8 @@ def select(run: RunDir, scores: Scores) -> Selection:
                 strategy: [int(i) for i in choose(strategy, values, cfg.subset_size, embeddings=scores.embeddings,
                                                   eta=cfg.eta, seed=cfg.seed)]
                 for strategy in strategies}
+            if oracle and target in oracle:
+                subsets[target]["oracle"] = sorted(int(i) for i in oracle[target])
     selection = Selection(subsets)
     run.publish(lambda: write_json(path, selection.to_json()))
     return selection
@@ -218,6 +222,7 @@ def repair_subset(ws: Workspace, factors: EKFACFactors, subset: list[int], measu
     the chosen beta; returns ``(RepairDelta, RepairRecord)``."""
     from trustrepair.methods.repair_step import newton_direction, search_beta
 
+    start = time.perf_counter()
     direction = newton_direction(ws.tail, factors, ws.train, subset, task=ws.task, damping=damping,
                                  batch_size=ws.batch_size, progress=ws.progress)
     best, points, base = search_beta(direction.scaled, ws.tail, lambda _m: ws.perplexity(), measure,
@@ -225,7 +230,8 @@ def repair_subset(ws: Workspace, factors: EKFACFactors, subset: list[int], measu
                                      baseline=baseline, trace_metric=trace_metric, progress=ws.progress)
     delta = direction.scaled(best.beta)
     delta.metadata.update(target=target, strategy=strategy, beta=best.beta)
-    return delta, RepairRecord(best.beta, subset, best.metric, best.perplexity, [base, *points])
+    return delta, RepairRecord(best.beta, subset, best.metric, best.perplexity, [base, *points],
+                               time.perf_counter() - start)
 
 
 def repair(run: RunDir, ws: Workspace, factors: EKFACFactors, selection: Selection, sft_result: SFTResult) -> Repairs:
