@@ -75,10 +75,11 @@ def make_data(cfg, seed=1):
 # Measurement
 # ----------------------------------------------------------------------------------------------------
 
-def floor_pass(model, train, batch_size):
+def floor_pass(model, train, batch_size, modules=None):
     """One forward + backward over the training set, weights frozen, gradients to the analysed layers'
-    outputs only (the graph starts at the first analysed outputs), nothing else computed."""
-    layers = find_modules(model)
+    outputs only (the graph starts at the first analysed outputs), nothing else computed. ``modules``: the
+    analysed layers (names for ``find_modules``; default every block linear)."""
+    layers = find_modules(model, modules)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)

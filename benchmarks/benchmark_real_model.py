@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.benchmark_ekfac import floor_pass
 from benchmarks.common import Timing, cpu_name, pearson, spearman, timed
 from benchmarks.kronfluence_anchor import FIT_PHASES, KronfluenceAnchor
-from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch, sequence_log_probs
+from trustrepair.task import IGNORE_INDEX, pad_batch, sequence_log_probs
 
 HEADING = "## EK-FAC on the real default model vs kronfluence and dattri-llm (issue 18)"
 LIBRARIES = ("trustrepair", "prefix", "kronfluence", "dattri")
@@ -80,31 +81,6 @@ def first_block(names: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------------
 # The floor and trustrepair
 # ----------------------------------------------------------------------------------------------------
-
-def floor_pass(model, train, names, batch_size):
-    """One forward + backward over ``train``, weights frozen, gradients to the outputs of ``names`` only."""
-    modules = dict(model.named_modules())
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    leaves = []
-
-    def mark(module, inputs, output):
-        output.requires_grad_(True)
-        leaves.append(output)
-
-    handles = [modules[n].register_forward_hook(mark) for n in names]
-    task = CausalLMTask()
-    try:
-        for start in range(0, len(train), batch_size):
-            leaves.clear()
-            loss = task.train_loss(model, pad_batch(train[start:start + batch_size]))
-            torch.autograd.grad(loss.sum(), leaves)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-
 
 def trustrepair_phases(model, train, queries, names, batch_size) -> dict:
     from trustrepair import fit_ekfac, pairwise_influence
@@ -257,11 +233,13 @@ def run(args) -> str:
     print(f"{len(train)} examples, {n_tokens} tokens, {len(queries)} queries, {len(names)} modules, "
           f"threads {torch.get_num_threads()}, loadavg {loadavg()}", flush=True)
     load_before = loadavg()
-    floor_pass(model, train[:args.batch_size], names, args.batch_size)  # warm-up
-    floor = timed(lambda: floor_pass(model, train, names, args.batch_size))
+    floor_pass(model, train[:args.batch_size], args.batch_size, names)  # warm-up
+    floor = timed(lambda: floor_pass(model, train, args.batch_size, names))
     print(f"floor {floor.seconds:.1f} s wall / {floor.cpu_seconds:.1f} s CPU", flush=True)
     results = {}
     for lib in args.libraries:
+        if lib == "prefix" and first_block(names) == 0:
+            continue  # no frozen prefix to cache
         results[lib] = PHASES[lib](model, train, queries, names, args.batch_size)
         r = results[lib]
         print(f"{lib}: fit {r['fit'].seconds:.1f} / {r['fit'].cpu_seconds:.1f} s, pairwise "
