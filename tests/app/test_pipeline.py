@@ -6,28 +6,12 @@ import math
 import pytest
 import torch
 
-from conftest import make_byte_tokenizer
 from trustrepair.app.cli import main
 from trustrepair.app.settings import DemoConfig
 from trustrepair.app import stages
 from trustrepair.app.pipeline import STAGE_ORDER, run_stages
 from trustrepair.app.rundir import RunDir
 from trustrepair.methods.repair_step import RepairDelta
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = make_byte_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def tiny_config(model_dir, data_dir, **overrides):

@@ -6,9 +6,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import make_byte_tokenizer
 from trustrepair.app.cli import main
 from trustrepair.app.pipeline import HIDDEN_STORE, run_demo
 from trustrepair.app.planted_stages import RANKING_METHODS
@@ -16,21 +14,6 @@ from trustrepair.app.settings import DemoConfig
 from trustrepair.methods.ground_truth import ranking_metrics
 
 ASPECTS = ("truthfulness", "bias")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = make_byte_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def planted_config(model_dir, data_dir, **overrides):

@@ -200,7 +200,9 @@ def render_markdown(planted: Mapping, n_seeds: int, seed_dirs: Sequence[str], ti
     lines += _table(["Aspect", "Method", "precision@k", "recall@2k", "AUC", "other planted in top k"], rows)
     lines += ["## 3. Undoing the damage: fraction undone = (post - repaired) / (post - gold)", "",
               "Each subset repaired at the step size its perplexity search allowed (tolerance in the settings). "
-              "1 = as trustworthy as the retrain without the culprits; above 1, more so.", ""]
+              "1 = as trustworthy as the retrain without the culprits; above 1, more so. Where the damage is within "
+              "its standard error (criteria below: damaged = no) the fraction divides by noise: read 'repaired - "
+              "gold F' there instead.", ""]
     rows = []
     for a in aspects:
         for strategy, u in planted[a]["undone"].items():
