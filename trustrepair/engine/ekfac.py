@@ -10,8 +10,9 @@ G_z = sum_t g_t a_t^T in three stages:
    the Gram products run on zero-padded even widths (the ``pad_widths`` setting,
    :mod:`trustrepair.engine.tunables`) and are read back at the true width;
 2. **eigendecomposition**: A = Q_A diag(.) Q_A^T and S = Q_S diag(.) Q_S^T, computed by ``eigh`` in
-   float64 on the symmetrised (A + A^T) / 2 (on a GPU several at once, the ``eigh_streams`` setting, the
-   narrow ones optionally on the host, ``eigh_host_below``);
+   float64 on the symmetrised (A + A^T) / 2, several at once (on a GPU the ``eigh_streams`` setting, the
+   narrow ones optionally on the host, ``eigh_host_below``; on a CPU one single-threaded ``eigh`` per
+   intra-op thread);
 3. **eigenvalue correction** (a second pass, which needs the eigenbases):
    Lambda = (1 / n) sum_z (Q_S^T G_z Q_A) ** 2 (elementwise) over **all** n examples; an example
    with no labelled token has G_z = 0, contributes zero and is counted.
@@ -421,10 +422,12 @@ def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progres
 
     start = time.perf_counter()
     sums = [(covariances[layer.name][side], covariances[layer.name][2]) for layer in layers for side in (0, 1)]
-    vectors = map_once(lambda item: _eigenbasis(item[0], item[1], dtype), sums,
-                       lambda item: torch.empty(item[0].shape, dtype=dtype, device=item[0].device),
-                       cost=lambda item: item[0].shape[0] ** 3, desc="EK-FAC eigendecomposition", progress=progress,
-                       workers=_eigh_workers([s for s, _ in sums]))
+    workers = _eigh_workers([s for s, _ in sums])
+    with _one_thread_each(device):
+        vectors = map_once(lambda item: _eigenbasis(item[0], item[1], dtype), sums,
+                           lambda item: torch.empty(item[0].shape, dtype=dtype, device=item[0].device),
+                           cost=lambda item: item[0].shape[0] ** 3, desc="EK-FAC eigendecomposition",
+                           progress=progress, workers=workers)
     # aligned once here, for the Lambda pass's products and then the returned factors
     bases = {layer.name: (aligned(vectors[2 * i]), aligned(vectors[2 * i + 1])) for i, layer in enumerate(layers)}
     timings["eigendecomposition"] = time.perf_counter() - start
@@ -493,13 +496,32 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
             for i, l in enumerate(layers)}
 
 
+@contextlib.contextmanager
+def _one_thread_each(device: torch.device):
+    """On a CPU, torch's (and MKL's) intra-op threads set to 1 for the block, restored after it: MKL's
+    threaded float64 ``syevd`` gains little from a second core and loses badly when the cores are
+    shared (benchmarks/RESULTS.md, issue 18: a 1536-wide eigh took 4.4-5.2 CPU s with 2 threads against
+    0.9 with one on a loaded 2-core machine), so the eigendecompositions run one thread each, several at
+    once (:func:`_eigh_workers`). A no-op on other devices."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _eigh_workers(covariances: list[torch.Tensor]) -> int:
     """The ``eigh_streams`` setting on a CUDA device, as far as half its free memory holds that many of the widest
     decompositions (about 6 n^2 float64 values each: the float64 copy, its symmetrised form, the
-    eigenvectors and cuSOLVER's workspace); 1 on a CPU."""
+    eigenvectors and cuSOLVER's workspace); on a CPU, as many as torch has intra-op threads (each
+    decomposition then runs on one thread, :func:`_one_thread_each`)."""
     device = covariances[0].device
     if device.type != "cuda":
-        return 1
+        return max(1, min(len(covariances), torch.get_num_threads()))
     free, _ = torch.cuda.mem_get_info(device)
     widest = max(c.shape[0] for c in covariances)
     return int(max(1, min(current().eigh_streams, free // (2 * 6 * 8 * widest * widest))))
