@@ -12,30 +12,17 @@ paired standard error.
 import sys, time
 import numpy as np
 import torch
-from trustrepair.app.inputs import RunInputs, prepare_workspace
-from trustrepair.app.models import block_layer_names, default_model_dir, freeze_all_but_last_blocks, load_causal_lm
-from trustrepair.app.rundir import RunDir
+from benchmarks.planted_ranking import planted_workspace
 from trustrepair.app.settings import DemoConfig
 from trustrepair.app.sft import supervised_finetune
-from trustrepair.data import Conversation
-from trustrepair.data.planted import planted_scenario
-from trustrepair.data.training_files import text_messages
 from trustrepair.engine.storage import write_json
 
 
 def main() -> None:
     seed, out, doses = int(sys.argv[1]), sys.argv[2], [tuple(map(float, d.split(":"))) for d in sys.argv[3:]]
     cfg = DemoConfig(seed=seed)
-    run = RunDir(out, cfg, progress=False)
-    sc = planted_scenario(seed=seed, n_planted=32, n_hh=320, n_perplexity=80, max_pairs=300)
-    model, tok = load_causal_lm(default_model_dir())
-    names = block_layer_names(model, 2); trained = freeze_all_but_last_blocks(model, 2)
-    for p in model.parameters(): p.requires_grad_(False)
-    conv = lambda r: Conversation(text_messages(r.prompt, r.response), source=r.source, context=1, text=(r.prompt, r.response))
-    train = [(i, conv(r)) for i, r in enumerate(sc.sft)]
-    held = [(i, conv(r)) for i, r in enumerate(sc.perplexity)]
-    trust = {a: (list(p["query"].records), list(p["heldout"].records)) for a, p in sc.parts.items()}
-    ws = prepare_workspace(run, RunInputs(model, tok, "plain", train, held, "HH", trust, names, trained, 128, 16)).workspace
+    _, sc, prepared = planted_workspace(cfg, out)
+    ws = prepared.workspace
     params = dict(ws.model.named_parameters())
     pre = {n: params[n].detach().clone() for n in ws.trained_params}
 
