@@ -57,8 +57,8 @@ def run_stages(run: RunDir, last: str = "report", hidden_store: Path | None = No
     prepared = load_demo_workspace(run, hidden_store)
     ws = prepared.workspace
     planted = demo_scenario(run.config).planted if run.config.planted else None
-    pre_sft = ({n: p.detach().clone() for n, p in ws.model.named_parameters() if n in set(ws.trained_params)}
-               if planted is not None else None)
+    params = dict(ws.model.named_parameters())
+    pre_sft = {n: params[n].detach().clone() for n in ws.trained_params} if planted is not None else None
     out = StageOutputs(ws, stages.sft(run, ws))
     if planted is not None:
         planted_stages.gold(run, ws, planted, pre_sft, out.sft)
