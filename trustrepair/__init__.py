@@ -29,6 +29,7 @@ _EXPORTS = {
     "select_dpp": "trustrepair.methods.selection",
     "fit_ekfac": "trustrepair.engine.ekfac",
     "EKFACFactors": "trustrepair.engine.ekfac",
+    "PrefixStore": "trustrepair.engine.replay",
     "influence": "trustrepair.methods.scoring",
     "pairwise_influence": "trustrepair.methods.scoring",
     "CausalLMTask": "trustrepair.task",

@@ -66,7 +66,7 @@ from trustrepair.engine.ops.gram import add_gram_upper_, symmetric_from_upper
 from trustrepair.engine.ops.projected_gradients import projected_gradient_squares
 from trustrepair.engine.distributed import (all_reduce_counts, all_reduce_sum_, fail_together, is_main_process, map_once,
                                      progress_enabled, rank, require_agreement, shard_range, world_size)
-from trustrepair.engine.replay import PrefixReplay
+from trustrepair.engine.replay import PrefixStore, prefix_pass
 from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules, model_fingerprint
 from trustrepair.engine.tunables import current
 from trustrepair.task import CausalLMTask, Example, Task
@@ -323,7 +323,8 @@ def _tensor_versions(model: nn.Module) -> tuple:
 def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task: Task | None = None,
               fisher: str = "sampled", batch_size: int = 8, max_examples: int | None = None,
               progress: bool = True, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
-              matmul_dtype: torch.dtype | None = None, replay_prefix: bool = True) -> EKFACFactors:
+              matmul_dtype: torch.dtype | None = None, replay_prefix: bool = True,
+              prefix_store: PrefixStore | None = None) -> EKFACFactors:
     """Fit EK-FAC factors of ``model`` on a training set (see the module docstring for the math).
 
     Args:
@@ -350,6 +351,10 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
             eigenvalue-correction pass (:mod:`trustrepair.engine.replay`: the same factors, one prefix
             forward fewer); the second pass runs the whole model when the forward does not meet that
             module's conditions or the recordings would take over a quarter of the free memory.
+        prefix_store: a :class:`trustrepair.engine.replay.PrefixStore` to record into and replay from
+            instead of a private one, kept after the fit: pass it on to :func:`trustrepair.influence` or
+            :func:`trustrepair.pairwise_influence` (same training set and ``batch_size``) so that their
+            training-set pass skips the prefix too. Needs ``replay_prefix``.
     Returns:
         :class:`EKFACFactors` with per-stage ``timings``.
 
@@ -362,6 +367,8 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
     """
     if fisher not in FISHER_KINDS:
         raise ValueError(f"fisher must be one of {FISHER_KINDS}; got {fisher!r}")
+    if prefix_store is not None and not replay_prefix:
+        raise ValueError("prefix_store is used only with replay_prefix=True; drop one of the two")
     task = task or CausalLMTask()
     progress = progress_enabled(progress)
     layers = find_modules(model, modules)
@@ -382,12 +389,12 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
     }
     # The weight digest (about a second of CPU hashing for 160M parameters) is computed on a thread while
     # the passes run: hashlib releases the GIL, and on a GPU the CPU is otherwise idle.
+    store = (PrefixStore() if prefix_store is None else prefix_store) if replay_prefix else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trustrepair-fingerprint") as pool:
         versions = _tensor_versions(model)
         fingerprint_job = pool.submit(model_fingerprint, model, layers)
         modules, timings = _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress,
-                                       checkpoint_dir, matmul_dtype, arguments, fingerprint_job.result,
-                                       PrefixReplay(model, layers) if replay_prefix else None)
+                                       checkpoint_dir, matmul_dtype, arguments, fingerprint_job.result, store)
         factors = EKFACFactors(modules, arguments, fingerprint_job.result(), timings)
     factors._verified = (weakref.ref(model), versions)  # the digest is of these very tensors
     return factors
@@ -395,10 +402,10 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
 
 def _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress, checkpoint_dir, matmul_dtype,
                 arguments, fingerprint: Callable[[], dict],
-                replay: PrefixReplay | None) -> tuple[dict[str, ModuleFactors], dict[str, float]]:
+                replay: PrefixStore | None) -> tuple[dict[str, ModuleFactors], dict[str, float]]:
     """The three stages of :func:`fit_ekfac`: (factors per layer name, seconds per stage).
     ``fingerprint()`` waits for the model's digest, which only the covariance checkpoint needs early;
-    ``replay`` records the prefix in the covariance pass and replays it in the Lambda pass."""
+    ``replay`` (a prefix store) records the prefix in the covariance pass and replays it in the Lambda pass."""
     dtype = factor_dtype(layers)
     timings: dict[str, float] = {}
 
@@ -460,9 +467,9 @@ def _generator(layers: list[TrackedLayer], seed: int, stream: int) -> torch.Gene
 
 
 def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dtype, progress,
-                     replay: PrefixReplay | None = None) -> dict:
+                     replay: PrefixStore | None = None) -> dict:
     """Sums sum_t a_t a_t^T, sum_t g_t g_t^T and token counts per layer (padding rows are zero), over
-    this rank's shard of the examples, then summed over ranks; ``replay`` records the prefix's outputs."""
+    this rank's shard of the examples, then summed over ranks; ``replay`` (a prefix store) records or replays the prefix per batch."""
     device = layers[0].module.weight.device
     pad = pads_widths(device)  # Grams of zero-padded token rows: the padding rows and columns stay zero
     operand, width = (zero_padded, padded_width) if pad else (aligned, lambda n: n)
@@ -471,8 +478,8 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
     counts = [0] * len(layers)
     generator = _generator(layers, seed, 0)
     shard = shard_range(len(examples))
-    recording = replay.recording() if replay is not None else contextlib.nullcontext()
-    with fail_together("the EK-FAC covariance pass"), TokenCapture(model, layers) as capture, recording:
+    with fail_together("the EK-FAC covariance pass"), TokenCapture(model, layers) as capture, \
+            prefix_pass(replay, model, layers) as prefix:
         for number, (rows, batch) in enumerate(padded_batches(examples[shard.start:shard.stop], batch_size,
                                                                "EK-FAC covariances", progress, task.collate)):
             rows = [shard.start + row for row in rows]
@@ -486,7 +493,7 @@ def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dt
                 add_gram_upper_(s_sums[i], g)
                 counts[i] += n_valid * (a.shape[0] // (mask.shape[0] * tokens))
 
-            with recording.batch() if replay is not None else contextlib.nullcontext():
+            with prefix.batch(batch):
                 capture.run(_training_objective(model, task, batch, fisher, generator), mask,
                             describe_rows("training set", number, rows), on_layer)
     all_reduce_sum_(a_sums + s_sums)
@@ -547,15 +554,15 @@ def eigh_float64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _lambda_pass(model, layers, examples, task, fisher, batch_size, seed, bases, dtype, matmul_dtype,
-                 progress, replay: PrefixReplay | None = None) -> dict:
+                 progress, replay: PrefixStore | None = None) -> dict:
     """Sum over examples of (Q_S^T G_z Q_A) ** 2 per layer, via the dispatched contraction, over this
-    rank's shard of the examples, then summed over ranks; ``replay`` replays the recorded prefix."""
+    rank's shard of the examples, then summed over ranks; ``replay`` (a prefix store) replays or records the prefix per batch."""
     device = layers[0].module.weight.device
     sums = [torch.zeros(l.d_out, l.folded_in, dtype=dtype, device=device) for l in layers]
     generator = _generator(layers, seed, 1)
     shard = shard_range(len(examples))
-    replaying = replay.replaying() if replay is not None else contextlib.nullcontext()
-    with fail_together("the EK-FAC eigenvalue-correction pass"), TokenCapture(model, layers) as capture, replaying:
+    with fail_together("the EK-FAC eigenvalue-correction pass"), TokenCapture(model, layers) as capture, \
+            prefix_pass(replay, model, layers) as prefix:
         for number, (rows, batch) in enumerate(padded_batches(examples[shard.start:shard.stop], batch_size,
                                                                "EK-FAC eigenvalue correction", progress,
                                                                task.collate)):
@@ -567,8 +574,9 @@ def _lambda_pass(model, layers, examples, task, fisher, batch_size, seed, bases,
                     a, g = a.to(matmul_dtype), g.to(matmul_dtype)
                 sums[i] += projected_gradient_squares(a, g, q_a, q_s).to(dtype)
 
-            capture.run(_training_objective(model, task, batch, fisher, generator), task.token_mask(batch),
-                        describe_rows("training set", number, rows), on_layer)
+            with prefix.batch(batch):
+                capture.run(_training_objective(model, task, batch, fisher, generator), task.token_mask(batch),
+                            describe_rows("training set", number, rows), on_layer)
     all_reduce_sum_(sums)
     return {l.name: sums[i] for i, l in enumerate(layers)}
 

@@ -1,13 +1,15 @@
-"""Running a model's frozen prefix once per fit: the blocks before the first analysed one (prefix replay).
+"""Running a model's frozen prefix once: the blocks before the first analysed one, recorded per batch and
+replayed in later passes over the same batches (prefix replay).
 
 When every analysed layer lies in blocks b, b + 1, ... of a model's block list (the outermost
 ``nn.ModuleList`` holding an analysed layer, e.g. ``model.layers`` of a Hugging Face decoder) with b > 0,
-blocks 0 .. b - 1 compute the same output in both passes of an EK-FAC fit: their weights are frozen, the
-model is in eval mode and the batches are the same. The covariance pass records the output of block
-b - 1 for every batch; the eigenvalue-correction pass then replaces the forward of blocks 0 .. b - 1 by
-a lookup of that output, so only the embeddings (a gather), blocks b .. and the head run. The result is
-that of running the whole model, bit for bit as far as the recorded output equals a recomputed one (it
-is the same computation on the same inputs).
+blocks 0 .. b - 1 compute the same output in every pass over a batch as long as the weights outside
+blocks b .. are unchanged: both passes of an EK-FAC fit, and the training-set pass of influence scoring
+with the fitted model. A :class:`PrefixStore` keeps the output of block b - 1 per batch, keyed by a digest
+of the batch's tensors (:func:`batch_key`); in a pass given the store, a batch found there skips the
+forward of blocks 0 .. b - 1 (only the embeddings, a gather, blocks b .. and the head run) and a batch
+not found runs the whole model and is recorded. The result is that of running the whole model, bit for
+bit as far as the recorded output equals a recomputed one (it is the same computation on the same inputs).
 
 Unlike the application's hidden-state cache (:mod:`trustrepair.app.prefix_cache`), nothing here depends
 on the architecture's forward: the model's own forward runs, with absolute position embeddings, masks
@@ -15,13 +17,19 @@ and rotary embeddings computed as usual, and the skipped blocks return what bloc
 loop hands it on to block b). It needs only that, in every forward, the prefix blocks are called once
 each in index order, that no analysed layer runs before block b - 1 has returned, and that block b - 1's
 output alone carries the prefix's result on (no side channel between blocks; Hugging Face decoders
-satisfy this). The covariance pass checks the first two conditions on every batch (a task that runs the
-model twice per batch, or a block called twice, fails them) and gives up on replaying when either fails,
-or when the recorded outputs would exceed the memory budget; the second pass then runs the whole model.
+satisfy this). Every recorded batch is checked for the first two conditions (a task that runs the model
+twice per batch, or a block called twice, fails them); when either fails, or the recordings would exceed
+the store's memory budget, the store stops (``reason`` says why) and every later batch runs the whole
+model. A store is bound to one model and the state of every tensor outside blocks b ..: a pass with
+another model, or after any of those tensors was replaced or changed in place (their version counters),
+first empties it. Changing the analysed blocks (a repair) keeps it valid.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -62,14 +70,19 @@ def prefix_blocks(model: nn.Module, layers: list[TrackedLayer]) -> list[nn.Modul
     """Blocks 0 .. b - 1 of the outermost ``nn.ModuleList`` of ``model`` that holds an analysed layer, b the
     first block holding one; empty when there is no such list, b = 0, or an analysed layer lies in a block
     list other than that one."""
+    return _split(model, layers)[0]
+
+
+def _split(model: nn.Module, layers: list[TrackedLayer]) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(blocks 0 .. b - 1, blocks b ..) of the block list of :func:`prefix_blocks`; ([], []) without one."""
     lists = sorted(((name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name),
                    key=lambda item: item[0].count("."))
     for name, blocks in lists:
         indices = [int(l.name[len(name) + 1:].split(".")[0]) for l in layers
                    if l.name.startswith(name + ".") and l.name[len(name) + 1:].split(".")[0].isdigit()]
         if indices:
-            return list(blocks)[:min(indices)]
-    return []
+            return list(blocks)[:min(indices)], list(blocks)[min(indices):]
+    return [], []
 
 
 def memory_budget(device: torch.device) -> int:
@@ -83,133 +96,184 @@ def memory_budget(device: torch.device) -> int:
         return 0
 
 
-class PrefixReplay:
-    """Records the output of the last prefix block per batch (:meth:`recording`) and replays it
-    (:meth:`replaying`); see the module docstring.
+def batch_key(batch: Any) -> str:
+    """BLAKE2b digest of every tensor in a batch (a dict, list or tensor): names, dtypes, shapes and values,
+    i.e. everything the model's forward can read from it."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def add(value, name=""):
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+            digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                add(value[key], f"{name}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                add(v, f"{name}[{i}]")
+        else:
+            digest.update(f"{name}={value!r};".encode())
+
+    add(batch)
+    return digest.hexdigest()
+
+
+def _outside_state(model: nn.Module, tail: list[nn.Module]) -> tuple:
+    """Identity, storage and in-place version of every parameter and buffer of ``model`` outside the
+    ``tail`` blocks: unchanged exactly when none of them was replaced or modified in place since."""
+    inside = {id(t) for block in tail for t in list(block.parameters()) + list(block.buffers())}
+    return tuple((id(t), t.data_ptr(), t._version) for t in list(model.parameters()) + list(model.buffers())
+                 if id(t) not in inside)
+
+
+class PrefixStore:
+    """The output of a model's frozen prefix per batch, kept across passes (see the module docstring).
+
+    Give one store to :func:`trustrepair.fit_ekfac` (``prefix_store=``) and then to
+    :func:`trustrepair.influence` or :func:`trustrepair.pairwise_influence` with the same training set and
+    ``batch_size``: scoring then runs blocks b .. only (the fit alone keeps a private store for its two
+    passes). Memory: one (batch, tokens, hidden) output per batch, on the model's device.
 
     Args:
-        model: the model of the fit.
-        layers: its analysed layers.
-        budget_bytes: the most the recorded outputs may occupy; ``None`` for :func:`memory_budget`.
+        budget_bytes: the most the recorded outputs may occupy; ``None`` for :func:`memory_budget` of the
+            model's device when the first batch is recorded.
+
+    Attributes:
+        replayed, recorded: batches replayed from the store and recorded into it so far.
+        reason: why the store stopped (``""`` while it works); it then replays and records nothing.
     """
 
-    def __init__(self, model: nn.Module, layers: list[TrackedLayer], budget_bytes: int | None = None):
-        self.blocks = prefix_blocks(model, layers)
-        self.layers = layers
-        self.budget = memory_budget(layers[0].module.weight.device) if budget_bytes is None else budget_bytes
-        self.outputs: list[Any] = []
-        self.usable = bool(self.blocks)
-        self.reason = "" if self.usable else "no block before the first analysed one"
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget_bytes = budget_bytes
+        self.outputs: dict[str, Any] = {}
+        self.replayed = 0
+        self.recorded = 0
+        self.reason = ""
         self._bytes = 0
+        self._binding: tuple | None = None
 
-    def _give_up(self, reason: str) -> None:
-        self.usable, self.reason, self.outputs = False, reason, []
+    def __len__(self) -> int:
+        return len(self.outputs)
 
-    # -- the first pass ----------------------------------------------------------------------------------
+    def passing(self, model: nn.Module, layers: list[TrackedLayer]) -> "_Pass":
+        """Context for one pass of ``model`` whose analysed layers are ``layers``; call its
+        ``batch(batch)`` around each batch's forward + backward."""
+        return _Pass(self, model, layers)
 
-    def recording(self) -> "_Recording":
-        """Context for the covariance pass; call its ``batch()`` around each batch's forward."""
-        return _Recording(self)
+    def _stop(self, reason: str) -> None:
+        self.reason, self.outputs, self._bytes = reason, {}, 0
 
-    # -- the second pass ---------------------------------------------------------------------------------
+    def _bind(self, model: nn.Module, blocks: list[nn.Module], tail: list[nn.Module]) -> None:
+        """Empties the store unless it was filled by this model with the same tensors outside ``tail``."""
+        binding = (weakref.ref(model), tuple(id(b) for b in blocks), _outside_state(model, tail))
+        if self._binding is None or self._binding[0]() is not model or self._binding[1:] != binding[1:]:
+            self.outputs, self._bytes = {}, 0
+        self._binding = binding
 
-    def replaying(self) -> "_Replaying":
-        """Context for the eigenvalue-correction pass (a no-op when nothing usable was recorded): every
-        forward of the model inside it takes the next recorded output instead of running the prefix."""
-        return _Replaying(self)
+    def _record(self, key: str, output: Any, device: torch.device) -> None:
+        if self.budget_bytes is None:
+            self.budget_bytes = memory_budget(device)
+        self._bytes += _nbytes(output)
+        if self._bytes > self.budget_bytes:
+            self._stop(f"the recorded prefix outputs would exceed {self.budget_bytes} bytes")
+        else:
+            self.outputs[key] = output
+            self.recorded += 1
 
 
-class _Recording:
-    def __init__(self, replay: PrefixReplay):
-        self.replay = replay
-        self.handles: list = []
+def prefix_pass(store: PrefixStore | None, model: nn.Module, layers: list[TrackedLayer]):
+    """``store.passing(model, layers)``, or a pass whose ``batch(...)`` does nothing when ``store`` is None."""
+    return store.passing(model, layers) if store is not None else _NoPass()
 
-    def __enter__(self) -> "_Recording":
-        r = self.replay
-        if not r.usable:
+
+class _NoPass(contextlib.nullcontext):
+    def __enter__(self) -> "_NoPass":
+        return self
+
+    def batch(self, batch: Any) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+
+class _Pass:
+    def __init__(self, store: PrefixStore, model: nn.Module, layers: list[TrackedLayer]):
+        self.store, self.model, self.layers = store, model, layers
+        self.blocks, self.tail = _split(model, layers)
+        self.active = False
+
+    def __enter__(self) -> "_Pass":
+        s = self.store
+        if not self.blocks:
+            s.reason = s.reason or "no block before the first analysed one"
+        if s.reason:
             return self
-        self.calls: list[int] = []
-        self.early = False
-        for index, block in enumerate(r.blocks):
+        s._bind(self.model, self.blocks, self.tail)
+        self.active, self.handles = True, []
+        self.hit, self.output, self.calls, self.early = None, None, [], False
+        for index, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(lambda m, a, i=index: self.calls.append(i)))
-        self.handles.append(r.blocks[-1].register_forward_hook(self._keep))
-        for layer in r.layers:
+            block.forward = self._stub(index, block.forward)
+        self.handles.append(self.blocks[-1].register_forward_hook(self._keep))
+        for layer in self.layers:
             self.handles.append(layer.module.register_forward_pre_hook(self._analysed))
         return self
 
+    def _stub(self, index: int, original):
+        def forward(*args, **kwargs):
+            if self.hit is None:
+                return original(*args, **kwargs)
+            if index == 0:
+                given = _leading_shape(args[0] if args else next(iter(kwargs.values()), None))
+                if given is not None and given != _leading_shape(self.hit):
+                    raise RuntimeError(f"prefix replay: the batch's hidden states have shape {given}, the "
+                                       f"recorded ones {_leading_shape(self.hit)} (a batch key collision)")
+            return self.hit
+        return forward
+
     def _keep(self, module, args, output):
-        self.output = _detached(output)
+        if self.hit is None:
+            self.output = _detached(output)
 
     def _analysed(self, module, args):
-        if len(self.calls) != len(self.replay.blocks):
+        if len(self.calls) != len(self.blocks):
             self.early = True
 
-    def batch(self):
-        """Context around one batch's forward + backward."""
-        return _Batch(self)
+    def batch(self, batch: Any) -> "_Batch":
+        """Context around one batch's forward + backward: replays the prefix when the store holds this
+        batch, runs and records it otherwise."""
+        return _Batch(self, batch)
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        if self.active:
+            for handle in self.handles:
+                handle.remove()
+            for block in self.blocks:
+                del block.forward
+            self.active = False
 
 
 class _Batch:
-    def __init__(self, recording: _Recording):
-        self.recording = recording
+    def __init__(self, run: _Pass, batch: Any):
+        self.run, self.batch = run, batch
 
-    def __enter__(self):
-        rec = self.recording
-        rec.calls, rec.early, rec.output = [], False, None
+    def __enter__(self) -> "_Batch":
+        run = self.run
+        if run.active and not run.store.reason:
+            self.key = batch_key(self.batch)
+            run.hit = run.store.outputs.get(self.key)
+            run.calls, run.early, run.output = [], False, None
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        rec, r = self.recording, self.recording.replay
-        if exc_type is not None or not r.usable:
+        run, s = self.run, self.run.store
+        if exc_type is not None or not run.active or s.reason:
+            run.hit = None
             return
-        if rec.calls != list(range(len(r.blocks))):
-            r._give_up("the prefix blocks did not run once each in order in one forward")
-        elif rec.early:
-            r._give_up("an analysed layer ran before the last prefix block")
-        else:
-            r._bytes += _nbytes(rec.output)
-            if r._bytes > r.budget:
-                r._give_up(f"the recorded prefix outputs would exceed {r.budget} bytes")
-            else:
-                r.outputs.append(rec.output)
-        rec.output = None
-
-
-class _Replaying:
-    def __init__(self, replay: PrefixReplay):
-        self.replay = replay
-
-    def __enter__(self) -> "_Replaying":
-        r = self.replay
-        self.active = r.usable and bool(r.outputs)
-        if self.active:
-            self.next = 0
-            self.current = None
-            def stub(block_index):
-                def forward(*args, **kwargs):
-                    if block_index == 0:
-                        if self.next >= len(r.outputs):
-                            raise RuntimeError("prefix replay: more forward passes than recorded batches")
-                        self.current = r.outputs[self.next]
-                        self.next += 1
-                        given = _leading_shape(args[0] if args else next(iter(kwargs.values()), None))
-                        if given is not None and given != _leading_shape(self.current):
-                            raise RuntimeError(f"prefix replay: batch {self.next - 1} has shape {given}, recorded "
-                                               f"{_leading_shape(self.current)} (the passes' batches differ)")
-                    return self.current
-                return forward
-
-            for index, block in enumerate(r.blocks):
-                block.forward = stub(index)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            for block in self.replay.blocks:
-                del block.forward
-        self.replay.outputs = []
+        if run.hit is not None:
+            s.replayed += 1
+        elif run.calls != list(range(len(run.blocks))):
+            s._stop("the prefix blocks did not run once each in order in one forward")
+        elif run.early:
+            s._stop("an analysed layer ran before the last prefix block")
+        elif run.output is not None:
+            s._record(self.key, run.output, run.layers[0].module.weight.device)
+        run.hit, run.output = None, None

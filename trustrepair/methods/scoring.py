@@ -59,14 +59,15 @@ from trustrepair.engine.distributed import fail_together, gather_rows, map_once,
 from trustrepair.engine.ekfac import EKFACFactors, check_damping, factor_dtype
 from trustrepair.engine.lowrank import low_rank_factors, rotate_factors
 from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules
+from trustrepair.engine.replay import PrefixStore, prefix_pass
 from trustrepair.methods.selection import normalize_scores  # re-exported: the scores' [0, 1] convention
 from trustrepair.task import IGNORE_INDEX, Batch, CausalLMTask, Task
 
 
 def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str, Sequence[Mapping]], *,
               damping: float | None = None, batch_size: int = 8, task: Task | None = None,
-              progress: bool = True, timings: dict | None = None,
-              check_fingerprint: bool = True) -> dict[str, torch.Tensor]:
+              progress: bool = True, timings: dict | None = None, check_fingerprint: bool = True,
+              prefix_store: PrefixStore | None = None) -> dict[str, torch.Tensor]:
     """Aggregated influence gamma^j(z) of every training example on every aspect's metric.
 
     Args:
@@ -82,6 +83,10 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
             ``precondition``, ``scores``.
         check_fingerprint: refuse a model whose weights differ from those the factors were fitted on
             (a digest, :meth:`EKFACFactors.check_model`); ``False`` skips it (layer shapes are still checked).
+        prefix_store: the :class:`~trustrepair.engine.replay.PrefixStore` given to :func:`trustrepair.fit_ekfac`
+            (same training set and ``batch_size``): the training-set pass then replays the frozen blocks
+            before the first analysed one instead of running them, with the same scores; batches it does
+            not hold run the whole model and are recorded.
     Returns:
         aspect -> (n_train,) scores, float32 (float64 for a float64 model); positive = detrimental (see
         the module docstring for sign and scale). Equals the mean over the aspect's queries of
@@ -105,7 +110,7 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
     clock.lap("precondition")
 
     scores = _score_pass(model, layers, examples, task, batch_size, progress, len(aspect_grads),
-                         lambda i, a, g: contract[i](a, g), factor_dtype(layers))
+                         lambda i, a, g: contract[i](a, g), factor_dtype(layers), prefix_store)
     clock.lap("scores")
     return {aspect: -scores[:, j] for j, aspect in enumerate(trust)}
 
@@ -113,7 +118,7 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
 def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: Sequence[Mapping], *,
                        damping: float | None = None, query_rank: int | None = None, batch_size: int = 8,
                        task: Task | None = None, progress: bool = True, timings: dict | None = None,
-                       check_fingerprint: bool = True) -> torch.Tensor:
+                       check_fingerprint: bool = True, prefix_store: PrefixStore | None = None) -> torch.Tensor:
     """Influence of every training example on every query's measurement.
 
     scores[q, z] = - grad m_q^T (G + lambda I)^{-1} grad L(z), m_q = log P(o_q|m_q) - log P(p_q|m_q).
@@ -144,7 +149,7 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
     clock.lap("precondition")
 
     scores = _score_pass(model, layers, examples, task, batch_size, progress, len(queries),
-                         lambda i, a, g: contract[i](a, g), factor_dtype(layers))
+                         lambda i, a, g: contract[i](a, g), factor_dtype(layers), prefix_store)
     clock.lap("scores")
     return -scores.T.contiguous()
 
@@ -335,13 +340,16 @@ def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLaye
     return contract
 
 
-def _score_pass(model, layers, examples, task, batch_size, progress, n_cols, contract, dtype) -> torch.Tensor:
+def _score_pass(model, layers, examples, task, batch_size, progress, n_cols, contract, dtype,
+                prefix_store: PrefixStore | None) -> torch.Tensor:
     """(n_train, n_cols): sum over layers of contract(layer_index, a, g) for every training example
-    (this rank's shard computed here, the others gathered in the original order)."""
+    (this rank's shard computed here, the others gathered in the original order), the prefix replayed
+    from ``prefix_store`` where it holds a batch."""
     device = layers[0].module.weight.device
     shard = shard_range(len(examples))
     scores = torch.zeros(len(shard), n_cols, dtype=dtype, device=device)
-    with fail_together("influence scoring"), TokenCapture(model, layers) as capture:
+    with fail_together("influence scoring"), TokenCapture(model, layers) as capture, \
+            prefix_pass(prefix_store, model, layers) as prefix:
         for number, (rows, batch) in enumerate(padded_batches(examples[shard.start:shard.stop], batch_size,
                                                                "influence scores", progress, task.collate)):
             index = torch.tensor(rows, device=device)
@@ -350,8 +358,9 @@ def _score_pass(model, layers, examples, task, batch_size, progress, n_cols, con
             def on_layer(i, a, g):
                 scores.index_add_(0, index, contract(i, a, g).to(dtype))
 
-            capture.run(lambda: task.train_loss(model, batch), task.token_mask(batch),
-                        describe_rows("training set", number, rows), on_layer)
+            with prefix.batch(batch):
+                capture.run(lambda: task.train_loss(model, batch), task.token_mask(batch),
+                            describe_rows("training set", number, rows), on_layer)
     return gather_rows(scores, len(examples)).cpu()
 
 
