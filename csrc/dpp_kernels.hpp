@@ -8,16 +8,18 @@
 //     K_m = exp(-gamma * max((||x||^2 + ||p_m||^2) - 2 <x, p_m>, 0))
 //     e_m = (K_m - <V[m, 0:m], c[0:m]>) / V[m, m],    c[m] = e_m,    d2 -= e_m^2
 //
-// all in float64 (float32 rows are widened exactly). The dot products <x, p_m> (2 d flops per kernel
-// entry, most of the work) are vectorised over the embedding, one candidate against up to kMaxPicks picks
-// per call; the recurrence (2 m flops per entry) runs one candidate per lane, W candidates at a time.
-// Every value is computed by the same operations in the same order, whatever the group, lane, thread or
-// batch of picks and whether the greedy is lazy or eager: a dot product over the embedding is
-// (lane-wise sum over even chunks of W) + (over odd chunks), each in increasing order, then its lanes are
-// added by a fixed tree (lane_sum); the sum over q in the recurrence is
-// ((q = 0 mod 4) + (1 mod 4)) + ((2 mod 4) + (3 mod 4)), each in increasing q. So a candidate's values
-// never depend on how the work was split; they can differ in the last bits between CPUs that run
-// different variants (the vector width changes the order of the sums).
+// all in float64 (float32 rows are widened exactly). Candidates come in groups of kGroup = 8 rows that
+// have seen the same picks. The dot products <x, p_m> (2 d flops per kernel entry, most of the work) are
+// register-blocked: up to 8 candidates against up to 4 picks per call (block_dots), vectorised over the
+// embedding, so each pick chunk is loaded once per block and each candidate chunk once per pick block; the
+// recurrence (2 m flops per entry) runs one candidate per lane, W candidates at a time.
+// Every value is computed by the same operations in the same order, whatever the block, group, lane,
+// thread or batch of picks and whether the greedy is lazy or eager: a dot product over the embedding is a
+// lane-wise sum over the chunks of W in increasing order, then its lanes are added by a fixed tree
+// (lane_sum); the sum over q in the recurrence is ((q = 0 mod 4) + (1 mod 4)) + ((2 mod 4) + (3 mod 4)),
+// each in increasing q. So a candidate's values never depend on how the work was split; they can differ
+// in the last bits between CPUs that run different variants (the vector width changes the order of the
+// sums).
 #pragma once
 
 #include <cmath>
@@ -48,15 +50,18 @@ constexpr int kMaxLanes = 8;
 // tile it; the zeros add exact zeros to every dot product).
 inline int64_t padded_width(int64_t d) { return (d + kMaxLanes - 1) / kMaxLanes * kMaxLanes; }
 
-// Up to kMaxLanes candidates updated together; lanes beyond `lanes` are idle.
+// Candidates are updated in groups of kGroup consecutive rows that are always brought up to date together,
+// so that they share the picks they have seen and their distances are small blocked matrix products.
+constexpr int kGroup = 8;
+
+// A group's state, as stored by the greedy (lane w = candidate first + w of the group).
 template <typename T>
 struct CandidateGroup {
-    int lanes = 0;
-    const T* row[kMaxLanes];    // (d,) embedding rows
-    double* chol[kMaxLanes];    // (kk,) Cholesky rows, valid on [0, from)
-    double* d2[kMaxLanes];      // Schur complements
-    double* sq[kMaxLanes];      // ||x||^2, written when from = 0, read after
-    int64_t from[kMaxLanes];    // picks each row is up to date with
+    const T* row[kGroup];  // (d,) embedding rows; rows past N point to a row of zeros
+    double* chol;          // (kk, kGroup) the Cholesky rows, lane-major: chol[q * kGroup + w] = c_w[q]
+    double* d2;            // (kGroup,) Schur complements
+    double* sq;            // (kGroup,) ||x_w||^2, written when from = 0, read after
+    int64_t from;          // picks every row of the group is up to date with
 };
 
 namespace kernels {
@@ -85,6 +90,15 @@ template <typename T, int W>
 __attribute__((always_inline)) inline typename Vec<W>::type load_widened(const T* p) {
     if constexpr (std::is_same_v<T, double>) {
         return load<W>(p);
+#if defined(__x86_64__) && defined(__GNUC__)
+    } else if constexpr (W == 8) {
+        // One AVX-512 conversion from memory. GCC 12 lowers __builtin_convertvector of 8 floats to two
+        // 4-wide conversions and a shuffle (4 instructions), which slowed the float32 dot products by half.
+        // Only ever inlined into the avx512 variant.
+        typename Vec<W>::type v;
+        __asm__("vcvtps2pd %1, %0" : "=v"(v) : "m"(*reinterpret_cast<const typename Vec<W>::narrow*>(p)));
+        return v;
+#endif
     } else {
         typename Vec<W>::narrow f;
         __builtin_memcpy(&f, p, sizeof(f));
@@ -123,10 +137,13 @@ __attribute__((always_inline)) inline void exp_nonpositive(typename Vec<W>::type
     *inout = x < -708.5 ? V{} : y;
 }
 
-// Picks per call of pick_dots: enough independent accumulator chains to hide the FMA latency (two per
-// pick), without spilling registers (32 vector registers with AVX-512, 16 otherwise).
+// Picks per call of block_dots, and the accumulators a call may hold (one per candidate and pick): enough
+// independent chains to hide the FMA latency (at least 8), without spilling registers (32 vector registers
+// with AVX-512, 16 otherwise).
 template <int W>
-constexpr int kMaxPicks = W >= 8 ? 8 : 4;
+constexpr int kMaxPicks = W >= 8 ? 4 : 2;
+template <int W>
+constexpr int kAccumulators = W >= 8 ? 16 : 8;
 
 // out[0..d) = row widened to float64, out[d..dp) = 0 (dp = padded_width(d)).
 template <typename T, int W>
@@ -148,16 +165,19 @@ __attribute__((always_inline)) inline double lane_sum(typename Vec<W>::type v) {
     return a[0];
 }
 
-// out[b] = lane_sum(v[b]) for b < P. For W = 8 the eight trees run side by side: each level adds, for
-// every vector, lane l to lane l + h exactly as lane_sum does (shuffles only regroup the halves of two
-// vectors into one), so out[b] is bit for bit lane_sum(v[b]).
-template <int W, int P>
+// out[b] = lane_sum(v[b]) for b < N. For W = 8 the trees of up to eight vectors run side by side: each level
+// adds, for every vector, lane l to lane l + h exactly as lane_sum does (shuffles only regroup the halves of
+// two vectors into one), so out[b] is bit for bit lane_sum(v[b]).
+template <int W, int N>
 __attribute__((always_inline)) inline void lane_sums(const typename Vec<W>::type* v, double* out) {
     typedef typename Vec<W>::type V;
     typedef typename Vec<W>::index I;
-    if constexpr (W == 8 && P >= 4) {
+    if constexpr (N > 8) {
+        lane_sums<W, 8>(v, out);
+        lane_sums<W, N - 8>(v + 8, out + 8);
+    } else if constexpr (W == 8 && N >= 4) {
         V r[8];
-        for (int b = 0; b < 8; ++b) r[b] = b < P ? v[b] : V{};
+        for (int b = 0; b < 8; ++b) r[b] = b < N ? v[b] : V{};
         V s[4], q[2];
         for (int b = 0; b < 4; ++b)  // s[b] = (r[2b] lanes 0-3 + 4-7, r[2b+1] lanes 0-3 + 4-7)
             s[b] = __builtin_shuffle(r[2 * b], r[2 * b + 1], I{0, 1, 2, 3, 8, 9, 10, 11}) +
@@ -169,133 +189,132 @@ __attribute__((always_inline)) inline void lane_sums(const typename Vec<W>::type
                       __builtin_shuffle(q[0], q[1], I{1, 3, 5, 7, 9, 11, 13, 15});
         constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // vector behind each lane of sum
         for (int l = 0; l < 8; ++l)
-            if (kOrder[l] < P) out[kOrder[l]] = sum[l];
+            if (kOrder[l] < N) out[kOrder[l]] = sum[l];
     } else {
-        for (int b = 0; b < P; ++b) out[b] = lane_sum<W>(v[b]);
+        for (int b = 0; b < N; ++b) out[b] = lane_sum<W>(v[b]);
     }
 }
 
-// out[b] = <x, p + b * dp> for b < P, over dp doubles (a multiple of W). Every dot product is computed
-// the same way, whatever P and whichever b: lane l of two accumulators sums x[c W + l] * p[c W + l] over
-// the even and the odd chunks c respectively, in increasing c (one FMA each); then the two are added and
-// the lanes summed by lane_sum's tree. So <x, x> equals <x, y> bit for bit when x and y hold the same
-// values, and identical rows are exactly 0 apart.
-template <int W, int P>
-__attribute__((always_inline)) inline void pick_dots(const double* x, const double* p, int64_t dp, double* out) {
+// out[b * stride + r] = <x + r dp, p + b dp> for r < R, b < P: R widened candidate rows against P pick
+// rows, both float64 zero-padded to dp, register-blocked so that each chunk of W doubles of a pick row is
+// loaded once for R candidates and each chunk of a candidate row once for P picks. Every dot product is
+// computed the same way, whatever R, P, r and b: lane l of one accumulator sums x[c W + l] * p[c W + l]
+// over the chunks c in increasing order (one FMA each), then the lanes are summed by lane_sum's tree. So
+// <x, x> equals <x, y> bit for bit when y holds x's values, and identical rows are exactly 0 apart.
+template <int W, int R, int P>
+__attribute__((always_inline)) inline void block_dots(const double* x, const double* p, int64_t dp, double* out,
+                                                      int stride) {
     typedef typename Vec<W>::type V;
-    V even[P], odd[P];
-    for (int b = 0; b < P; ++b) even[b] = odd[b] = V{};
-    int64_t l = 0;
-    for (; l + 2 * W <= dp; l += 2 * W) {
-        const V a = load<W>(x + l), c = load<W>(x + l + W);
-        for (int b = 0; b < P; ++b) {
-            even[b] += a * load<W>(p + b * dp + l);
-            odd[b] += c * load<W>(p + b * dp + l + W);
+    V acc[R * P];
+    for (int a = 0; a < R * P; ++a) acc[a] = V{};
+    for (int64_t l = 0; l < dp; l += W) {
+        V pick[P];
+        for (int b = 0; b < P; ++b) pick[b] = load<W>(p + b * dp + l);
+        for (int r = 0; r < R; ++r) {
+            const V a = load<W>(x + r * dp + l);
+            for (int b = 0; b < P; ++b) acc[r * P + b] += a * pick[b];
         }
     }
-    if (l < dp) {
-        const V a = load<W>(x + l);
-        for (int b = 0; b < P; ++b) even[b] += a * load<W>(p + b * dp + l);
-    }
-    V sum[P];
-    for (int b = 0; b < P; ++b) sum[b] = even[b] + odd[b];
-    lane_sums<W, P>(sum, out);
+    double sums[R * P];
+    lane_sums<W, R * P>(acc, sums);
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < P; ++b) out[b * stride + r] = sums[r * P + b];
 }
 
-// pick_dots for a run-time count 1 <= count <= kMaxPicks<W>.
+// out[b * kGroup + w] = <x + w dp, p + b dp> for the kGroup widened rows of a group and P <= kMaxPicks<W>
+// picks: blocks of as many candidates as the accumulators allow.
+template <int W, int P>
+__attribute__((always_inline)) inline void group_dots(const double* x, const double* p, int64_t dp, double* out) {
+    constexpr int R = kAccumulators<W> / P >= kGroup ? kGroup : kAccumulators<W> / P >= 4 ? 4 : 2;
+    for (int r = 0; r < kGroup; r += R) block_dots<W, R, P>(x + r * dp, p, dp, out + r, kGroup);
+}
+
+// group_dots for a run-time count 1 <= count <= kMaxPicks<W>.
 template <int W>
-__attribute__((always_inline)) inline void pick_dots_n(const double* x, const double* p, int64_t dp, int count,
-                                                       double* out) {
+__attribute__((always_inline)) inline void group_dots_n(const double* x, const double* p, int64_t dp, int count,
+                                                        double* out) {
     switch (count) {
-        case 1: return pick_dots<W, 1>(x, p, dp, out);
-        case 2: return pick_dots<W, 2>(x, p, dp, out);
-        case 3: return pick_dots<W, 3>(x, p, dp, out);
-        case 4: return pick_dots<W, 4>(x, p, dp, out);
+        case 1: return group_dots<W, 1>(x, p, dp, out);
+        case 2: return group_dots<W, 2>(x, p, dp, out);
     }
-    if constexpr (kMaxPicks<W> == 8) {
+    if constexpr (kMaxPicks<W> == 4) {
         switch (count) {
-            case 5: return pick_dots<W, 5>(x, p, dp, out);
-            case 6: return pick_dots<W, 6>(x, p, dp, out);
-            case 7: return pick_dots<W, 7>(x, p, dp, out);
-            default: return pick_dots<W, 8>(x, p, dp, out);
+            case 3: return group_dots<W, 3>(x, p, dp, out);
+            default: return group_dots<W, 4>(x, p, dp, out);
         }
     }
 }
 
-// ||x||^2 of one embedding row, as pick_dots computes <x, x>. scratch holds dp doubles.
+// out[r] = ||x + r dp||^2 for r < R widened rows, bit for bit as block_dots computes <x, y> for a y holding
+// x's values, with R accumulator chains.
+template <int W, int R>
+__attribute__((always_inline)) inline void block_sqnorms(const double* x, int64_t dp, double* out) {
+    typedef typename Vec<W>::type V;
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = V{};
+    for (int64_t l = 0; l < dp; l += W)
+        for (int r = 0; r < R; ++r) {
+            const V a = load<W>(x + r * dp + l);
+            acc[r] += a * a;
+        }
+    lane_sums<W, R>(acc, out);
+}
+
+// ||x||^2 of one embedding row, as group_update computes it. scratch holds dp doubles.
 template <typename T, int W>
 __attribute__((always_inline)) inline double row_sqnorm(const T* row, int64_t d, int64_t dp, double* scratch) {
     widen_row<T, W>(row, d, dp, scratch);
     double out;
-    pick_dots<W, 1>(scratch, scratch, dp, &out);
+    block_sqnorms<W, 1>(scratch, dp, &out);
     return out;
 }
 
-// The update described at the top of this file for a group of candidates, in two phases.
-//   1. Distances, candidate by candidate: the row is widened once into scratch, then its dot products
-//      with exactly the picks it has not seen are computed kMaxPicks<W> at a time (pick_dots, vectorised
-//      over the embedding: no transposes, each pick row reused from L1 by the next candidates of the
-//      group). A row seen for the first time (from = 0) also gets its squared norm, kept in *sq.
-//   2. Kernel values and the recurrence, one candidate per lane, one pick at a time (it is sequential in
-//      m). Lane w takes part in pick m only when from[w] <= m; otherwise its c[m] is already known and kept.
-// scratch holds dp + 2 kk W + kMaxPicks<W> doubles (P.dp = padded_width(d)).
+// The update described at the top of this file for the kGroup candidates of a group, all up to date with
+// the same picks (g.from), in two phases.
+//   1. Distances: the group's rows are widened once into scratch, then their dot products with the picks
+//      from..to-1 are computed kMaxPicks<W> picks at a time (group_dots; the rows stay in L1, the pick rows
+//      come from L1 or L2). A group seen for the first time (from = 0) also gets its rows' squared norms.
+//   2. Kernel values and the recurrence, one candidate per lane, W lanes at a time, one pick at a time (it
+//      is sequential in m), on the group's lane-major Cholesky rows.
+// scratch holds kGroup dp + kk kGroup doubles (P.dp = padded_width(d)), aligned to W.
 template <typename T, int W>
 __attribute__((always_inline)) inline void group_update(const CandidateGroup<T>& g, int64_t to, const PicksView& P,
                                                         double gamma, double* scratch) {
     typedef typename Vec<W>::type V;
-    const int64_t dp = P.dp;
-    double* x = scratch;             // (dp,) the widened row
-    double* dots = x + dp;           // (kk, W) <x_w, p_m>, lane-major
-    double* ct = dots + P.kk * W;    // (kk, W) Cholesky rows, transposed
-    double* tmp = ct + P.kk * W;     // (kMaxPicks,)
-    int64_t lo = to;
-    for (int w = 0; w < g.lanes; ++w) lo = g.from[w] < lo ? g.from[w] : lo;
-    for (int w = 0; w < W; ++w) {
-        if (w >= g.lanes) {
-            for (int64_t m = lo; m < to; ++m) dots[m * W + w] = 0.0;
-            continue;
-        }
-        widen_row<T, W>(g.row[w], P.d, dp, x);
-        if (g.from[w] == 0) pick_dots<W, 1>(x, x, dp, g.sq[w]);
-        for (int64_t m = lo; m < g.from[w]; ++m) dots[m * W + w] = 0.0;
-        for (int64_t m = g.from[w]; m < to; m += kMaxPicks<W>) {
-            const int count = to - m < kMaxPicks<W> ? static_cast<int>(to - m) : kMaxPicks<W>;
-            pick_dots_n<W>(x, P.rows + m * dp, dp, count, tmp);
-            for (int b = 0; b < count; ++b) dots[(m + b) * W + w] = tmp[b];
-        }
+    const int64_t dp = P.dp, from = g.from;
+    double* x = scratch;                  // (kGroup, dp) the widened rows
+    double* dots = x + kGroup * dp;       // (kk, kGroup) <x_w, p_m>
+    for (int w = 0; w < kGroup; ++w) widen_row<T, W>(g.row[w], P.d, dp, x + w * dp);
+    if (from == 0) block_sqnorms<W, kGroup>(x, dp, g.sq);
+    for (int64_t m = from; m < to; m += kMaxPicks<W>) {
+        const int count = to - m < kMaxPicks<W> ? static_cast<int>(to - m) : kMaxPicks<W>;
+        group_dots_n<W>(x, P.rows + m * dp, dp, count, dots + m * kGroup);
     }
-    V sq, d2, from;
-    for (int w = 0; w < W; ++w) {
-        const int src = w < g.lanes ? w : 0;
-        sq[w] = *g.sq[src];
-        d2[w] = *g.d2[src];
-        from[w] = static_cast<double>(g.from[src]);
-        for (int64_t q = 0; q < g.from[src]; ++q) ct[q * W + w] = g.chol[src][q];
-    }
-    for (int64_t m = lo; m < to; ++m) {
-        const V dist = (sq + P.sqnorm[m]) - 2.0 * load<W>(dots + m * W);
-        V k = -gamma * (dist > 0.0 ? dist : V{});
-        exp_nonpositive<W>(&k);
-        const double* vm = P.chol + m * P.kk;
-        V r0 = {}, r1 = {}, r2 = {}, r3 = {};
-        int64_t q = 0;
-        for (; q + 4 <= m; q += 4) {
-            r0 += load<W>(ct + q * W) * vm[q];
-            r1 += load<W>(ct + (q + 1) * W) * vm[q + 1];
-            r2 += load<W>(ct + (q + 2) * W) * vm[q + 2];
-            r3 += load<W>(ct + (q + 3) * W) * vm[q + 3];
+    for (int h = 0; h < kGroup; h += W) {
+        const V sq = load<W>(g.sq + h);
+        V d2 = load<W>(g.d2 + h);
+        for (int64_t m = from; m < to; ++m) {
+            const V dist = (sq + P.sqnorm[m]) - 2.0 * load<W>(dots + m * kGroup + h);
+            V k = -gamma * (dist > 0.0 ? dist : V{});
+            exp_nonpositive<W>(&k);
+            const double* vm = P.chol + m * P.kk;
+            const double* c = g.chol + h;
+            V r0 = {}, r1 = {}, r2 = {}, r3 = {};
+            int64_t q = 0;
+            for (; q + 4 <= m; q += 4) {
+                r0 += load<W>(c + q * kGroup) * vm[q];
+                r1 += load<W>(c + (q + 1) * kGroup) * vm[q + 1];
+                r2 += load<W>(c + (q + 2) * kGroup) * vm[q + 2];
+                r3 += load<W>(c + (q + 3) * kGroup) * vm[q + 3];
+            }
+            if (q < m) r0 += load<W>(c + q * kGroup) * vm[q];
+            if (q + 1 < m) r1 += load<W>(c + (q + 1) * kGroup) * vm[q + 1];
+            if (q + 2 < m) r2 += load<W>(c + (q + 2) * kGroup) * vm[q + 2];
+            const V e = (k - ((r0 + r1) + (r2 + r3))) / P.diag[m];
+            store<W>(g.chol + m * kGroup + h, e);
+            d2 -= e * e;
         }
-        if (q < m) r0 += load<W>(ct + q * W) * vm[q];
-        if (q + 1 < m) r1 += load<W>(ct + (q + 1) * W) * vm[q + 1];
-        if (q + 2 < m) r2 += load<W>(ct + (q + 2) * W) * vm[q + 2];
-        const V e = (k - ((r0 + r1) + (r2 + r3))) / P.diag[m];
-        const auto behind = from <= static_cast<double>(m);  // lanes that have not seen pick m yet
-        store<W>(ct + m * W, behind ? e : load<W>(ct + m * W));
-        d2 = behind ? d2 - e * e : d2;
-    }
-    for (int w = 0; w < g.lanes; ++w) {
-        for (int64_t q = g.from[w]; q < to; ++q) g.chol[w][q] = ct[q * W + w];
-        *g.d2[w] = d2[w];
+        store<W>(g.d2 + h, d2);
     }
 }
 }  // namespace kernels
@@ -306,10 +325,9 @@ struct Kernels {
     using Update = void (*)(const CandidateGroup<T>&, int64_t, const PicksView&, double, double*);
     using Sqnorm = double (*)(const T*, int64_t, int64_t, double*);
     using Exp = void (*)(const double*, double*, int64_t);
-    Update update;  // group_update for groups of up to `lanes` candidates
-    Sqnorm sqnorm;  // row_sqnorm
+    Update update;  // group_update
+    Sqnorm sqnorm;  // ||x||^2 of one row, as group_update computes it
     Exp exp;        // exp_nonpositive over an array (for testing it against numpy.exp)
-    int lanes;  // W, the candidates per group_update call
     const char* name;
 };
 
@@ -352,20 +370,18 @@ inline std::vector<std::string> supported_variants() {
     return names;
 }
 
-// Doubles of scratch one thread needs for group_update and row_sqnorm with `lanes` = W.
-inline int64_t scratch_doubles(int64_t d, int64_t kk, int lanes) {
-    return padded_width(d) + 2 * kk * lanes + kMaxLanes;
-}
+// Doubles of scratch one thread needs for group_update and row_sqnorm.
+inline int64_t scratch_doubles(int64_t d, int64_t kk) { return kGroup * padded_width(d) + kk * kGroup; }
 
 // The kernels of a variant returned by supported_variants().
 template <typename T>
 Kernels<T> kernels_named(const std::string& name) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (name == "avx512") return {&update_avx512<T>, &sqnorm_avx512<T>, &exp_avx512, 8, "avx512"};
-    if (name == "avx2") return {&update_avx2<T>, &sqnorm_avx2<T>, &exp_avx2, 4, "avx2"};
+    if (name == "avx512") return {&update_avx512<T>, &sqnorm_avx512<T>, &exp_avx512, "avx512"};
+    if (name == "avx2") return {&update_avx2<T>, &sqnorm_avx2<T>, &exp_avx2, "avx2"};
 #endif
     (void)name;
-    return {&update_baseline<T>, &sqnorm_baseline<T>, &exp_baseline, 2, "baseline"};
+    return {&update_baseline<T>, &sqnorm_baseline<T>, &exp_baseline, "baseline"};
 }
 
 }  // namespace trustrepair

@@ -90,6 +90,38 @@ def test_awkward_shapes_match_the_reference_and_the_eager_twin(n, d, variant, mo
             assert np.array_equal(lazy.indices, eager.indices) and np.array_equal(lazy.gains, eager.gains)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 16, 17, 40, 63, 64, 65])
+@pytest.mark.parametrize("eta", ETAS)
+def test_group_boundaries_match_the_reference_until_every_group_is_emptied(n, eta):
+    """Candidates are updated in groups of 8 consecutive rows: N below, at and just past multiples of 8 (a
+    padded last group, a group of one), and k = N, so that every group loses all its rows to picks."""
+    scores, emb = clustered(n, 11, seed=500 + n, dtype=np.float32 if n % 2 else np.float64)
+    lazy = dpp_greedy(scores, emb, n, eta=eta)
+    assert_same_selection(lazy, dpp_greedy(scores, emb, n, eta=eta, engine="reference"), f"n={n} eta={eta}")
+    eager = dpp_greedy(scores, emb, n, eta=eta, lazy=False)
+    assert np.array_equal(lazy.indices, eager.indices) and np.array_equal(lazy.gains, eager.gains)
+    assert sorted(lazy.indices.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("copies_at", [(0, 1, 2), (6, 7, 8, 9), (3, 11, 19), (15, 16), (7, 8, 23, 24)])
+def test_exact_copies_within_and_across_groups_tie_to_the_lowest_index(copies_at):
+    """Copies of one row placed inside a group, across a group boundary and in separate groups, among far
+    apart distinct rows (K about 0 between distinct rows, eta = 0): the copies tie exactly at every step,
+    so the first is taken with the distinct rows in index order and the others one round at a time, in
+    index order, whichever groups they sit in."""
+    n = 26
+    emb = 10.0 * np.random.default_rng(7).normal(size=(n, 5))
+    emb[list(copies_at)] = emb[copies_at[0]]
+    fast = dpp_greedy(np.zeros(n), emb, n, eta=0.0, gamma=1e3)
+    rest = list(copies_at[1:])
+    assert fast.indices.tolist() == [i for i in range(n) if i not in rest] + rest
+    np.testing.assert_allclose(fast.gains[n - len(rest):], np.log1p(1.0 / np.arange(2, len(rest) + 2)), rtol=1e-12)
+    eager = dpp_greedy(np.zeros(n), emb, n, eta=0.0, gamma=1e3, lazy=False)
+    assert np.array_equal(eager.indices, fast.indices) and np.array_equal(eager.gains, fast.gains)
+    ref = dpp_greedy(np.zeros(n), emb, n, eta=0.0, gamma=1e3, engine="reference")
+    np.testing.assert_allclose(ref.gains, fast.gains, rtol=1e-6)
+
+
 @pytest.mark.parametrize("eta", ETAS)
 def test_lazy_equals_eager_and_does_less_work(eta):
     scores, emb = clustered(1500, 24, seed=3)
