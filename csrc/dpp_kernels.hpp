@@ -195,14 +195,16 @@ __attribute__((always_inline)) inline void lane_sums(const typename Vec<W>::type
     }
 }
 
-// out[b * stride + r] = <x + r dp, p + b dp> for r < R, b < P: R widened candidate rows against P pick
-// rows, both float64 zero-padded to dp, register-blocked so that each chunk of W doubles of a pick row is
-// loaded once for R candidates and each chunk of a candidate row once for P picks. Every dot product is
-// computed the same way, whatever R, P, r and b: lane l of one accumulator sums x[c W + l] * p[c W + l]
-// over the chunks c in increasing order (one FMA each), then the lanes are summed by lane_sum's tree. So
-// <x, x> equals <x, y> bit for bit when y holds x's values, and identical rows are exactly 0 apart.
-template <int W, int R, int P>
-__attribute__((always_inline)) inline void block_dots(const double* x, const double* p, int64_t dp, double* out,
+// out[b * stride + r] = <x[r], p + b dp> for r < R, b < P: R candidate rows of dp elements of type S
+// (embedding rows as stored when d = dp, or rows widened to float64 and zero-padded) against P pick rows,
+// float64 zero-padded to dp, register-blocked so that each chunk of W elements of a pick row is loaded
+// once for R candidates and each chunk of a candidate row once for P picks. Every dot product is computed
+// the same way, whatever S, R, P, r and b: lane l of one accumulator sums x[c W + l] * p[c W + l] over the
+// chunks c in increasing order (one FMA each), then the lanes are summed by lane_sum's tree. So <x, x>
+// equals <x, y> bit for bit when y holds x's values, and identical rows are exactly 0 apart. (A branch for
+// a partial last chunk inside the loop made GCC keep the accumulators in memory, at half the speed.)
+template <typename S, int W, int R, int P>
+__attribute__((always_inline)) inline void block_dots(const S* const* x, const double* p, int64_t dp, double* out,
                                                       int stride) {
     typedef typename Vec<W>::type V;
     V acc[R * P];
@@ -211,7 +213,7 @@ __attribute__((always_inline)) inline void block_dots(const double* x, const dou
         V pick[P];
         for (int b = 0; b < P; ++b) pick[b] = load<W>(p + b * dp + l);
         for (int r = 0; r < R; ++r) {
-            const V a = load<W>(x + r * dp + l);
+            const V a = load_widened<S, W>(x[r] + l);
             for (int b = 0; b < P; ++b) acc[r * P + b] += a * pick[b];
         }
     }
@@ -221,40 +223,40 @@ __attribute__((always_inline)) inline void block_dots(const double* x, const dou
         for (int b = 0; b < P; ++b) out[b * stride + r] = sums[r * P + b];
 }
 
-// out[b * kGroup + w] = <x + w dp, p + b dp> for the kGroup widened rows of a group and P <= kMaxPicks<W>
-// picks: blocks of as many candidates as the accumulators allow.
-template <int W, int P>
-__attribute__((always_inline)) inline void group_dots(const double* x, const double* p, int64_t dp, double* out) {
+// out[b * kGroup + w] = <x[w], p + b dp> for the kGroup rows of a group and P <= kMaxPicks<W> picks:
+// blocks of as many candidates as the accumulators allow.
+template <typename S, int W, int P>
+__attribute__((always_inline)) inline void group_dots(const S* const* x, const double* p, int64_t dp, double* out) {
     constexpr int R = kAccumulators<W> / P >= kGroup ? kGroup : kAccumulators<W> / P >= 4 ? 4 : 2;
-    for (int r = 0; r < kGroup; r += R) block_dots<W, R, P>(x + r * dp, p, dp, out + r, kGroup);
+    for (int r = 0; r < kGroup; r += R) block_dots<S, W, R, P>(x + r, p, dp, out + r, kGroup);
 }
 
 // group_dots for a run-time count 1 <= count <= kMaxPicks<W>.
-template <int W>
-__attribute__((always_inline)) inline void group_dots_n(const double* x, const double* p, int64_t dp, int count,
+template <typename S, int W>
+__attribute__((always_inline)) inline void group_dots_n(const S* const* x, const double* p, int64_t dp, int count,
                                                         double* out) {
     switch (count) {
-        case 1: return group_dots<W, 1>(x, p, dp, out);
-        case 2: return group_dots<W, 2>(x, p, dp, out);
+        case 1: return group_dots<S, W, 1>(x, p, dp, out);
+        case 2: return group_dots<S, W, 2>(x, p, dp, out);
     }
     if constexpr (kMaxPicks<W> == 4) {
         switch (count) {
-            case 3: return group_dots<W, 3>(x, p, dp, out);
-            default: return group_dots<W, 4>(x, p, dp, out);
+            case 3: return group_dots<S, W, 3>(x, p, dp, out);
+            default: return group_dots<S, W, 4>(x, p, dp, out);
         }
     }
 }
 
-// out[r] = ||x + r dp||^2 for r < R widened rows, bit for bit as block_dots computes <x, y> for a y holding
-// x's values, with R accumulator chains.
-template <int W, int R>
-__attribute__((always_inline)) inline void block_sqnorms(const double* x, int64_t dp, double* out) {
+// out[r] = ||x[r]||^2 for r < R rows of dp elements, bit for bit as block_dots computes <x[r], y> for a
+// y holding x[r]'s values, with R accumulator chains.
+template <typename S, int W, int R>
+__attribute__((always_inline)) inline void block_sqnorms(const S* const* x, int64_t dp, double* out) {
     typedef typename Vec<W>::type V;
     V acc[R];
     for (int r = 0; r < R; ++r) acc[r] = V{};
     for (int64_t l = 0; l < dp; l += W)
         for (int r = 0; r < R; ++r) {
-            const V a = load<W>(x + r * dp + l);
+            const V a = load_widened<S, W>(x[r] + l);
             acc[r] += a * a;
         }
     lane_sums<W, R>(acc, out);
@@ -264,31 +266,50 @@ __attribute__((always_inline)) inline void block_sqnorms(const double* x, int64_
 template <typename T, int W>
 __attribute__((always_inline)) inline double row_sqnorm(const T* row, int64_t d, int64_t dp, double* scratch) {
     widen_row<T, W>(row, d, dp, scratch);
+    const double* widened = scratch;
     double out;
-    block_sqnorms<W, 1>(scratch, dp, &out);
+    block_sqnorms<double, W, 1>(&widened, dp, &out);
     return out;
+}
+
+// Phase 1 of group_update for rows x of dp elements (see there).
+template <typename S, int W>
+__attribute__((always_inline)) inline void group_distances(const S* const* x, int64_t from, int64_t to,
+                                                           const PicksView& P, double* sq, double* dots) {
+    if (from == 0) block_sqnorms<S, W, kGroup>(x, P.dp, sq);
+    for (int64_t m = from; m < to; m += kMaxPicks<W>) {
+        const int count = to - m < kMaxPicks<W> ? static_cast<int>(to - m) : kMaxPicks<W>;
+        group_dots_n<S, W>(x, P.rows + m * P.dp, P.dp, count, dots + m * kGroup);
+    }
 }
 
 // The update described at the top of this file for the kGroup candidates of a group, all up to date with
 // the same picks (g.from), in two phases.
-//   1. Distances: the group's rows are widened once into scratch, then their dot products with the picks
-//      from..to-1 are computed kMaxPicks<W> picks at a time (group_dots; the rows stay in L1, the pick rows
-//      come from L1 or L2). A group seen for the first time (from = 0) also gets its rows' squared norms.
+//   1. Distances: the dot products of the group's rows with the picks from..to-1, kMaxPicks<W> picks at a
+//      time (group_dots; the pick rows come from L1 or L2). With at most kMaxPicks<W> picks and d a
+//      multiple of 8, each row is read once as stored (float32 widened in registers); otherwise the rows
+//      are first widened and zero-padded into scratch (once instead of once per block of picks; 16 KB of
+//      stores for d = 256, which cost more than the products for a single pick). A group seen for the
+//      first time (from = 0) also gets its rows' squared norms.
 //   2. Kernel values and the recurrence, one candidate per lane, W lanes at a time, one pick at a time (it
 //      is sequential in m), on the group's lane-major Cholesky rows.
-// scratch holds kGroup dp + kk kGroup doubles (P.dp = padded_width(d)), aligned to W.
+// scratch holds kk kGroup + kGroup dp doubles (P.dp = padded_width(d)), aligned to W.
 template <typename T, int W>
 __attribute__((always_inline)) inline void group_update(const CandidateGroup<T>& g, int64_t to, const PicksView& P,
                                                         double gamma, double* scratch) {
     typedef typename Vec<W>::type V;
     const int64_t dp = P.dp, from = g.from;
-    double* x = scratch;                  // (kGroup, dp) the widened rows
-    double* dots = x + kGroup * dp;       // (kk, kGroup) <x_w, p_m>
-    for (int w = 0; w < kGroup; ++w) widen_row<T, W>(g.row[w], P.d, dp, x + w * dp);
-    if (from == 0) block_sqnorms<W, kGroup>(x, dp, g.sq);
-    for (int64_t m = from; m < to; m += kMaxPicks<W>) {
-        const int count = to - m < kMaxPicks<W> ? static_cast<int>(to - m) : kMaxPicks<W>;
-        group_dots_n<W>(x, P.rows + m * dp, dp, count, dots + m * kGroup);
+    double* dots = scratch;                  // (kk, kGroup) <x_w, p_m>
+    double* widened = dots + P.kk * kGroup;  // (kGroup, dp)
+    if (to - from <= kMaxPicks<W> && P.d == dp) {
+        group_distances<T, W>(g.row, from, to, P, g.sq, dots);
+    } else {
+        const double* rows[kGroup];
+        for (int w = 0; w < kGroup; ++w) {
+            widen_row<T, W>(g.row[w], P.d, dp, widened + w * dp);
+            rows[w] = widened + w * dp;
+        }
+        group_distances<double, W>(rows, from, to, P, g.sq, dots);
     }
     for (int h = 0; h < kGroup; h += W) {
         const V sq = load<W>(g.sq + h);
