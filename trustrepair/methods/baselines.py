@@ -67,7 +67,7 @@ def gradient_similarity(model: nn.Module, train, trust: Mapping[str, Sequence[Ma
         return torch.cat([ghost_dots(a, g, stacked[i].to(a.dtype)), gradient_norms_squared(a, g)[:, None]], dim=1)
 
     sums = _score_pass(model, layers, examples, task, batch_size, progress, len(grads) + 1, contract,
-                       factor_dtype(layers))
+                       factor_dtype(layers), None)
     dots, norms = -sums[:, :-1], sums[:, -1].double().clamp_min(0).sqrt()
     cosine = (dots.double() / (norms[:, None] * query_norms.clamp_min(1e-300)[None, :]).clamp_min(1e-300)).to(dots.dtype)
     return {"gradient_dot": {a: dots[:, j] for j, a in enumerate(trust)},
