@@ -38,9 +38,10 @@ def demo_inputs(config) -> dict:
             **{f"aspect {a}": aspect_file(a, config.data_dir) for a in config.aspects}}
 
 
-def load_demo_workspace(run: RunDir, hidden_store=None) -> PreparedRun:
+def load_demo_workspace(run: RunDir, hidden_store=None, scenario=None) -> PreparedRun:
     """The demo's prepared run; timed as ``load_model``, ``load_data``, ``tokenize`` and ``cache_hidden_states``
-    (``hidden_store``: see :func:`~trustrepair.app.workspace.cache_hidden_states`)."""
+    (``hidden_store``: see :func:`~trustrepair.app.workspace.cache_hidden_states`). A planted run reads its
+    data from ``scenario`` (:func:`demo_scenario` of the run's config when ``None``)."""
     from trustrepair.app.models import block_layer_names, freeze_all_but_last_blocks, load_causal_lm, transformer_blocks
     from trustrepair.data import Conversation, load_aspect, load_hh_sft, split
     from trustrepair.data.training_files import text_messages
@@ -65,7 +66,7 @@ def load_demo_workspace(run: RunDir, hidden_store=None) -> PreparedRun:
 
     with run.timed("load_data"):
         if cfg.planted:
-            scenario = demo_scenario(cfg)
+            scenario = demo_scenario(cfg) if scenario is None else scenario
             train, heldout = conversations(scenario.sft), conversations(scenario.perplexity)
             trust = {a: (list(parts["query"].records), list(parts["heldout"].records))
                      for a, parts in scenario.parts.items()}

@@ -54,9 +54,10 @@ def run_stages(run: RunDir, last: str = "report", hidden_store: Path | None = No
     if last not in STAGE_ORDER:
         raise ValueError(f"unknown stage {last!r}: choose one of {', '.join(STAGE_ORDER)}")
     wanted = STAGE_ORDER[:STAGE_ORDER.index(last) + 1]
-    prepared = load_demo_workspace(run, hidden_store)
+    scenario = demo_scenario(run.config) if run.config.planted else None
+    prepared = load_demo_workspace(run, hidden_store, scenario)
     ws = prepared.workspace
-    planted = demo_scenario(run.config).planted if run.config.planted else None
+    planted = scenario.planted if scenario is not None else None
     params = dict(ws.model.named_parameters())
     pre_sft = {n: params[n].detach().clone() for n in ws.trained_params} if planted is not None else None
     out = StageOutputs(ws, stages.sft(run, ws))
