@@ -24,13 +24,15 @@
 // not > 0 (possible only when rounding has brought a residual d2_i - 1 to <= 0 and the candidate adds
 // no score); it always stops after min(k, n) picks.
 //
-// Groups. Candidates are updated in fixed groups of kGroup = 8 consecutive rows (the last one padded with
-// rows that never compete): a group is always brought up to date as a whole, so its rows share the picks
-// they have seen, their Cholesky rows are stored lane-major per group, and their distances to the new
-// picks are one register-blocked product of 8 rows with up to 4 pick rows at a time (dpp_kernels.hpp).
-// A group update may compute entries a per-candidate lazy greedy would have skipped (about 15 % more at
-// N = 2,000, eta = 0), in exchange for dot products at close to the GEMM rate and a priority queue of
-// N / 8 entries.
+// Groups. Candidates are updated in groups of kGroup = 8 that are always brought up to date as a whole, so
+// a group's rows share the picks they have seen, their Cholesky rows are stored lane-major per group, and
+// their distances to the new picks are one register-blocked product of 8 rows with up to 4 pick rows at a
+// time (dpp_kernels.hpp). Groups are formed lazily, 8 candidates at a time in grouping order: by s,
+// largest first, then by index (by index alone when eta = 0, so consecutive rows), skipping the first pick.
+// With large eta a group update then computes the candidates the greedy takes next (5.4k entries against
+// 5.1k per candidate at N = 2,000, eta = 1e4; index-ordered groups took 35k). A group update may compute
+// entries a per-candidate lazy greedy would have skipped (about 15 % more at N = 2,000, eta in {0, 1}), in
+// exchange for dot products at close to the GEMM rate and a priority queue of N / 8 entries.
 //
 // Lazy evaluation (Minoux's accelerated greedy). From t >= 1 on, d2_i never increases (each update
 // subtracts e_i^2 >= 0) and T_t never decreases, so a gain computed at an earlier step is an upper bound
@@ -38,10 +40,10 @@
 // monotone, and the libm log and log1p are taken to be monotone (they are within an ulp of correctly
 // rounded); the tests check lazy against eager picks. A group's bound is the largest of its remaining
 // candidates' bounds, attained at the lowest such index. The bounds live in three tiers, cheapest first:
-//   * pending: groups never updated since the first pick, bound log 2 + eta log1p(s_i / T_t) of their
-//     candidate with the largest s, kept in a heap by (s desc, index asc), whose top therefore has the
-//     largest such bound; a group moves to the main heap once its bound reaches the main heap's top key
-//     (ties included);
+//   * not yet grouped: candidates never updated since the first pick, bound log 2 + eta log1p(s_i / T_t),
+//     largest for the next candidate in grouping order; the next group is formed, and enters the main
+//     heap with its first candidate's bound, once that bound reaches the main heap's top key (ties
+//     included);
 //   * a bound whose score terms are older than T_t is first re-keyed with the current score terms (no
 //     kernel entries);
 //   * otherwise the group is updated against the picks it has not seen (kernel entries), which gives its
@@ -166,12 +168,10 @@ class Greedy {
         : emb_(emb), s_(s), n_(n), d_(d), kk_(kk), groups_((n + kGroup - 1) / kGroup), eta_(eta), gamma_(gamma),
           pool_(pool), kernels_(kernels_named<T>(simd_variant())), picks_(d, kk), zeros_(d),
           chol_(groups_ * kk * kGroup, false), d2_(groups_ * kGroup, false), sq_(groups_ * kGroup, false),
-          logd2_(groups_ * kGroup, std::log(2.0)), stamp_(groups_, 0), slot_(groups_, -1), live_(groups_, kGroup),
-          taken_(groups_ * kGroup, 0), scratch_per_thread_(padded_width(scratch_doubles(d, kk))),
+          logd2_(groups_ * kGroup, std::log(2.0)), cand_(groups_ * kGroup, -1), pos_(n, -1), stamp_(groups_, 0),
+          live_(groups_, 0), taken_(groups_ * kGroup, 1), scratch_per_thread_(padded_width(scratch_doubles(d, kk))),
           scratch_(static_cast<size_t>(threads) * scratch_per_thread_, false) {
-        for (int64_t i = 0; i < groups_ * kGroup; ++i) d2_[i] = 2.0;
-        for (int64_t i = n; i < groups_ * kGroup; ++i) taken_[i] = 1;  // lanes past N never compete
-        live_.back() -= static_cast<int>(groups_ * kGroup - n);
+        for (int64_t p = 0; p < groups_ * kGroup; ++p) d2_[p] = 2.0;
     }
 
     GreedyResult run(bool lazy) {
@@ -179,10 +179,13 @@ class Greedy {
         int64_t first = 0;
         double best = -HUGE_VAL;
         for (int64_t i = 0; i < n_; ++i) {
-            const double g = logd2_[i] + (eta_ > 0.0 ? eta_ * std::log(s_[i]) : 0.0);
+            const double g = std::log(2.0) + (eta_ > 0.0 ? eta_ * std::log(s_[i]) : 0.0);
             if (g > best) best = g, first = i;
         }
         commit(first, best);  // finite: when eta > 0 some s_i > 0 (checked by the caller)
+        for (int64_t i = 0; i < n_; ++i)
+            if (i != first) unformed_.push_back(i);
+        if (eta_ > 0.0) std::make_heap(unformed_.begin(), unformed_.end(), grouping_order());
         if (lazy)
             run_lazy();
         else
@@ -195,41 +198,73 @@ class Greedy {
 
     double score_gain(int64_t i) const { return eta_ > 0.0 ? eta_ * std::log1p(s_[i] / total_) : 0.0; }
 
+    int64_t group_of(int64_t i) const { return pos_[i] / kGroup; }
+
+    // The order in which candidates are grouped, as a heap's "below": by s, largest first, then by index
+    // (by index alone when eta = 0), so that the bound log 2 + score_gain(i) of a group never updated is
+    // its first candidate's, and, with large eta, a group update computes the candidates taken next.
+    auto grouping_order() const {
+        return [this](int64_t a, int64_t b) { return eta_ > 0.0 && s_[a] != s_[b] ? s_[a] < s_[b] : a > b; };
+    }
+
+    // The next candidate to be grouped, or -1.
+    int64_t next_unformed() const {
+        if (unformed_.empty()) return -1;
+        return eta_ > 0.0 ? unformed_.front() : unformed_[cursor_];
+    }
+
+    // Forms the next group from the next kGroup candidates in grouping order (fewer at the end); returns
+    // its id. Groups are numbered, and their Cholesky blocks laid out, in the order they are formed, so a
+    // selection that forms few groups (large eta) touches few pages of chol_.
+    int64_t form_group() {
+        const int64_t g = formed_++;
+        int64_t* members = &cand_[g * kGroup];
+        while (live_[g] < kGroup && next_unformed() >= 0) {
+            if (eta_ > 0.0) {
+                std::pop_heap(unformed_.begin(), unformed_.end(), grouping_order());
+                members[live_[g]++] = unformed_.back();
+                unformed_.pop_back();
+            } else {
+                members[live_[g]++] = unformed_[cursor_++];
+                if (cursor_ == static_cast<int64_t>(unformed_.size())) unformed_.clear();
+            }
+        }
+        for (int w = 0; w < live_[g]; ++w) {
+            pos_[members[w]] = g * kGroup + w;
+            taken_[g * kGroup + w] = 0;
+        }
+        return g;
+    }
+
     // Brings group g up to date with all picks so far (its candidates' log d2_i included).
     void update(int64_t g) {
         const int64_t t = static_cast<int64_t>(out_.picks.size());
         CandidateGroup<T> c;
         for (int w = 0; w < kGroup; ++w) {
-            const int64_t i = g * kGroup + w;
-            c.row[w] = i < n_ ? emb_ + i * d_ : zeros_.data();
+            const int64_t i = cand_[g * kGroup + w];
+            c.row[w] = i >= 0 ? emb_ + i * d_ : zeros_.data();
         }
-        c.chol = &chol_[slot_[g] * kk_ * kGroup];
+        c.chol = &chol_[g * kk_ * kGroup];
         c.d2 = &d2_[g * kGroup];
         c.sq = &sq_[g * kGroup];
         c.from = stamp_[g];
         kernels_.update(c, t, picks_.view(), gamma_, scratch());
         stamp_[g] = t;
-        for (int64_t i = g * kGroup; i < (g + 1) * kGroup; ++i)
-            if (!taken_[i]) logd2_[i] = std::log(d2_[i]);
+        for (int64_t p = g * kGroup; p < (g + 1) * kGroup; ++p)
+            if (!taken_[p]) logd2_[p] = std::log(d2_[p]);
     }
 
     // The largest of log d2_i + score_gain(i) over the group's candidates not yet selected, at the lowest
     // such index, with the current score total (step t); idx = -1 when none is left.
     HeapEntry group_key(int64_t g, int64_t t) const {
         HeapEntry e{-HUGE_VAL, -1, t};
-        for (int64_t i = g * kGroup; i < (g + 1) * kGroup; ++i) {
-            if (taken_[i]) continue;
-            const double key = logd2_[i] + score_gain(i);
-            if (e.idx < 0 || key > e.key) e.key = key, e.idx = i;
+        for (int64_t p = g * kGroup; p < (g + 1) * kGroup; ++p) {
+            if (taken_[p]) continue;
+            const int64_t i = cand_[p];
+            const double key = logd2_[p] + score_gain(i);
+            if (e.idx < 0 || key > e.key || (key == e.key && i < e.idx)) e.key = key, e.idx = i;
         }
         return e;
-    }
-
-    // Hands group g its block of Cholesky rows before its first update. Blocks go out in the order groups
-    // are first updated (on the greedy's thread, so the same for any thread count): a selection that
-    // updates few groups (large eta) touches few pages of chol_.
-    void claim_slot(int64_t g) {
-        if (slot_[g] < 0) slot_[g] = slots_++;
     }
 
     // Kernel entries an update of group g to step t computes for its candidates not yet selected.
@@ -237,90 +272,79 @@ class Greedy {
 
     void commit(int64_t j, double gain) {
         const int64_t t = static_cast<int64_t>(out_.picks.size());
-        const int64_t g = j / kGroup, w = j % kGroup;
         out_.picks.push_back(j);
         out_.gains.push_back(gain);
-        taken_[j] = 1;
-        --live_[g];
         total_ += s_[j];
         std::copy(emb_ + j * d_, emb_ + (j + 1) * d_, &picks_.rows[t * picks_.dp]);  // widened to float64
-        if (t == 0) sq_[j] = kernels_.sqnorm(emb_ + j * d_, d_, picks_.dp, scratch());  // never updated
-        picks_.sqnorm[t] = sq_[j];
-        for (int64_t q = 0; q < t; ++q) picks_.chol[t * kk_ + q] = chol_[(slot_[g] * kk_ + q) * kGroup + w];
-        picks_.diag[t] = std::sqrt(d2_[j]);
+        if (t == 0) {  // in no group
+            picks_.sqnorm[0] = kernels_.sqnorm(emb_ + j * d_, d_, picks_.dp, scratch());
+            picks_.diag[0] = std::sqrt(2.0);
+            return;
+        }
+        const int64_t p = pos_[j], g = p / kGroup, w = p % kGroup;
+        taken_[p] = 1;
+        --live_[g];
+        picks_.sqnorm[t] = sq_[p];
+        for (int64_t q = 0; q < t; ++q) picks_.chol[t * kk_ + q] = chol_[(g * kk_ + q) * kGroup + w];
+        picks_.diag[t] = std::sqrt(d2_[p]);
     }
 
     void run_eager() {
-        std::vector<int64_t> open;  // groups with candidates not yet selected, in index order
+        while (next_unformed() >= 0) form_group();
+        std::vector<int64_t> open;  // groups with candidates not yet selected
         for (int64_t t = 1; t < kk_; ++t) {
             open.clear();
-            for (int64_t g = 0; g < groups_; ++g)
-                if (live_[g] > 0) open.push_back(g), claim_slot(g);
+            for (int64_t g = 0; g < formed_; ++g)
+                if (live_[g] > 0) open.push_back(g);
             const int64_t count = static_cast<int64_t>(open.size());
             auto groups = [&](int64_t c) {
                 const int64_t end = std::min(count, (c + 1) * kGroupsPerItem);
                 for (int64_t a = c * kGroupsPerItem; a < end; ++a) update(open[a]);
             };
             pool_.run((count + kGroupsPerItem - 1) / kGroupsPerItem, groups);
-            int64_t best = -1;  // first maximum: the lowest index among ties
-            double best_gain = -HUGE_VAL;
+            HeapEntry best{-HUGE_VAL, -1, t};  // the largest gain, at the lowest index among ties
             for (int64_t g : open) {
                 out_.kernel_entries += live_[g];
                 out_.row_reads += live_[g];
                 const HeapEntry e = group_key(g, t);
-                if (best < 0 || e.key > best_gain) best = e.idx, best_gain = e.key;
+                if (best.idx < 0 || ranks_above(e, best)) best = e;
             }
-            if (!(best_gain > 0.0)) return;
-            commit(best, best_gain);
+            if (!(best.key > 0.0)) return;
+            commit(best.idx, best.key);
         }
     }
 
     // Lazy greedy for t >= 1 over groups. A heap entry is a group, keyed by an upper bound on its
-    // candidates' gains and the candidate that attains it (group = idx / kGroup). Groups not updated since
-    // the first pick wait in `pending`, a max-heap of each group's candidate with the largest s (lowest
-    // index among equals; the lowest index alone when eta = 0), so that the top of `pending` has the
-    // largest bound log 2 + score_gain(i) among them; they move to the main heap once that bound reaches
-    // the main heap's top key. With large eta most groups never leave `pending`.
+    // candidates' gains and the candidate that attains it (group_of(idx)). Candidates not yet grouped wait
+    // in grouping order; the next kGroup of them form a group, entering the heap with the bound
+    // log 2 + score_gain(i) of the first of them (the largest among all of them), once that bound reaches
+    // the heap's top key. With large eta most candidates are never grouped.
     void run_lazy() {
-        std::vector<int64_t> pending;
-        pending.reserve(groups_);
-        for (int64_t g = 0; g < groups_; ++g) {
-            int64_t rep = -1;
-            for (int64_t i = g * kGroup; i < (g + 1) * kGroup; ++i)
-                if (!taken_[i] && (rep < 0 || (eta_ > 0.0 && s_[i] > s_[rep]))) rep = i;
-            if (rep >= 0) pending.push_back(rep);
-        }
-        const auto pending_below = [this](int64_t a, int64_t b) {
-            return eta_ > 0.0 && s_[a] != s_[b] ? s_[a] < s_[b] : a > b;
-        };
-        std::make_heap(pending.begin(), pending.end(), pending_below);
-
         LazyHeap heap;
         std::vector<size_t> positions, work;
         std::vector<int64_t> work_groups;
         for (int64_t t = 1; t < kk_; ++t) {
             size_t batch = kFirstBatch;
             for (;;) {
-                // Admit pending groups whose bound reaches the top key; ties are admitted too, so an equal
-                // bound with a lower index is never left behind.
-                while (!pending.empty()) {
-                    const int64_t i = pending.front();
-                    const double key = logd2_[i] + score_gain(i);
+                // Group and admit while the next bound reaches the top key; ties are admitted too, so an
+                // equal bound with a lower index is never left behind.
+                for (int64_t i = next_unformed(); i >= 0; i = next_unformed()) {
+                    const double key = std::log(2.0) + score_gain(i);
                     if (!heap.empty() && key < heap.top().key) break;
-                    std::pop_heap(pending.begin(), pending.end(), pending_below);
-                    pending.pop_back();
+                    form_group();
                     heap.push({key, i, t});
                 }
-                if (stamp_[heap.top().idx / kGroup] == t) break;  // exact, and ranks above every bound
+                if (stamp_[group_of(heap.top().idx)] == t) break;  // exact, and ranks above every bound
                 heap.leading_positions(
-                    batch, [&](const HeapEntry& e) { return stamp_[e.idx / kGroup] != t; }, positions);
+                    batch, [&](const HeapEntry& e) { return stamp_[group_of(e.idx)] != t; }, positions);
                 if (tighten(heap, positions, work, work_groups, t) > 0) batch = std::min(2 * batch, kMaxBatch);
                 heap.restore(positions);
             }
             const HeapEntry top = heap.pop_top();
             if (!(top.key > 0.0)) return;
+            const int64_t g = group_of(top.idx);
             commit(top.idx, top.key);
-            const HeapEntry rest = group_key(top.idx / kGroup, t + 1);  // exact at t: bounds from t + 1 on
+            const HeapEntry rest = group_key(g, t + 1);  // exact at t: bounds from t + 1 on
             if (rest.idx >= 0) heap.push(rest);
         }
     }
@@ -336,14 +360,13 @@ class Greedy {
         int64_t total = 0;
         for (size_t p : positions) {
             HeapEntry& e = heap.at(p);
-            const int64_t g = e.idx / kGroup;
+            const int64_t g = group_of(e.idx);
             if (eta_ > 0.0 && e.score_step != t) {
                 e = group_key(g, t);
                 continue;
             }
             work.push_back(p);
             work_groups.push_back(g);
-            claim_slot(g);
             total += entries(g, t);
             out_.row_reads += live_[g];
         }
@@ -368,17 +391,22 @@ class Greedy {
     BatchPool& pool_;
     const Kernels<T> kernels_;
     Picks picks_;
-    const std::vector<T> zeros_;        // (d,) the row of the lanes past N
-    AlignedDoubles chol_;               // (groups, kk, kGroup) c_i rows, lane-major per group, a block per
-                                        // slot; entry m is written before it is read
-    AlignedDoubles d2_;                 // (groups kGroup,) Schur complements, L_ii = 2 before any update
-    AlignedDoubles sq_;                 // (groups kGroup,) ||e_i||^2, set at the first update (or first pick)
-    std::vector<double> logd2_;         // (groups kGroup,) log d2_i, the diversity gain
+    const std::vector<T> zeros_;        // (d,) the row of empty lanes
+    // Per position p = g kGroup + w (lane w of group g):
+    AlignedDoubles chol_;               // (groups, kk, kGroup) c_i rows, lane-major per group; entry m is
+                                        // written before it is read
+    AlignedDoubles d2_;                 // Schur complements, L_ii = 2 before any update
+    AlignedDoubles sq_;                 // ||e_i||^2, set at the group's first update
+    std::vector<double> logd2_;         // log d2_i, the diversity gain
+    std::vector<int64_t> cand_;         // the candidate there, -1 for an empty lane
+    std::vector<int64_t> pos_;          // (n,) position of each candidate, -1 until grouped
     std::vector<int64_t> stamp_;        // (groups,) number of picks the group's c_i are up to date with
-    std::vector<int64_t> slot_;         // (groups,) the group's block of chol_, -1 before its first update
-    int64_t slots_ = 0;                 // blocks handed out
     std::vector<int> live_;             // (groups,) candidates of the group not yet selected
-    std::vector<char> taken_;           // (groups kGroup,) 1 once selected, and for the lanes past N
+    std::vector<char> taken_;           // 1 once selected, and for empty lanes
+    std::vector<int64_t> unformed_;     // candidates not yet grouped: a heap in grouping order (eta > 0),
+                                        // or in index order from cursor_ (eta = 0)
+    int64_t cursor_ = 0;
+    int64_t formed_ = 0;                // groups formed
     const int64_t scratch_per_thread_;  // doubles of kernel scratch per thread
     AlignedDoubles scratch_;            // (threads, scratch_per_thread_), each thread's part aligned
     double total_ = 0.0;                // T_t, the score sum of the picks

@@ -93,14 +93,28 @@ def test_awkward_shapes_match_the_reference_and_the_eager_twin(n, d, variant, mo
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 16, 17, 40, 63, 64, 65])
 @pytest.mark.parametrize("eta", ETAS)
 def test_group_boundaries_match_the_reference_until_every_group_is_emptied(n, eta):
-    """Candidates are updated in groups of 8 consecutive rows: N below, at and just past multiples of 8 (a
-    padded last group, a group of one), and k = N, so that every group loses all its rows to picks."""
+    """Candidates are updated in groups of 8 (consecutive rows when eta = 0, by score otherwise): N below, at
+    and just past multiples of 8 (a short last group, a group of one), and k = N, so that every group loses
+    all its rows to picks."""
     scores, emb = clustered(n, 11, seed=500 + n, dtype=np.float32 if n % 2 else np.float64)
     lazy = dpp_greedy(scores, emb, n, eta=eta)
     assert_same_selection(lazy, dpp_greedy(scores, emb, n, eta=eta, engine="reference"), f"n={n} eta={eta}")
     eager = dpp_greedy(scores, emb, n, eta=eta, lazy=False)
     assert np.array_equal(lazy.indices, eager.indices) and np.array_equal(lazy.gains, eager.gains)
     assert sorted(lazy.indices.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("eta", ETAS[1:])
+def test_tied_scores_across_groups_match_the_reference(eta):
+    """With eta > 0 groups are formed by score, ties by index: runs of equal scores longer than a group and
+    straddling group boundaries, and a few top scores, each appearing more than once."""
+    _, emb = clustered(203, 19, seed=31)
+    scores = np.repeat(np.array([5.0, 5.0, 4.0, 3.0, 3.0, 2.0, 1.0]), 29)[np.random.default_rng(31).permutation(203)]
+    for k in (40, 203):
+        fast = dpp_greedy(scores, emb, k, eta=eta)
+        assert_same_selection(fast, dpp_greedy(scores, emb, k, eta=eta, engine="reference"), f"eta={eta} k={k}")
+        eager = dpp_greedy(scores, emb, k, eta=eta, lazy=False)
+        assert np.array_equal(fast.indices, eager.indices) and np.array_equal(fast.gains, eager.gains)
 
 
 @pytest.mark.parametrize("copies_at", [(0, 1, 2), (6, 7, 8, 9), (3, 11, 19), (15, 16), (7, 8, 23, 24)])
