@@ -11,7 +11,7 @@ def test_defaults_are_the_documented_ones():
     assert settings == Tunables()
     assert (settings.chunk_elements, settings.slab_elements, settings.tile_elements) == (1 << 24, 1 << 17, 1 << 20)
     assert settings.memory_cost_per_entry == 128
-    assert dict(settings.gram_block) == {"cpu": 256, "cuda": 1024}
+    assert dict(settings.gram_block) == {"cpu": 1024, "cuda": 1024}
     assert dict(settings.pad_widths) == {"cpu": False, "cuda": True}
     assert settings.triton_ops == frozenset({"projected_gradient_squares"})
     assert (settings.eigh_streams, settings.eigh_host_below) == (4, 0)
@@ -56,7 +56,7 @@ def test_per_device_mappings_are_merged():
     with override(pad_widths={"cuda": False}, gram_block={"mps": 64}) as settings:
         assert settings is current()
         assert dict(current().pad_widths) == {"cpu": False, "cuda": False}
-        assert dict(current().gram_block) == {"cpu": 256, "cuda": 1024, "mps": 64}
+        assert dict(current().gram_block) == {"cpu": 1024, "cuda": 1024, "mps": 64}
         with override(pad_widths={"cpu": True}):
             assert dict(current().pad_widths) == {"cpu": True, "cuda": False}
         assert dict(current().pad_widths) == {"cpu": False, "cuda": False}

@@ -54,10 +54,11 @@ class Tunables:
     back are worth in the contractions' cost model; 128 makes forming G_b pay off from 3 matrices on
     (benchmarks/RESULTS.md, decisions)."""
 
-    gram_block: Mapping[str, int | None] = _per_device({"cpu": 256, "cuda": 1024})
+    gram_block: Mapping[str, int | None] = _per_device({"cpu": 1024, "cuda": 1024})
     """Per device type: block width, in columns, of the covariance update
     :func:`trustrepair.engine.ops.gram.add_gram_upper_` (None: one block, the full product); device types
-    not named use the "cpu" entry. 256 keeps a CPU's products near peak; 1024 makes fewer, larger launches on
+    not named use the "cpu" entry. 1024 on a CPU keeps every block product wide enough for the BLAS rate
+    (narrower blocks ran slower than the full product there); 1024 makes fewer, larger launches on
     a GPU (benchmarks/RESULTS.md, decisions)."""
 
     pad_widths: Mapping[str, bool] = _per_device({"cpu": False, "cuda": True})
