@@ -1,0 +1,294 @@
+"""Which repair-side defaults undo the most planted damage on the held-out halves (issue 17, "Use what it
+teaches"): the defaults sweep over the seeds of a finished planted demo.
+
+For every seed directory ``RUN/seed-N`` of ``trustrepair demo`` (planted), the post-SFT model, its EK-FAC
+factors and its influence scores are loaded once (from a copy in ``WORK/seed-N``: the demo's directory is
+only read), and then, for each setting below, only the demo's selection, repair and held-out evaluation are
+re-run, per aspect, with the library's own functions: ``selection.select`` on the seed's scores,
+``stages.repair_subset`` (the Newton direction and the beta search under the demo's perplexity tolerance,
+which measures only the query half) and ``stages._repaired_evaluation`` on the held-out half. The numbers
+are those of the planted report (:mod:`trustrepair.app.planted_report`): per seed ``seed_summary`` against
+the seed's ``gold.json``, over the seeds ``aggregate``: the held-out fraction of the damage undone,
+f = mean(post - repaired) / mean(post - gold), ± the pair-sampling SE of the mean over seeds (delta method),
+the seed SE, and the perplexity change. ``vs default`` is each setting's f minus the default's, its SE
+from the same held-out pairs (paired: ``fraction_undone`` of the difference of the repaired values).
+
+One axis at a time from the demo's defaults (subset 32, eta 10, Newton, damping 0.1 x mean Lambda per
+module), DPP subsets only, plus top-k at the defaults for reference:
+
+* subset size 16 / 64 (and top-k at 16, the reference at the smaller size);
+* DPP eta 0 / 1 / 100;
+* repair method PBRF (``repair_step.pbrf_repair``: 10 plain gradient steps, lr 1e-4, proximal 1e-3, warm-
+  started at beta x the Newton step, the KL term on ``--pbrf-kl`` seeded SFT examples), searched over beta
+  like the Newton step;
+* repair damping 10x and 0.1x the default (the Newton direction only; the scores that chose the subsets
+  keep the demo's damping).
+
+Refits (trained blocks, empirical vs sampled Fisher) need a new SFT and fit per seed and are not run.
+
+    python -m benchmarks.planted_sweep --run runs/demo --work /tmp/sweep [--settings NAME ...] [--seeds 0 1 2]
+
+writes ``WORK/planted_sweep.json`` (per seed and setting, after each, so a rerun continues) and
+``WORK/planted_sweep.md`` (the table over the seeds done so far).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trustrepair.app import stages
+from trustrepair.app.pipeline import HIDDEN_STORE, seed_dir_name
+from trustrepair.app.planted_report import _combine, aggregate, fraction_undone, seed_summary
+from trustrepair.app.planted_stages import GOLD, RANKING
+from trustrepair.app.records import EvaluationRecord
+from trustrepair.app.rundir import RunDir
+from trustrepair.app.settings import DemoConfig
+from trustrepair.engine.ekfac import EKFACFactors
+from trustrepair.engine.storage import read_json, write_json, write_text
+from trustrepair.methods.repair_step import BetaPoint, RepairDelta, pbrf_repair, search_beta
+from trustrepair.methods.selection import select
+
+from benchmarks.common import cpu_name
+
+PBRF_KL_EXAMPLES = 64
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep: the repair-side settings that differ from the demo's defaults."""
+
+    name: str
+    axis: str
+    subset_size: int = 32
+    eta: float = 10.0
+    method: str = "newton"
+    damping_scale: float = 1.0
+    strategies: tuple[str, ...] = ("dpp",)
+
+
+SETTINGS = (  # in the order they run: the default first, then by the brief's priority
+    Setting("default", "default", strategies=("dpp", "topk")),
+    Setting("subset 16", "subset size", subset_size=16),
+    Setting("subset 64", "subset size", subset_size=64),
+    Setting("top-k at subset 16", "subset size", subset_size=16, strategies=("topk",)),
+    Setting("eta 0", "DPP eta", eta=0.0),
+    Setting("eta 1", "DPP eta", eta=1.0),
+    Setting("eta 100", "DPP eta", eta=100.0),
+    Setting("PBRF", "method", method="pbrf"),
+    Setting("damping 10x", "damping", damping_scale=10.0),
+    Setting("damping 0.1x", "damping", damping_scale=0.1),
+)
+
+
+class ScaledDamping(EKFACFactors):
+    """``factors`` whose default damping (``damping=None``) is ``scale`` x 0.1 x mean(Lambda) per module;
+    an absolute damping is used as given. Shares the factors' tensors."""
+
+    def __init__(self, factors: EKFACFactors, scale: float):
+        super().__init__(factors.modules, factors.arguments, factors.fingerprint, factors.timings, factors.versions)
+        self.scale = float(scale)
+
+    def damping(self, name: str, damping: float | None = None) -> float:
+        value = super().damping(name, damping)
+        return self.scale * value if damping is None else value
+
+
+def difference_vs(post, repaired, reference, gold) -> tuple[float, float]:
+    """``(f(repaired) - f(reference), se)`` of two repairs' fractions undone on the same held-out pairs, its
+    SE paired over the pairs: ``fraction_undone`` with post - repaired replaced by reference - repaired."""
+    post, repaired, reference = (np.asarray(x, dtype=np.float64) for x in (post, repaired, reference))
+    return fraction_undone(post, post - (reference - repaired), gold)
+
+
+def work_copy(source: Path, work: Path) -> Path:
+    """``work`` holding a copy of the seed directory ``source`` without its saved repair deltas (the sweep
+    writes only there); an existing copy is kept."""
+    if not (work / RunDir.SETTINGS).is_file():
+        shutil.copytree(source, work, ignore=shutil.ignore_patterns("repairs", "*.png"), dirs_exist_ok=True)
+    return work
+
+
+def _pbrf_search(ws, factors, subset, measure, baseline, cfg: DemoConfig, kl_examples):
+    """A PBRF repair searched over beta like the Newton step (same first probe, same tolerance and probes);
+    returns ``(delta, record, relative change from the Newton warm start at the chosen beta)``."""
+    from trustrepair.app.records import RepairRecord
+    from trustrepair.engine.layers import find_modules
+    from trustrepair.methods.repair_step import newton_direction
+
+    start = time.perf_counter()
+    direction = newton_direction(ws.tail, factors, ws.train, subset, task=ws.task, damping=cfg.damping,
+                                 batch_size=ws.batch_size)
+    layers = find_modules(ws.tail, list(factors.modules))
+
+    @functools.lru_cache(maxsize=None)
+    def at(beta: float) -> RepairDelta:
+        return pbrf_repair(ws.tail, ws.train, subset, beta=beta, layers=layers, kl_examples=kl_examples,
+                           task=ws.task, batch_size=ws.batch_size, init=direction.scaled(beta))
+
+    best, points, base = search_beta(at, ws.tail, lambda _m: ws.perplexity(), measure, tolerance=cfg.tolerance,
+                                     beta0=stages.initial_beta(ws, direction), max_probes=cfg.beta_probes,
+                                     baseline=baseline)
+    delta = at(best.beta) if best.beta > 0 else direction.scaled(0.0)
+    newton = direction.scaled(best.beta)
+    moved = sum(float((delta.deltas[n] - newton.deltas[n]).double().pow(2).sum()) for n in newton.deltas) ** 0.5
+    size = sum(float(v.double().pow(2).sum()) for v in newton.deltas.values()) ** 0.5
+    record = RepairRecord(best.beta, subset, best.metric, best.perplexity, [base, *points],
+                          time.perf_counter() - start)
+    return delta, record, moved / size if size > 0 else 0.0
+
+
+def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Setting, kl_examples) -> dict:
+    """One seed, one setting: per aspect and strategy the subset, its repair and its held-out evaluation;
+    returns ``{"evaluation": EvaluationRecord json, "repairs": {...}, "extra": {...}}``."""
+    from trustrepair.app.records import repairs_to_json
+
+    cfg = dataclasses.replace(run.config, subset_size=setting.subset_size, eta=setting.eta)
+    repair_factors = factors if setting.damping_scale == 1.0 else ScaledDamping(factors, setting.damping_scale)
+    repaired, repairs, extra = {}, {}, {}
+    for aspect in cfg.aspects:
+        measure, post_objective = stages.objective(cfg.aspects, ws, aspect, sft.post)
+        baseline = BetaPoint(0.0, post_objective, sft.post.perplexity)
+        repaired[aspect], repairs[aspect], extra[aspect] = {}, {}, {}
+        for strategy in setting.strategies:
+            subset = [int(i) for i in select(strategy, scores.per_aspect[aspect], cfg.subset_size,
+                                             embeddings=scores.embeddings, eta=cfg.eta, seed=cfg.seed)]
+            if setting.method == "pbrf":
+                delta, record, moved = _pbrf_search(ws, factors, subset, measure, baseline, cfg, kl_examples)
+                extra[aspect][strategy] = {"pbrf_change_from_newton": moved}
+            else:
+                delta, record = stages.repair_subset(ws, repair_factors, subset, measure, baseline,
+                                                     damping=cfg.damping, tolerance=cfg.tolerance,
+                                                     max_probes=cfg.beta_probes, trace_metric=False, target=aspect,
+                                                     strategy=strategy)
+            delta.apply(ws.tail)
+            try:
+                repaired[aspect][strategy] = stages._repaired_evaluation(run, ws, aspect, record)
+            finally:
+                delta.revert(ws.tail)
+            repairs[aspect][strategy] = record
+            print(f"  {setting.name} {aspect} {strategy}: beta {record.beta:.3g}, ppl {record.perplexity:.3f}, "
+                  f"{record.seconds:.1f} s", flush=True)
+    evaluation = EvaluationRecord(sft.pre, sft.post, repaired)
+    return {"evaluation": evaluation.to_json(), "repairs": repairs_to_json(repairs), "extra": extra}
+
+
+def sweep_seed(source: Path, work: Path, settings, results: dict, save) -> None:
+    """Every setting of ``settings`` not yet in ``results[seed dir]`` on one seed (loaded once)."""
+    from trustrepair.app.demo_workspace import load_demo_workspace
+
+    name = source.name
+    todo = [s for s in settings if s.name not in results.setdefault(name, {})]
+    if not todo:
+        return
+    work_copy(source, work / name)
+    cfg = DemoConfig(**{k: tuple(v) if k == "aspects" else v for k, v in read_json(work / name / RunDir.SETTINGS).items()})
+    run = RunDir(work / name, cfg, progress=False)
+    start = time.perf_counter()
+    prepared = load_demo_workspace(run, work / HIDDEN_STORE)
+    ws = prepared.workspace
+    sft = stages.sft(run, ws)  # read back: restores the post-SFT parameters
+    factors = stages.fit(run, ws)
+    scores = stages.score(run, ws, factors, cfg.aspects)
+    rng = np.random.default_rng(cfg.seed)
+    kl_examples = [ws.train[int(i)] for i in rng.choice(len(ws.train), PBRF_KL_EXAMPLES, replace=False)]
+    print(f"{name}: loaded in {time.perf_counter() - start:.1f} s", flush=True)
+    for setting in todo:
+        start = time.perf_counter()
+        results[name][setting.name] = run_setting(run, ws, factors, scores, sft, setting, kl_examples)
+        results[name][setting.name]["seconds"] = time.perf_counter() - start
+        save()
+        print(f"{name}: {setting.name} in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def summaries(run_dir: Path, results: dict, setting: Setting) -> list[dict]:
+    """``seed_summary`` of every seed that has ``setting``."""
+    from trustrepair.app.records import repairs_from_json
+
+    out = []
+    for name, by_setting in sorted(results.items()):
+        if setting.name in by_setting:
+            row = by_setting[setting.name]
+            out.append(seed_summary(read_json(run_dir / name / GOLD), EvaluationRecord.from_json(row["evaluation"]),
+                                    repairs_from_json(row["repairs"]), read_json(run_dir / name / RANKING)))
+    return out
+
+
+def differences(run_dir: Path, results: dict, setting: Setting, aspect: str) -> dict | None:
+    """Over the seeds that have both: this setting's DPP fraction minus the default's (module docstring)."""
+    values, ses = [], []
+    for name, by_setting in sorted(results.items()):
+        if setting.name not in by_setting or "default" not in by_setting:
+            continue
+        gold = read_json(run_dir / name / GOLD)
+        pairs = [by_setting[s]["evaluation"]["repaired"][aspect]["dpp"]["aspects"][aspect]["heldout_pairs"]
+                 for s in (setting.name, "default")]
+        diff, se = difference_vs(gold["post"]["aspects"][aspect]["heldout"], *pairs,
+                                 gold[aspect]["aspects"][aspect]["heldout"])
+        values.append(diff)
+        ses.append(se)
+    return _combine(values, ses) if values else None
+
+
+def table(run_dir: Path, results: dict, header: str) -> str:
+    """The markdown table over the seeds done so far, one row per setting and aspect."""
+    lines = [header, "", "| axis | setting | aspect | subset | seeds | fraction undone ± SE [seed SE] | "
+             "vs default ± SE [seed SE] | repaired - gold F | PPL change % | repair s |", "|" + "---|" * 10]
+    for setting in SETTINGS:
+        per_seed = summaries(run_dir, results, setting)
+        if not per_seed:
+            continue
+        planted = aggregate(per_seed)
+        for aspect, entry in planted.items():
+            compared = setting.name != "default" and "dpp" in setting.strategies
+            diff = differences(run_dir, results, setting, aspect) if compared else None
+            for strategy, u in entry["undone"].items():
+                seed_se = u["spread"]["seed_se"]
+                vs = "" if diff is None or strategy != "dpp" else (
+                    f"{diff['mean']:+.2f} ± {diff['se']:.2f}" + (f" [{diff['seed_se']:.2f}]" if diff["seed_se"] else ""))
+                lines.append(f"| {setting.axis} | {setting.name} | {aspect} | {strategy} | {len(per_seed)} | "
+                             f"{u['fraction']:+.2f} ± {u['se']:.2f}" + (f" [{seed_se:.2f}]" if seed_se else "") +
+                             f" | {vs} | {u['repaired_minus_gold']['mean']:+.3f} ± {u['repaired_minus_gold']['se']:.3f} | "
+                             f"{u['perplexity_change_pct']:+.2f} | {u['repair_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a finished planted demo (read only)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sweep"), help="where the copies and results go")
+    parser.add_argument("--settings", nargs="*", default=[s.name for s in SETTINGS],
+                        help=f"settings to run, of: {', '.join(s.name for s in SETTINGS)}")
+    parser.add_argument("--seeds", nargs="*", type=int, help="seeds to run (default: every RUN/seed-N)")
+    args = parser.parse_args()
+    unknown = set(args.settings) - {s.name for s in SETTINGS}
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}")
+    settings = [s for s in SETTINGS if s.name in args.settings]
+    sources = sorted(args.run.glob("seed-*")) if args.seeds is None else [args.run / seed_dir_name(s) for s in args.seeds]
+    args.work.mkdir(parents=True, exist_ok=True)
+    store = args.work / HIDDEN_STORE
+    if not store.is_file():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(args.run / HIDDEN_STORE, store)
+    path = args.work / "planted_sweep.json"
+    results = read_json(path) if path.is_file() else {}
+
+    def save():
+        write_json(path, results)
+        write_text(args.work / "planted_sweep.md", table(args.run, results, f"{cpu_name()}, {time.strftime('%Y-%m-%d %H:%M')}"))
+
+    for source in sources:
+        sweep_seed(source, args.work, settings, results, save)
+    save()
+    print(table(args.run, results, ""))
+
+
+if __name__ == "__main__":
+    main()
