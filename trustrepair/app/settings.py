@@ -35,7 +35,8 @@ class DemoConfig:
     sft_lr: float = field(default=3e-4, metadata={"help": "SFT learning rate (AdamW)"})
     fisher: str = field(default="empirical", metadata={"help": "'empirical' or 'sampled' Fisher for EK-FAC"})
     damping: float | None = field(default=None, metadata={"help": "absolute damping; None = 0.1 x mean(Lambda)"})
-    subset_size: int = field(default=32, metadata={"help": "training examples per repair subset"})
+    subset_size: int = field(default=16, metadata={"help": "training examples per repair subset (16: the planted "
+                                                           "sweep's held-out choice, benchmarks/RESULTS.md)"})
     eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
     tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
     beta_probes: int = field(default=4, metadata={"help": "held-out perplexity probes per beta search (the "
