@@ -67,7 +67,7 @@ from trustrepair.engine.ops.projected_gradients import projected_gradient_square
 from trustrepair.engine.distributed import (all_reduce_counts, all_reduce_sum_, fail_together, is_main_process, map_once,
                                      progress_enabled, rank, require_agreement, shard_range, world_size)
 from trustrepair.engine.replay import PrefixStore, prefix_pass
-from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules, model_fingerprint
+from trustrepair.engine.layers import ModuleSelection, TrackedLayer, find_modules, model_fingerprint, tensor_versions
 from trustrepair.engine.tunables import current
 from trustrepair.task import CausalLMTask, Example, Task
 
@@ -218,7 +218,7 @@ class EKFACFactors:
         A model whose weights passed the digest check is remembered with the in-place version counters of
         its parameters and buffers: until one of them is modified (an optimiser step, ``RepairDelta.apply``
         or ``revert``), checking it again costs no hashing."""
-        state = _tensor_versions(model) if weights else None
+        state = tensor_versions(model) if weights else None
         if weights and self._verified is not None and self._verified[0]() is model and self._verified[1] == state:
             return
         names = list(self.fingerprint["modules"])
@@ -310,12 +310,6 @@ def check_damping(damping: float | None) -> float | None:
     return finite("damping", damping, minimum=0, hint="absolute; or None for 0.1 * mean(Lambda) per module")
 
 
-def _tensor_versions(model: nn.Module) -> tuple:
-    """Identity and in-place version counter of every parameter and buffer: unchanged exactly when no
-    tensor was replaced or modified in place since."""
-    return tuple((id(t), t.data_ptr(), t._version) for t in list(model.parameters()) + list(model.buffers()))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Fitting
 # ----------------------------------------------------------------------------------------------------
@@ -391,7 +385,7 @@ def fit_ekfac(model: nn.Module, train, *, modules: ModuleSelection = None, task:
     # the passes run: hashlib releases the GIL, and on a GPU the CPU is otherwise idle.
     store = (PrefixStore() if prefix_store is None else prefix_store) if replay_prefix else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trustrepair-fingerprint") as pool:
-        versions = _tensor_versions(model)
+        versions = tensor_versions(model)
         fingerprint_job = pool.submit(model_fingerprint, model, layers)
         modules, timings = _fit_stages(model, layers, examples, task, fisher, batch_size, seed, progress,
                                        checkpoint_dir, matmul_dtype, arguments, fingerprint_job.result, store)
@@ -469,7 +463,8 @@ def _generator(layers: list[TrackedLayer], seed: int, stream: int) -> torch.Gene
 def _covariance_pass(model, layers, examples, task, fisher, batch_size, seed, dtype, progress,
                      replay: PrefixStore | None = None) -> dict:
     """Sums sum_t a_t a_t^T, sum_t g_t g_t^T and token counts per layer (padding rows are zero), over
-    this rank's shard of the examples, then summed over ranks; ``replay`` (a prefix store) records or replays the prefix per batch."""
+    this rank's shard of the examples, then summed over ranks; ``replay`` (a prefix store) records or
+    replays the prefix per batch."""
     device = layers[0].module.weight.device
     pad = pads_widths(device)  # Grams of zero-padded token rows: the padding rows and columns stay zero
     operand, width = (zero_padded, padded_width) if pad else (aligned, lambda n: n)
@@ -556,7 +551,8 @@ def eigh_float64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _lambda_pass(model, layers, examples, task, fisher, batch_size, seed, bases, dtype, matmul_dtype,
                  progress, replay: PrefixStore | None = None) -> dict:
     """Sum over examples of (Q_S^T G_z Q_A) ** 2 per layer, via the dispatched contraction, over this
-    rank's shard of the examples, then summed over ranks; ``replay`` (a prefix store) replays or records the prefix per batch."""
+    rank's shard of the examples, then summed over ranks; ``replay`` (a prefix store) replays or records
+    the prefix per batch."""
     device = layers[0].module.weight.device
     sums = [torch.zeros(l.d_out, l.folded_in, dtype=dtype, device=device) for l in layers]
     generator = _generator(layers, seed, 1)

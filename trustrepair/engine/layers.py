@@ -194,6 +194,14 @@ def apply_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor], alpha: fl
         layer.add_(deltas[layer.name], alpha=alpha)
 
 
+def tensor_versions(model: nn.Module, skip: Iterable[nn.Module] = ()) -> tuple:
+    """Identity, storage and in-place version counter of every parameter and buffer of ``model`` outside the
+    ``skip`` submodules: unchanged exactly when none of them was replaced or modified in place since."""
+    skipped = {id(t) for module in skip for t in list(module.parameters()) + list(module.buffers())}
+    return tuple((id(t), t.data_ptr(), t._version) for t in list(model.parameters()) + list(model.buffers())
+                 if id(t) not in skipped)
+
+
 def model_fingerprint(model: nn.Module, layers: list[TrackedLayer]) -> dict:
     """What identifies the model EK-FAC factors belong to: the analysed layers (name -> [d_out, d_in,
     has_bias]) and a BLAKE2b digest of every parameter and buffer (names, dtypes, shapes and bytes)."""

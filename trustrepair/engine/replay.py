@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustrepair.engine.layers import TrackedLayer
+from trustrepair.engine.layers import TrackedLayer, tensor_versions
 
 
 def _detached(value: Any) -> Any:
@@ -118,14 +118,6 @@ def batch_key(batch: Any) -> str:
     return digest.hexdigest()
 
 
-def _outside_state(model: nn.Module, tail: list[nn.Module]) -> tuple:
-    """Identity, storage and in-place version of every parameter and buffer of ``model`` outside the
-    ``tail`` blocks: unchanged exactly when none of them was replaced or modified in place since."""
-    inside = {id(t) for block in tail for t in list(block.parameters()) + list(block.buffers())}
-    return tuple((id(t), t.data_ptr(), t._version) for t in list(model.parameters()) + list(model.buffers())
-                 if id(t) not in inside)
-
-
 class PrefixStore:
     """The output of a model's frozen prefix per batch, kept across passes (see the module docstring).
 
@@ -165,7 +157,7 @@ class PrefixStore:
 
     def _bind(self, model: nn.Module, blocks: list[nn.Module], tail: list[nn.Module]) -> None:
         """Empties the store unless it was filled by this model with the same tensors outside ``tail``."""
-        binding = (weakref.ref(model), tuple(id(b) for b in blocks), _outside_state(model, tail))
+        binding = (weakref.ref(model), tuple(id(b) for b in blocks), tensor_versions(model, skip=tail))
         if self._binding is None or self._binding[0]() is not model or self._binding[1:] != binding[1:]:
             self.outputs, self._bytes = {}, 0
         self._binding = binding
