@@ -32,6 +32,8 @@ _EXPORTS = {
     "PrefixStore": "trustrepair.engine.replay",
     "influence": "trustrepair.methods.scoring",
     "pairwise_influence": "trustrepair.methods.scoring",
+    "self_influence": "trustrepair.methods.scoring",
+    "normalized_influence": "trustrepair.methods.scoring",
     "CausalLMTask": "trustrepair.task",
     "repair": "trustrepair.methods.repair_step",
     "RepairDelta": "trustrepair.methods.repair_step",

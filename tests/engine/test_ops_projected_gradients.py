@@ -47,6 +47,21 @@ def test_scores_each_strategy_matches_naive_float64(shape, strategy, monkeypatch
     assert_close(PG.projected_gradient_scores(a, g, q_a, q_s, queries), expected, 1e-12, strategy)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("order", ["tokens first", "gradient first"])
+def test_projected_scores_and_weighted_square_norms_match_naive(shape, order, monkeypatch):
+    """The always-project strategy (projected_scores) and sum_ij P_b^2 W (projected_square_norms), small
+    chunks so that several slices are written."""
+    a, g, q_a, q_s, queries = operands(shape)
+    weights = torch.rand(g.shape[2], a.shape[2], dtype=a.dtype, generator=torch.Generator().manual_seed(5))
+    force_costs(monkeypatch, *(TOKENS_FIRST if order == "tokens first" else GRADIENT_FIRST))
+    projected = torch.stack([q_s.T @ grad @ q_a for grad in naive_gradients(a, g)])
+    with override(chunk_elements=1):
+        assert_close(PG.projected_scores(a, g, q_a, q_s, queries), naive_scores(a, g, q_a, q_s, queries), 1e-12, order)
+        assert_close(PG.projected_square_norms(a, g, q_a, q_s, weights), (projected.square() * weights).sum((1, 2)),
+                     1e-12, order)
+
+
 @pytest.mark.parametrize("blocking_kind", ["CPU slabs", "GPU batched products", "GPU batched products, zero-padded"])
 @pytest.mark.parametrize("ghost_path", [PER_TOKEN, FORM_GRADIENT])
 def test_chunks_slabs_and_tiles_give_the_same_result(ghost_path, blocking_kind, monkeypatch):

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from conftest import assert_rel, make_examples, make_queries, make_tiny_llama, make_tiny_neox, per_example_gradients
-from trustrepair import fit_ekfac, influence, pairwise_influence
-from trustrepair.methods.scoring import measurement_gradient, normalize_scores, summed_gradient
+from trustrepair import fit_ekfac, influence, normalized_influence, pairwise_influence, self_influence
+from trustrepair.engine.layers import find_modules
+from trustrepair.methods.scoring import (_pass_tokens, eigenbasis_is_cheaper, measurement_gradient, normalize_scores,
+                                       summed_gradient)
 from trustrepair.methods import selection
 from trustrepair.engine.lowrank import low_rank_factors
 from trustrepair.task import IGNORE_INDEX, CausalLMTask, stack_queries
@@ -91,6 +93,63 @@ def test_pairwise_scores_equal_explicit_and_low_rank_equals_truncated_svd(settin
     full_rank = pairwise_influence(model, factors, train, queries[:2], damping=damping, query_rank=1000,
                                    progress=False)
     assert_rel(full_rank, exact[:2], 1e-8, "query_rank above every layer's rank is exact")
+
+
+def test_scores_equal_explicit_in_either_basis(setting):
+    """Few training tokens against many directions contract in the eigenbasis, many tokens against one in
+    the original basis (the choice is asserted), and both equal the explicit scores, pairwise and aggregated."""
+    model, train, queries, factors, train_grads, query_grads = setting
+    shapes = [layer.shape for layer in find_modules(model, list(factors.modules))]
+    damping = 0.05
+    for n_train, n_query, eigen in ((2, 5, True), (15, 1, False)):
+        assert all(eigenbasis_is_cheaper(_pass_tokens(train[:n_train], 4), n_query, shape) == eigen for shape in shapes)
+        got = pairwise_influence(model, factors, train[:n_train], queries[:n_query], damping=damping, batch_size=4,
+                                 progress=False)
+        u = [factors.precondition(query_grads[q], damping) for q in range(n_query)]
+        expected = torch.tensor([[-dot(u[q], train_grads[z]) for z in range(n_train)] for q in range(n_query)],
+                                dtype=torch.float64)
+        assert_rel(got, expected, 1e-8, f"pairwise, {n_train} examples x {n_query} queries")
+    one_example = influence(model, factors, train[:1], {"all": queries}, damping=damping, progress=False)["all"]
+    assert all(eigenbasis_is_cheaper(_pass_tokens(train[:1], 8), 1, shape) for shape in shapes)
+    grad_f = {n: sum(g[n] for g in query_grads) / len(queries) for n in query_grads[0]}
+    expected = torch.tensor([-dot(factors.precondition(grad_f, damping), train_grads[0])], dtype=torch.float64)
+    assert_rel(one_example, expected, 1e-8, "aggregated, one example")
+
+
+def test_pairwise_scores_of_queries_of_awkward_lengths_equal_explicit(setting):
+    """Queries whose sides differ in length (so a stacked batch pads some rows) and whose batches mix
+    lengths: their gathered token gradients still equal plain autograd's."""
+    model, train, _, factors, train_grads, _ = setting
+    queries = [q for prompt, response, seed in ((2, 1, 30), (7, 4, 31), (3, 6, 32)) for q in
+               make_queries(2, prompt_len=prompt, resp_len=response, seed=seed)]
+    queries[1] = {**queries[1], "opponent": make_queries(1, prompt_len=2, resp_len=5, seed=33)[0]["opponent"]}
+    queries[1]["opponent"]["input_ids"][:2] = queries[1]["proponent"]["input_ids"][:2]
+    names = list(factors.modules)
+    query_grads = explicit_measurement_gradients(model, names, queries)
+    got = pairwise_influence(model, factors, train, queries, damping=0.05, batch_size=4, progress=False)
+    expected = torch.tensor([[-dot(factors.precondition(q, 0.05), z) for z in train_grads] for q in query_grads],
+                            dtype=torch.float64)
+    assert_rel(got, expected, 1e-8, "pairwise, awkward query lengths")
+
+
+def test_self_influence_equals_explicit_and_normalizes_scores(setting):
+    """sigma(z) = grad L(z)^T (G + lambda I)^{-1} grad L(z) from explicit per-example gradients; the
+    normalised scores divide by its root; an unlabelled example gets sigma 0 and a normalised score 0."""
+    model, train, queries, factors, train_grads, _ = setting
+    damping = 0.05
+    sigma = self_influence(model, factors, train, damping=damping, batch_size=4, progress=False)
+    expected = torch.tensor([dot(factors.precondition(g, damping), g) for g in train_grads], dtype=torch.float64)
+    assert_rel(sigma, expected, 1e-8, "self-influence")
+    scores = pairwise_influence(model, factors, train, queries, damping=damping, progress=False)
+    assert_rel(normalized_influence(scores, sigma), scores / expected.sqrt(), 1e-8, "normalised pairwise")
+    unlabelled = {**train[0], "labels": torch.full_like(train[0]["labels"], IGNORE_INDEX)}
+    with pytest.warns(UserWarning):
+        sigma0 = self_influence(model, factors, [unlabelled, train[1]], damping=damping, progress=False)
+    assert sigma0[0] == 0 and sigma0[1] > 0
+    assert normalized_influence(torch.tensor([2.0, 3.0]), sigma0)[0] == 0
+    for bad, match in ((sigma[:3], "one self-influence per training example"), (-sigma, "non-negative")):
+        with pytest.raises(ValueError, match=match):
+            normalized_influence(scores, bad)
 
 
 def test_aggregated_equals_mean_of_pairwise_in_float32():

@@ -23,14 +23,18 @@ T d_out d_in multiply-adds per example and layer (as much as one more weight-gra
 
 **Pairwise scores** (:func:`pairwise_influence`, explanations per query) use the same identity with
 one U_q per query: since Q_A and Q_S are orthogonal, <(G + lambda I)^{-1} V_q, G_z> is an inner product
-in the original basis, so no training example's gradient is rotated into the eigenbasis. Each query's
+in the original basis, so no training example's gradient needs rotating into the eigenbasis. Each query's
 gradient has rank at most its 2T tokens, so it is projected into the eigenbasis token by token
 (:func:`trustrepair.engine.ops.projected_gradients.projected_gradients`), divided by Lambda + lambda there, and rotated
 back once (Q d_out d_in (d_out + d_in) multiply-adds per layer: for many queries the largest single
-cost). The contraction with the training set forms G_z once and multiplies it with all U_q; it reads
-every U_q once per batch, so on a CPU larger batches make it cheaper. With ``query_rank=r`` the
-division's result is factorised in the eigenbasis, only the rank-r factors are rotated back, and the
-contraction runs through the tokens: the approximate fast path.
+cost), or, in a layer where projecting the training pass's N tokens costs less (N (d_in^2 + d_out^2):
+many queries against a small training set, :func:`eigenbasis_is_cheaper`), not rotated at all: the
+contraction then runs in the eigenbasis
+(:func:`trustrepair.engine.ops.projected_gradients.projected_scores`). The contraction with the training
+set forms G_z once and multiplies it with all U_q; it reads every U_q once per batch, so on a CPU
+larger batches make it cheaper. With ``query_rank=r`` the division's result is factorised in the
+eigenbasis, only the rank-r factors are rotated back, and the contraction runs through the tokens: the
+approximate fast path.
 
 **Distributed.** Under ``torch.distributed`` (see :mod:`trustrepair.engine.distributed`) both functions are
 collective calls: every rank computes the (few) query gradients itself, each layer's preconditioning
@@ -49,12 +53,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trustrepair.engine.layout import aligned
-from trustrepair.batching import padded_batches
+from trustrepair.batching import example_length, length_sorted_batches, padded_batches
 from trustrepair.engine.capture import TokenCapture
 from trustrepair.engine.examples import as_example, as_examples, check_token_ids, describe_rows, unlabelled
 from trustrepair.engine.ops.blocking import cache_blocked
 from trustrepair.engine.ops.ghost_dots import ghost_dots, low_rank_ghost_dots
-from trustrepair.engine.ops.projected_gradients import projected_gradients
+from trustrepair.engine.ops.projected_gradients import projected_gradients, projected_scores, projected_square_norms
 from trustrepair.engine.distributed import fail_together, gather_rows, map_once, progress_enabled, shard_range
 from trustrepair.engine.ekfac import EKFACFactors, check_damping, factor_dtype
 from trustrepair.engine.lowrank import low_rank_factors, rotate_factors
@@ -106,7 +110,8 @@ def influence(model: nn.Module, factors: EKFACFactors, train, trust: Mapping[str
                                                  batch_size=batch_size, progress=progress))
     clock.lap("query_gradients")
     stacked = {l.name: torch.stack([g[l.name] for g in aspect_grads]) for l in layers}
-    contract = _preconditioned_contractions(factors, layers, stacked, damping, None, progress, projected=False)
+    contract = _preconditioned_contractions(factors, layers, stacked, damping, None, progress, projected=False,
+                                            train_tokens=_pass_tokens(examples, batch_size))
     clock.lap("precondition")
 
     scores = _score_pass(model, layers, examples, task, batch_size, progress, len(aspect_grads),
@@ -144,7 +149,7 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
     per_query = per_query_projected_gradients(model, factors, layers, queries, task, batch_size, progress)
     clock.lap("query_gradients")
     contract = _preconditioned_contractions(factors, layers, per_query, damping, query_rank, progress,
-                                            projected=True)
+                                            projected=True, train_tokens=_pass_tokens(examples, batch_size))
     del per_query
     clock.lap("precondition")
 
@@ -152,6 +157,54 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
                          lambda i, a, g: contract[i](a, g), factor_dtype(layers), prefix_store)
     clock.lap("scores")
     return -scores.T.contiguous()
+
+
+def self_influence(model: nn.Module, factors: EKFACFactors, train, *, damping: float | None = None,
+                   batch_size: int = 8, task: Task | None = None, progress: bool = True,
+                   check_fingerprint: bool = True, prefix_store: PrefixStore | None = None) -> torch.Tensor:
+    """sigma(z) = grad L(z)^T (G + lambda I)^{-1} grad L(z) for every training example: its gradient's
+    squared length in the damped inverse-Fisher metric that the scores use.
+
+    Dividing a score by sqrt(sigma(z)) (:func:`normalized_influence`) removes the length of the example's
+    gradient in that metric and keeps its direction: the l-relative influence of RelatIF (Barshan et al.,
+    AISTATS 2020); the unit normalisation of TrackStar and LESS is the same idea in other metrics. Examples
+    with large gradients (long or high-loss responses) then stop crowding the top of the ranking.
+
+    One forward + backward pass over the training set, each token projected into every layer's
+    eigenbasis (as the fit's eigenvalue-correction pass: T (d_in^2 + d_out^2 + d_out d_in) multiply-adds
+    per example and layer), in float32 (float64 for a float64 model). Arguments as in :func:`influence`.
+
+    Returns:
+        (n_train,) non-negative.
+    """
+    task, progress, layers, factors, examples, damping = _prepare(model, factors, train, task, progress, damping,
+                                                                  check_fingerprint)
+    weights = [1.0 / (factors.modules[l.name].lambda_ + factors.damping(l.name, damping)) for l in layers]
+
+    def contract(i, a, g):
+        f = factors.modules[layers[i].name]
+        return projected_square_norms(a, g, f.q_a, f.q_s, weights[i])[:, None]
+
+    return _score_pass(model, layers, examples, task, batch_size, progress, 1, contract, factor_dtype(layers),
+                       prefix_store)[:, 0]
+
+
+def normalized_influence(scores: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``scores / sqrt(sigma)`` (scores of :func:`influence` or :func:`pairwise_influence`, last axis the
+    training examples; sigma from :func:`self_influence`); an example with sigma = 0 (no labelled token)
+    scores 0.
+
+    Raises:
+        ValueError: sigma has another length than the scores' last axis, or a negative or non-finite entry.
+    """
+    scores, sigma = torch.as_tensor(scores), torch.as_tensor(sigma)
+    if sigma.ndim != 1 or sigma.shape[0] != scores.shape[-1]:
+        raise ValueError(f"sigma must hold one self-influence per training example ({scores.shape[-1]}); got shape "
+                         f"{tuple(sigma.shape)}")
+    if not bool(torch.isfinite(sigma).all()) or bool((sigma < 0).any()):
+        raise ValueError("sigma must be finite and non-negative (self-influences from self_influence)")
+    root = sigma.to(scores.dtype).sqrt()
+    return torch.where(root > 0, scores / root.clamp_min(torch.finfo(root.dtype).tiny), torch.zeros_like(scores))
 
 
 def _prepare(model: nn.Module, factors: EKFACFactors, train, task: Task | None, progress: bool,
@@ -215,29 +268,48 @@ def per_query_projected_gradients(model: nn.Module, factors: EKFACFactors, layer
     Q_S^T grad m_q Q_A.
 
     In a stacked batch, rows q (proponent) and Q + q (opponent) both feed m_q alone, so the query's
-    gradient is g^T a over the tokens of both rows; concatenating the two rows along the token axis gives
-    it as one "example" of 2T tokens, projected token by token (T << width), far cheaper than rotating a
-    dense (d_out, d_in) gradient per query.
+    gradient is g^T a over the tokens of both rows; gathering the unmasked tokens of the two rows along
+    one token axis (:func:`_query_token_index`) gives it as one "example" of at most 2T tokens, projected
+    token by token (T << width), far cheaper than rotating a dense (d_out, d_in) gradient per query.
+    Queries are batched in length order, so the gathered examples of a batch are of similar length.
     """
     dtype = factor_dtype(layers)
     device = layers[0].module.weight.device
     out = {l.name: torch.zeros(len(queries), *l.shape, dtype=dtype, device=device) for l in layers}
+    chunks = length_sorted_batches([example_length(q) for q in queries], batch_size)
     with TokenCapture(model, layers) as capture:
-        for number, start in enumerate(tqdm(range(0, len(queries), batch_size), desc="query gradients",
-                                            unit="batch", disable=not progress)):
-            chunk = queries[start:start + batch_size]
-            batch = task.collate_queries(chunk)
-            n = len(chunk)
+        for number, rows in enumerate(tqdm(chunks, desc="query gradients", unit="batch", disable=not progress)):
+            batch = task.collate_queries([queries[i] for i in rows])
+            mask = task.token_mask(batch)
+            index = _query_token_index(mask.to(device))
 
             def on_layer(i, a, g):
                 f = factors.modules[layers[i].name]
-                pairs_a = torch.cat([a[:n], a[n:]], dim=1)
-                pairs_g = torch.cat([g[:n], g[n:]], dim=1)
-                out[layers[i].name][start:start + n] = projected_gradients(pairs_a, pairs_g, f.q_a, f.q_s)
+                out[layers[i].name][rows] = projected_gradients(_gathered(a, index), _gathered(g, index), f.q_a, f.q_s)
 
-            capture.run(lambda: task.measurement(model, batch), task.token_mask(batch),
-                        describe_rows("trust queries", number, list(range(start, start + n))), on_layer)
+            capture.run(lambda: task.measurement(model, batch), mask, describe_rows("trust queries", number, rows),
+                        on_layer)
     return out
+
+
+def _query_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(Q, L) indices into the flattened (2Q T) token axis of a stacked query batch with token ``mask``
+    (2Q, T): query q's unmasked tokens of row q, then of row Q + q, then the index 2Q T (a zero row,
+    :func:`_gathered`) up to L, the longest query's token count."""
+    n, width = mask.shape[0] // 2, mask.shape[1]
+    flat = torch.arange(2 * n * width, device=mask.device).reshape(2 * n, width)
+    per_query = [torch.cat([flat[q][mask[q]], flat[n + q][mask[n + q]]]) for q in range(n)]
+    index = torch.full((n, max(len(t) for t in per_query)), 2 * n * width, dtype=torch.long, device=mask.device)
+    for q, tokens in enumerate(per_query):
+        index[q, :len(tokens)] = tokens
+    return index
+
+
+def _gathered(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(Q, L, d): the tokens of ``x`` (2Q, T, d) at ``index`` (:func:`_query_token_index`), zero past each
+    query's own tokens."""
+    flat = torch.cat([x.reshape(-1, x.shape[-1]), x.new_zeros(1, x.shape[-1])])
+    return flat[index]
 
 
 def as_queries(queries, model: nn.Module, task: Task, what: str = "") -> list:
@@ -289,10 +361,18 @@ def as_queries(queries, model: nn.Module, task: Task, what: str = "") -> list:
 
 def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLayer], grads: dict[str, torch.Tensor],
                                  damping: float | None, rank: int | None, progress: bool, *,
-                                 projected: bool) -> list[Callable]:
+                                 projected: bool, train_tokens: int) -> list[Callable]:
     """Per layer, ``contract(a, g) -> (B, K)``: the ghost dot products of a batch with the K
     preconditioned directions U_k = Q_S [P_k / (Lambda + lambda)] Q_A^T, where P_k = ``grads[name][k]``
-    (already in the eigenbasis when ``projected``, else rotated in first).
+    (already in the eigenbasis when ``projected``, else rotated in first; ``projected`` grads are the
+    caller's to give away: they may be divided in place).
+
+    Which basis the contraction runs in is chosen per layer for the whole pass: rotating the K directions
+    back costs K d_out d_in (d_out + d_in) multiply-adds once; projecting the training pass's
+    ``train_tokens`` token slots into the eigenbasis instead (``a Q_A``, ``g Q_S``, then the same
+    contraction with P_k / (Lambda + lambda), :func:`projected_scores`) costs train_tokens (d_in^2 +
+    d_out^2). Equal by orthogonality; the cheaper one runs (the second when many queries meet a small
+    training set).
 
     With ``rank`` below a layer's smaller side, U_k is replaced by its best rank-r approximation,
     factorised in the eigenbasis and only the factors rotated back (:mod:`trustrepair.engine.lowrank`), and the
@@ -305,9 +385,16 @@ def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLaye
     buffer, left on top of right^T.
     """
     low = {l.name for l in layers if rank is not None and rank < min(l.shape)}
+    eigen = {l.name for l in layers
+             if l.name not in low and eigenbasis_is_cheaper(train_tokens, grads[l.name].shape[0], l.shape)}
 
     def compute(name):
         p = grads[name] if projected else factors.project({name: grads[name]})[name]
+        if name in eigen and projected:  # the caller's own buffer (Q d_out d_in): divided in place
+            f = factors.modules[name]
+            return p.div_(f.lambda_.to(p.dtype) + factors.damping(name, damping))
+        if name in eigen:
+            return factors.divide_projected({name: p}, damping)[name]
         if name not in low:
             return factors.precondition_projected({name: p}, damping)[name]
         f = factors.modules[name]
@@ -324,7 +411,7 @@ def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLaye
 
     names = [l.name for l in layers]
     done = map_once(compute, names, like,
-                    cost=lambda name: grads[name].numel() * (grads[name].shape[-2] + grads[name].shape[-1]),
+                    cost=lambda name: grads[name].numel() * (1 if name in eigen else sum(grads[name].shape[-2:])),
                     desc="preconditioning", progress=progress)
     contract = []
     for i, layer in enumerate(layers):
@@ -333,11 +420,29 @@ def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLaye
             d_out = layer.shape[0]
             left, right = direction[:, :d_out], direction[:, d_out:].mT
             contract.append(lambda a, g, left=left, right=right: low_rank_ghost_dots(a, g, left, right))
+        elif layer.name in eigen:
+            f = factors.modules[layer.name]
+            contract.append(lambda a, g, w=direction, f=f: projected_scores(a, g, f.q_a, f.q_s, w))
         else:  # a GPU's row-by-row ghost products want aligned rows (made once here, not per batch); a CPU's
             # flattened product wants them contiguous (see trustrepair.engine.ops.ghost_dots.ghost_dots)
             u = direction if cache_blocked(direction.device) else aligned(direction)
             contract.append(lambda a, g, u=u: ghost_dots(a, g, u))
     return contract
+
+
+def eigenbasis_is_cheaper(train_tokens: int, n_directions: int, shape: tuple[int, int]) -> bool:
+    """Whether a (d_out, d_in) layer's contraction with ``n_directions`` preconditioned directions is cheaper
+    in the eigenbasis (project ``train_tokens`` token slots: train_tokens (d_in^2 + d_out^2) multiply-adds)
+    than in the original basis (rotate the directions back once: K d_out d_in (d_out + d_in))."""
+    d_out, d_in = shape
+    return train_tokens * (d_out * d_out + d_in * d_in) < n_directions * d_out * d_in * (d_out + d_in)
+
+
+def _pass_tokens(examples, batch_size: int) -> int:
+    """Token slots of the training pass over all ranks (rows x longest row, summed over the length-sorted
+    batches of the whole set): the same number on every rank, so every rank chooses the same basis."""
+    lengths = [example_length(ex) for ex in examples]
+    return sum(len(rows) * max(lengths[i] for i in rows) for rows in length_sorted_batches(lengths, batch_size))
 
 
 def _score_pass(model, layers, examples, task, batch_size, progress, n_cols, contract, dtype,

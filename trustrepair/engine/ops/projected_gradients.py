@@ -1,17 +1,19 @@
 """Per-example gradients in the EK-FAC eigenbasis: the eigenvalue correction's squares, few examples'
-projected gradients, and scores against queries given in the eigenbasis.
+projected gradients, scores against queries given in the eigenbasis, and weighted squared norms.
 
 A layer's gradient on example b is ``G_b = sum_t g_bt a_bt^T = g_b^T a_b`` (d_out, d_in), from its
 activations ``a_b`` (T, d_in) (bias folded in as a ones column, zero at masked tokens) and output
 gradients ``g_b`` (T, d_out) (zero at masked tokens). In the eigenbasis it is ``P_b = Q_S^T G_b Q_A``.
-Three contractions of it, none of which writes G_b out for a whole batch:
+Four contractions of it, none of which writes G_b out for a whole batch:
 
 * :func:`projected_gradient_squares` -- the eigenvalue correction's numerator, sum_b P_b ** 2
   (elementwise), a (d_out, d_in) matrix; its CUDA tensors go to the Triton kernel
   :func:`trustrepair.kernels.projected_gradients.projected_gradient_squares_triton` under the rule of
   :mod:`trustrepair.engine.ops.routing`, everything else to :func:`projected_gradient_squares_reference`;
 * :func:`projected_gradients` -- P_b written out, for few examples (e.g. per-query gradients);
-* :func:`projected_gradient_scores` -- s[b, q] = <P_b, W_q> against Q query matrices in the eigenbasis.
+* :func:`projected_gradient_scores` -- s[b, q] = <P_b, W_q> against Q query matrices in the eigenbasis
+  (:func:`projected_scores`: always by projecting the examples);
+* :func:`projected_square_norms` -- s[b] = sum P_b ** 2 W, e.g. each example's self-influence.
 
 Because Q_A and Q_S are orthogonal, <Q_S^T G Q_A, W> = <G, Q_S W Q_A^T>, so these and the ghost dot
 products of :mod:`trustrepair.engine.ops.ghost_dots` are the same algebra in different bases; which order
@@ -174,10 +176,45 @@ def projected_gradient_scores(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tenso
                                  ghost.ghost_gradient_first_cost(tokens, d_out, d_in, n_queries)))
     if rotate_cost < batch * project_cost:
         return ghost.ghost_dots(a, g, q_s @ queries @ q_a.T)
-    flat_queries = queries.reshape(n_queries, d_out * d_in)
-    out = torch.empty(batch, n_queries, dtype=dtype, device=a.device)
+    return projected_scores(a, g, q_a, q_s, queries)
+
+
+def projected_scores(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
+                     queries: torch.Tensor) -> torch.Tensor:
+    """The first strategy of :func:`projected_gradient_scores` alone: every example projected,
+    ``P_b = Q_S^T G_b Q_A`` (the cheaper order), then one (B, d_out d_in) x (d_out d_in, Q) product. For a
+    caller that rotates the queries back or not once for a whole pass (not per batch), e.g.
+    :func:`trustrepair.methods.scoring.pairwise_influence`. Arguments and result as there."""
+    check_bases(a, g, q_a, q_s)
+    check_matrices(a, g, queries, "queries")
+    dtype = compute_dtype(a, g, q_a, q_s, queries)
+    d_out, d_in = queries.shape[1], queries.shape[2]
+    flat_queries = queries.to(dtype).reshape(queries.shape[0], d_out * d_in)
+    out = torch.empty(a.shape[0], queries.shape[0], dtype=dtype, device=a.device)
     for rows, projected in _projected_chunks(a, g, q_a, q_s):
         out[rows] = projected.reshape(projected.shape[0], d_out * d_in) @ flat_queries.T
+    return out
+
+
+def projected_square_norms(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """Weighted squared norms of each example's gradient in the eigenbasis, ``s[b] = sum_ij
+    (Q_S^T G_b Q_A)[i, j] ** 2 * W[i, j]``; with W = 1 / (Lambda + lambda) this is the example's
+    self-influence G_b^T (G + lambda I)^{-1} G_b under EK-FAC. Projections as in :func:`projected_gradients`.
+
+    Args:
+        a, g, q_a, q_s: as in :func:`projected_gradient_squares_reference`.
+        weights: (d_out, d_in), non-negative.
+    Returns:
+        (B,), float64 for float64 inputs, float32 otherwise.
+    """
+    check_bases(a, g, q_a, q_s)
+    check_matrices(a, g, weights[None], "weights")
+    dtype = compute_dtype(a, g, q_a, q_s, weights)
+    weights = weights.to(dtype)
+    out = torch.empty(a.shape[0], dtype=dtype, device=a.device)
+    for rows, projected in _projected_chunks(a, g, q_a, q_s):
+        out[rows] = (projected.square() * weights).sum((1, 2))
     return out
 
 
