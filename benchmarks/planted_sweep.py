@@ -22,7 +22,9 @@ module), DPP subsets only, plus top-k at the defaults for reference:
   started at beta x the Newton step, the KL term on ``--pbrf-kl`` seeded SFT examples), searched over beta
   like the Newton step;
 * repair damping 10x and 0.1x the default (the Newton direction only; the scores that chose the subsets
-  keep the demo's damping).
+  keep the demo's damping);
+* selection scores normalised by the root of each example's self-influence
+  (``scoring.normalized_influence``, RelatIF), DPP and top-k at subset 16.
 
 Refits (trained blocks, empirical vs sampled Fisher) need a new SFT and fit per seed and are not run.
 
@@ -42,17 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from trustrepair.app import stages
 from trustrepair.app.pipeline import HIDDEN_STORE, seed_dir_name
 from trustrepair.app.planted_report import _combine, aggregate, fraction_undone, seed_summary
-from trustrepair.app.planted_stages import GOLD, RANKING
+from trustrepair.app.planted_stages import GOLD, RANKING, planted_by_aspect
 from trustrepair.app.records import EvaluationRecord
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.settings import DemoConfig
 from trustrepair.engine.ekfac import EKFACFactors
 from trustrepair.engine.storage import read_json, write_json, write_text
 from trustrepair.methods.repair_step import BetaPoint, RepairDelta, pbrf_repair, search_beta
+from trustrepair.methods.ground_truth import ranking_metrics
+from trustrepair.methods.scoring import normalized_influence, self_influence
 from trustrepair.methods.selection import select
 
 from benchmarks.common import cpu_name
@@ -71,6 +76,8 @@ class Setting:
     method: str = "newton"
     damping_scale: float = 1.0
     strategies: tuple[str, ...] = ("dpp",)
+    normalized: bool = False  # select by the scores over sqrt(self-influence) (scoring.normalized_influence)
+    against: str = "default"  # the setting whose same strategy the "vs" column subtracts
 
 
 SETTINGS = (  # in the order they run: the default first, then by the brief's priority
@@ -84,6 +91,9 @@ SETTINGS = (  # in the order they run: the default first, then by the brief's pr
     Setting("PBRF", "method", method="pbrf"),
     Setting("damping 10x", "damping", damping_scale=10.0),
     Setting("damping 0.1x", "damping", damping_scale=0.1),
+    Setting("normalized, dpp 16", "selection scores", subset_size=16, normalized=True, against="subset 16"),
+    Setting("normalized, top-k 16", "selection scores", subset_size=16, strategies=("topk",), normalized=True,
+            against="top-k at subset 16"),
 )
 
 
@@ -144,9 +154,22 @@ def _pbrf_search(ws, factors, subset, measure, baseline, cfg: DemoConfig, kl_exa
     return delta, record, moved / size if size > 0 else 0.0
 
 
-def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Setting, kl_examples) -> dict:
-    """One seed, one setting: per aspect and strategy the subset, its repair and its held-out evaluation;
-    returns ``{"evaluation": EvaluationRecord json, "repairs": {...}, "extra": {...}}``."""
+def seed_self_influence(run: RunDir, ws, factors: EKFACFactors) -> torch.Tensor:
+    """The seed's self-influences (``scoring.self_influence`` at the demo's damping), saved in the work copy
+    as ``self_influence.pt`` and read back on a rerun."""
+    path = run.path("self_influence.pt")
+    if not path.is_file():
+        sigma = self_influence(ws.tail, factors, ws.train, damping=run.config.damping, task=ws.task,
+                               batch_size=ws.batch_size, progress=False)
+        torch.save(sigma.double(), path)
+    return torch.load(path)
+
+
+def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Setting, kl_examples,
+                sigma: torch.Tensor, planted: dict[str, list[int]]) -> dict:
+    """One seed, one setting: per aspect and strategy the subset (chosen from the scores, or from the
+    normalised scores with the self-influences ``sigma``, whose ranking of the ``planted`` indices then goes
+    into ``extra``), its repair and its held-out evaluation; returns ``{"evaluation": EvaluationRecord json, "repairs": {...}, "extra": {...}}``."""
     from trustrepair.app.records import repairs_to_json
 
     cfg = dataclasses.replace(run.config, subset_size=setting.subset_size, eta=setting.eta)
@@ -156,8 +179,12 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
         measure, post_objective = stages.objective(cfg.aspects, ws, aspect, sft.post)
         baseline = BetaPoint(0.0, post_objective, sft.post.perplexity)
         repaired[aspect], repairs[aspect], extra[aspect] = {}, {}, {}
+        values = scores.per_aspect[aspect]
+        if setting.normalized:
+            values = normalized_influence(torch.as_tensor(values, dtype=torch.float64), sigma).numpy()
+            extra[aspect]["ranking"] = ranking_metrics(values, planted[aspect])
         for strategy in setting.strategies:
-            subset = [int(i) for i in select(strategy, scores.per_aspect[aspect], cfg.subset_size,
+            subset = [int(i) for i in select(strategy, values, cfg.subset_size,
                                              embeddings=scores.embeddings, eta=cfg.eta, seed=cfg.seed)]
             if setting.method == "pbrf":
                 delta, record, moved = _pbrf_search(ws, factors, subset, measure, baseline, cfg, kl_examples)
@@ -181,7 +208,7 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
 
 def sweep_seed(source: Path, work: Path, settings, results: dict, save) -> None:
     """Every setting of ``settings`` not yet in ``results[seed dir]`` on one seed (loaded once)."""
-    from trustrepair.app.demo_workspace import load_demo_workspace
+    from trustrepair.app.demo_workspace import demo_scenario, load_demo_workspace
 
     name = source.name
     todo = [s for s in settings if s.name not in results.setdefault(name, {})]
@@ -198,10 +225,12 @@ def sweep_seed(source: Path, work: Path, settings, results: dict, save) -> None:
     scores = stages.score(run, ws, factors, cfg.aspects)
     rng = np.random.default_rng(cfg.seed)
     kl_examples = [ws.train[int(i)] for i in rng.choice(len(ws.train), PBRF_KL_EXAMPLES, replace=False)]
+    sigma = seed_self_influence(run, ws, factors)
+    planted = planted_by_aspect(demo_scenario(cfg).planted, cfg.aspects)
     print(f"{name}: loaded in {time.perf_counter() - start:.1f} s", flush=True)
     for setting in todo:
         start = time.perf_counter()
-        results[name][setting.name] = run_setting(run, ws, factors, scores, sft, setting, kl_examples)
+        results[name][setting.name] = run_setting(run, ws, factors, scores, sft, setting, kl_examples, sigma, planted)
         results[name][setting.name]["seconds"] = time.perf_counter() - start
         save()
         print(f"{name}: {setting.name} in {time.perf_counter() - start:.1f} s", flush=True)
@@ -221,14 +250,17 @@ def summaries(run_dir: Path, results: dict, setting: Setting) -> list[dict]:
 
 
 def differences(run_dir: Path, results: dict, setting: Setting, aspect: str) -> dict | None:
-    """Over the seeds that have both: this setting's DPP fraction minus the default's (module docstring)."""
+    """Over the seeds that have both: this setting's fraction minus that of ``setting.against`` (the
+    default unless said), for the setting's first strategy (module docstring)."""
     values, ses = [], []
+    strategy = setting.strategies[0]
     for name, by_setting in sorted(results.items()):
-        if setting.name not in by_setting or "default" not in by_setting:
+        if setting.name not in by_setting or setting.against not in by_setting \
+                or strategy not in by_setting[setting.against]["evaluation"]["repaired"][aspect]:
             continue
         gold = read_json(run_dir / name / GOLD)
-        pairs = [by_setting[s]["evaluation"]["repaired"][aspect]["dpp"]["aspects"][aspect]["heldout_pairs"]
-                 for s in (setting.name, "default")]
+        pairs = [by_setting[s]["evaluation"]["repaired"][aspect][strategy]["aspects"][aspect]["heldout_pairs"]
+                 for s in (setting.name, setting.against)]
         diff, se = difference_vs(gold["post"]["aspects"][aspect]["heldout"], *pairs,
                                  gold[aspect]["aspects"][aspect]["heldout"])
         values.append(diff)
@@ -239,18 +271,18 @@ def differences(run_dir: Path, results: dict, setting: Setting, aspect: str) -> 
 def table(run_dir: Path, results: dict, header: str) -> str:
     """The markdown table over the seeds done so far, one row per setting and aspect."""
     lines = [header, "", "| axis | setting | aspect | subset | seeds | fraction undone ± SE [seed SE] | "
-             "vs default ± SE [seed SE] | repaired - gold F | PPL change % | repair s |", "|" + "---|" * 10]
+             "vs default (or the named setting) ± SE [seed SE] | repaired - gold F | PPL change % | repair s |", "|" + "---|" * 10]
     for setting in SETTINGS:
         per_seed = summaries(run_dir, results, setting)
         if not per_seed:
             continue
         planted = aggregate(per_seed)
         for aspect, entry in planted.items():
-            compared = setting.name != "default" and "dpp" in setting.strategies
-            diff = differences(run_dir, results, setting, aspect) if compared else None
+            diff = differences(run_dir, results, setting, aspect) if setting.name != "default" else None
             for strategy, u in entry["undone"].items():
                 seed_se = u["spread"]["seed_se"]
-                vs = "" if diff is None or strategy != "dpp" else (
+                vs = "" if diff is None or strategy != setting.strategies[0] else (
+                    ("" if setting.against == "default" else f"vs {setting.against}: ") +
                     f"{diff['mean']:+.2f} ± {diff['se']:.2f}" + (f" [{diff['seed_se']:.2f}]" if diff["seed_se"] else ""))
                 lines.append(f"| {setting.axis} | {setting.name} | {aspect} | {strategy} | {len(per_seed)} | "
                              f"{u['fraction']:+.2f} ± {u['se']:.2f}" + (f" [{seed_se:.2f}]" if seed_se else "") +

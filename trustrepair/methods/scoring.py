@@ -146,7 +146,7 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
     queries = as_queries(queries, model, task)
     clock = _Clock(timings)
 
-    per_query = per_query_projected_gradients(model, factors, layers, queries, task, batch_size, progress)
+    per_query, order = per_query_projected_gradients(model, factors, layers, queries, task, batch_size, progress)
     clock.lap("query_gradients")
     contract = _preconditioned_contractions(factors, layers, per_query, damping, query_rank, progress,
                                             projected=True, train_tokens=_pass_tokens(examples, batch_size))
@@ -156,7 +156,9 @@ def pairwise_influence(model: nn.Module, factors: EKFACFactors, train, queries: 
     scores = _score_pass(model, layers, examples, task, batch_size, progress, len(queries),
                          lambda i, a, g: contract[i](a, g), factor_dtype(layers), prefix_store)
     clock.lap("scores")
-    return -scores.T.contiguous()
+    rows = torch.empty(len(order), dtype=torch.long)
+    rows[torch.tensor(order)] = torch.arange(len(order))  # query q's scores are column rows[q]
+    return -scores.T[rows].contiguous()
 
 
 def self_influence(model: nn.Module, factors: EKFACFactors, train, *, damping: float | None = None,
@@ -263,9 +265,11 @@ def summed_gradient(model: nn.Module, examples, *, modules: ModuleSelection = No
 
 
 def per_query_projected_gradients(model: nn.Module, factors: EKFACFactors, layers: list[TrackedLayer], queries: list,
-                                  task: Task, batch_size: int, progress: bool = False) -> dict[str, torch.Tensor]:
-    """grad m_q per query and layer, in the layer's eigenbasis: name -> (Q, d_out, d_in [+ 1]) holding
-    Q_S^T grad m_q Q_A.
+                                  task: Task, batch_size: int,
+                                  progress: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """grad m_q per query and layer, in the layer's eigenbasis: ``(name -> (Q, d_out, d_in [+ 1]), order)``,
+    row j holding Q_S^T grad m_q Q_A for q = order[j] (the queries in the order they were batched, so each
+    batch writes one contiguous slice of the Q d_out d_in buffer, once).
 
     In a stacked batch, rows q (proponent) and Q + q (opponent) both feed m_q alone, so the query's
     gradient is g^T a over the tokens of both rows; gathering the unmasked tokens of the two rows along
@@ -275,21 +279,24 @@ def per_query_projected_gradients(model: nn.Module, factors: EKFACFactors, layer
     """
     dtype = factor_dtype(layers)
     device = layers[0].module.weight.device
-    out = {l.name: torch.zeros(len(queries), *l.shape, dtype=dtype, device=device) for l in layers}
+    out = {l.name: torch.empty(len(queries), *l.shape, dtype=dtype, device=device) for l in layers}
     chunks = length_sorted_batches([example_length(q) for q in queries], batch_size)
+    start = 0
     with TokenCapture(model, layers) as capture:
         for number, rows in enumerate(tqdm(chunks, desc="query gradients", unit="batch", disable=not progress)):
             batch = task.collate_queries([queries[i] for i in rows])
             mask = task.token_mask(batch)
             index = _query_token_index(mask.to(device))
+            part = slice(start, start + len(rows))
 
             def on_layer(i, a, g):
                 f = factors.modules[layers[i].name]
-                out[layers[i].name][rows] = projected_gradients(_gathered(a, index), _gathered(g, index), f.q_a, f.q_s)
+                projected_gradients(_gathered(a, index), _gathered(g, index), f.q_a, f.q_s, out=out[layers[i].name][part])
 
             capture.run(lambda: task.measurement(model, batch), mask, describe_rows("trust queries", number, rows),
                         on_layer)
-    return out
+            start += len(rows)
+    return out, [i for rows in chunks for i in rows]
 
 
 def _query_token_index(mask: torch.Tensor) -> torch.Tensor:

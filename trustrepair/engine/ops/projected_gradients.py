@@ -120,7 +120,8 @@ def projected_gradient_squares_reference(a: torch.Tensor, g: torch.Tensor, q_a: 
     return out
 
 
-def projected_gradients(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
+def projected_gradients(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor, *,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example gradients in the eigenbasis, ``P_b = Q_S^T (g_b^T a_b) Q_A``, written out in full.
 
     For few examples with few tokens each (e.g. per-query gradients of trust queries), this is much
@@ -130,12 +131,18 @@ def projected_gradients(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s
 
     Args:
         a, g, q_a, q_s: as in :func:`projected_gradient_squares_reference`.
+        out: written in place if given (a (B, d_out, d_in) tensor of the result's dtype, e.g. a slice of a
+            larger buffer: no second copy of the result).
     Returns:
-        (B, d_out, d_in), float64 for float64 inputs, float32 otherwise.
+        (B, d_out, d_in), float64 for float64 inputs, float32 otherwise (``out`` when given).
     """
     check_bases(a, g, q_a, q_s)
     dtype = compute_dtype(a, g, q_a, q_s)
-    out = torch.empty(a.shape[0], g.shape[2], a.shape[2], dtype=dtype, device=a.device)
+    shape = (a.shape[0], g.shape[2], a.shape[2])
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=a.device)
+    elif tuple(out.shape) != shape or out.dtype != dtype:
+        raise ValueError(f"out must be {shape} {dtype}; got {tuple(out.shape)} {out.dtype}")
     for rows, projected in _projected_chunks(a, g, q_a, q_s):
         out[rows] = projected
     return out
