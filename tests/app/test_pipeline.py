@@ -44,8 +44,8 @@ def test_cli_stages_then_demo_reuse_every_stage(tiny_model_dir, shared_data, tmp
     entered = {name: 0 for name in STAGE_ORDER}
     for name in STAGE_ORDER:  # count the entries of every stage (each must run once per command)
         real = getattr(stages, name)
-        monkeypatch.setattr(stages, name, lambda *a, real=real, name=name: entered.update({name: entered[name] + 1})
-                            or real(*a))
+        monkeypatch.setattr(stages, name, lambda *a, real=real, name=name, **kw: entered.update({name: entered[name] + 1})
+                            or real(*a, **kw))
     assert main(["demo", *args]) == 0
     assert entered == {name: 1 for name in STAGE_ORDER}
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.name not in ("report.md", "beta_sweep.png"))

@@ -66,9 +66,10 @@ def run_stages(run: RunDir, last: str = "report", hidden_store: Path | None = No
     if "fit" in wanted:
         out.factors = stages.fit(run, ws)
     if "score" in wanted:
-        out.scores = stages.score(run, ws, out.factors, run.config.aspects)
+        out.scores = stages.score(run, ws, out.factors, run.config.aspects, with_self_influence=(
+            planted is not None or run.config.selection_scores == "normalized"))
         if planted is not None:
-            planted_stages.write_scores_jsonl(run, prepared, out.scores.per_aspect)
+            planted_stages.write_scores_jsonl(run, prepared, out.scores.per_aspect, out.scores.self_influence)
             planted_stages.ranking(run, ws, planted)
     if "select" in wanted:
         oracle = None if planted is None else planted_stages.planted_by_aspect(planted, run.config.aspects)

@@ -28,12 +28,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from trustrepair.app.planted_stages import RANKING_METHODS, WITHOUT_ALL
+from trustrepair.app.planted_stages import EKFAC_METHODS, RANKING_METHODS, WITHOUT_ALL
 from trustrepair.app.records import EvaluationRecord, Repairs
 from trustrepair.engine.storage import write_json, write_text
 
 STRATEGIES = ("oracle", "dpp", "topk", "random")
-BASELINES = tuple(m for m in RANKING_METHODS if m != "ekfac")
+BASELINES = tuple(m for m in RANKING_METHODS if m not in EKFAC_METHODS)
 PRECISION_GOAL = 0.8
 SPEEDUP_GOAL = 10.0
 PERPLEXITY_BUDGET_PCT = -1.0  # report convention: a perplexity rise of 1 % is -1 %
@@ -141,10 +141,12 @@ def aggregate(per_seed: Sequence[Mapping]) -> dict:
 def _verdicts(entry: Mapping) -> dict:
     """The issue's criteria on one aspect's means; ``damaged`` says whether they apply."""
     ranking, undone = entry["ranking"], entry["undone"]
-    ekfac = ranking["ekfac"]
-    verdicts = {"damaged": entry["damage"]["post_minus_gold"] > entry["damage"]["se"],
-                "precision_at_k_at_least_0.8": ekfac["precision_at_k"] >= PRECISION_GOAL,
-                "auc_above_every_baseline": all(ekfac["auc"] > ranking[m]["auc"] for m in BASELINES if m in ranking)}
+    verdicts = {"damaged": entry["damage"]["post_minus_gold"] > entry["damage"]["se"]}
+    for method in (m for m in EKFAC_METHODS if m in ranking):
+        prefix = "" if method == "ekfac" else "normalized_"
+        verdicts[f"{prefix}precision_at_k_at_least_0.8"] = ranking[method]["precision_at_k"] >= PRECISION_GOAL
+        verdicts[f"{prefix}auc_above_every_baseline"] = all(ranking[method]["auc"] > ranking[m]["auc"]
+                                                            for m in BASELINES if m in ranking)
     if "dpp" in undone:
         dpp = undone["dpp"]
         verdicts["dpp_undoes_all_damage_within_1pct"] = (dpp["fraction"] >= 1.0

@@ -4,7 +4,8 @@
               planted examples (one per aspect) and without any; per-pair log-odds on both halves,
               perplexity and the retrain's seconds                                         -> gold.json
     ranking   how well each attribution ranks every aspect's planted examples: EK-FAC influence read back
-              from ``scores.jsonl`` (the file a user with their own planted set reads), gradient dot and
+              from ``scores.jsonl`` (the file a user with their own planted set reads), raw and divided by
+              the root of the example's self-influence (``ekfac_normalized``, RelatIF), gradient dot and
               cosine (:mod:`trustrepair.methods.baselines`), TF-IDF text similarity
               (:mod:`trustrepair.methods.text_similarity`) and random; precision at k, recall at 2k, rank
               AUC, and how many of the other aspects' planted examples each top k holds     -> ranking.json
@@ -30,7 +31,8 @@ RANKING = "ranking.json"
 SCORES_JSONL = "scores.jsonl"
 WITHOUT_ALL = "all"
 """The key of the gold retrain without any planted example."""
-RANKING_METHODS = ("ekfac", "gradient_dot", "gradient_cosine", "text", "random")
+RANKING_METHODS = ("ekfac", "ekfac_normalized", "gradient_dot", "gradient_cosine", "text", "random")
+EKFAC_METHODS = ("ekfac", "ekfac_normalized")  # the rest are the baselines
 
 
 def planted_by_aspect(planted: dict[int, str], aspects: Sequence[str]) -> dict[str, list[int]]:
@@ -81,20 +83,24 @@ def gold(run: RunDir, ws: Workspace, planted: dict[int, str], pre_sft: dict[str,
     return out
 
 
-def write_scores_jsonl(run: RunDir, prepared, per_aspect: dict[str, np.ndarray]) -> None:
-    """``scores.jsonl`` of the seed, as ``trustrepair attribute`` writes it (:func:`~trustrepair.app.workflow.scores_jsonl`)."""
+def write_scores_jsonl(run: RunDir, prepared, per_aspect: dict[str, np.ndarray],
+                       self_influence: np.ndarray | None = None) -> None:
+    """``scores.jsonl`` of the seed, as ``trustrepair attribute`` writes it (:func:`~trustrepair.app.workflow.scores_jsonl`),
+    plus each example's ``self_influence``."""
     from trustrepair.app.workflow import scores_jsonl
 
     path = run.path(SCORES_JSONL)
     if not path.is_file():
-        text = scores_jsonl(prepared, per_aspect)
+        text = scores_jsonl(prepared, per_aspect, self_influence)
         run.publish(lambda: write_text(path, text))
 
 
 def read_scores_jsonl(run: RunDir, aspects: Sequence[str]) -> dict[str, np.ndarray]:
-    """aspect -> (N,) scores in training order, from ``scores.jsonl``."""
+    """aspect -> (N,) scores in training order, from ``scores.jsonl``, plus ``"self_influence"`` when the
+    file has it."""
     rows = [json.loads(line) for line in run.path(SCORES_JSONL).read_text().splitlines() if line.strip()]
-    return {a: np.array([row[a] for row in rows], dtype=np.float64) for a in aspects}
+    keys = [*aspects, *(["self_influence"] if rows and "self_influence" in rows[0] else [])]
+    return {key: np.array([row[key] for row in rows], dtype=np.float64) for key in keys}
 
 
 def _top_k(values: np.ndarray, k: int) -> np.ndarray:
@@ -106,6 +112,7 @@ def ranking(run: RunDir, ws: Workspace, planted: dict[int, str]) -> dict:
     plus ``"seconds": {method: s}`` (module docstring; EK-FAC's seconds are the fit and score stages')."""
     from trustrepair.methods.baselines import gradient_similarity
     from trustrepair.methods.ground_truth import ranking_metrics
+    from trustrepair.methods.scoring import normalized_influence
     from trustrepair.methods.text_similarity import text_similarity
 
     cfg = run.config
@@ -129,7 +136,10 @@ def ranking(run: RunDir, ws: Workspace, planted: dict[int, str]) -> dict:
     labelled = planted_by_aspect(planted, cfg.aspects)
     out = {"seconds": seconds}
     for aspect in cfg.aspects:
-        methods = {"ekfac": ekfac[aspect], "gradient_dot": gradients["gradient_dot"][aspect].double().numpy(),
+        normalized = {} if "self_influence" not in ekfac else {"ekfac_normalized": normalized_influence(
+            torch.from_numpy(ekfac[aspect]), torch.from_numpy(ekfac["self_influence"])).numpy()}
+        methods = {"ekfac": ekfac[aspect], **normalized,
+                   "gradient_dot": gradients["gradient_dot"][aspect].double().numpy(),
                    "gradient_cosine": gradients["gradient_cosine"][aspect].double().numpy(), "text": text[aspect],
                    "random": rng.random(len(ws.train))}
         k = len(labelled[aspect])

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from trustrepair.methods.repair_step import BetaPoint
 
@@ -82,19 +83,35 @@ class SFTResult:
 @dataclass
 class Scores:
     """The score stage: aggregated influence of every SFT train example per aspect, (N,) float64
-    (positive = detrimental), and the response embeddings, (N, H) float32."""
+    (positive = detrimental), the response embeddings, (N, H) float32, and each example's self-influence
+    (N,) float64 (``None`` in runs scored before it was added)."""
 
     per_aspect: dict[str, np.ndarray]
     embeddings: np.ndarray
+    self_influence: np.ndarray | None = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {**{f"score/{a}": v for a, v in self.per_aspect.items()}, "embeddings": self.embeddings}
+        extra = {} if self.self_influence is None else {"self_influence": self.self_influence}
+        return {**{f"score/{a}": v for a, v in self.per_aspect.items()}, "embeddings": self.embeddings, **extra}
+
+    def for_selection(self, kind: str) -> dict[str, np.ndarray]:
+        """The per-aspect scores subsets are chosen by: ``"raw"``, or ``"normalized"`` (each divided by the
+        root of its example's self-influence, :func:`trustrepair.methods.scoring.normalized_influence`)."""
+        if kind == "raw":
+            return dict(self.per_aspect)
+        if self.self_influence is None:
+            raise ValueError("these scores have no self-influences (scored by an older version); delete the run's "
+                             "scores.safetensors to rescore, or use --selection-scores raw")
+        from trustrepair.methods.scoring import normalized_influence
+
+        sigma = torch.from_numpy(self.self_influence)
+        return {a: normalized_influence(torch.from_numpy(v), sigma).numpy() for a, v in self.per_aspect.items()}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], aspects: Sequence[str]) -> "Scores":
         """From :meth:`to_arrays`' output, the aspects in the order given (a safetensors file does not keep
         the order, and the common scores sum the aspects in the settings' order)."""
-        return cls({a: arrays[f"score/{a}"] for a in aspects}, arrays["embeddings"])
+        return cls({a: arrays[f"score/{a}"] for a in aspects}, arrays["embeddings"], arrays.get("self_influence"))
 
 
 @dataclass

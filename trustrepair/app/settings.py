@@ -38,6 +38,9 @@ class DemoConfig:
     subset_size: int = field(default=16, metadata={"help": "training examples per repair subset (16: the planted "
                                                            "sweep's held-out choice, benchmarks/RESULTS.md)"})
     eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
+    selection_scores: str = field(default="raw", metadata={
+        "help": "scores the DPP and top-k subsets are chosen by: 'raw' influence or 'normalized' (divided by "
+                "the root of each example's self-influence, RelatIF; trustrepair.normalized_influence)"})
     tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
     beta_probes: int = field(default=4, metadata={"help": "held-out perplexity probes per beta search (the "
                                                           "query-half objective is then measured at the "
@@ -61,6 +64,8 @@ class DemoConfig:
             raise ValueError("n_sft and n_pairs must be >= 5 so that both halves of the 80/20 split are non-empty")
         if self.fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}")
+        if self.selection_scores not in SELECTION_SCORES:
+            raise ValueError(f"selection_scores must be 'raw' or 'normalized', got {self.selection_scores!r}")
         if self.planted < 0:
             raise ValueError(f"planted must be >= 0 (0 = the clean demo), got {self.planted}")
         if self.seeds < 1:
@@ -79,6 +84,7 @@ class DemoConfig:
 
 
 STRATEGIES = ("dpp", "topk", "random")  # the selection strategies of trustrepair.methods.selection
+SELECTION_SCORES = ("raw", "normalized")  # DemoConfig.selection_scores
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 BUILTIN_ASPECTS = ("truthfulness", "ethics", "bias")  # trustrepair.data.ASPECTS, without importing torch

@@ -130,10 +130,12 @@ def read_scores(path: Path, aspects: Sequence[str]) -> Scores:
         return Scores.from_arrays(arrays, aspects)
 
 
-def score(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Sequence[str], chunk: int | None = None) -> Scores:
+def score(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Sequence[str], chunk: int | None = None, *,
+          with_self_influence: bool = False) -> Scores:
     """Aggregated influence of every training example on every aspect (query halves; scored ``chunk``
-    examples at a time, see :func:`_chunk_scores`), and the response embeddings the DPP's similarity
-    kernel uses."""
+    examples at a time, see :func:`_chunk_scores`), the response embeddings the DPP's similarity kernel
+    uses, and with ``with_self_influence`` each example's self-influence
+    (:func:`trustrepair.methods.scoring.self_influence`: one more pass, as costly as the fit's second)."""
     from safetensors.numpy import save_file
 
     path = run.path(RunDir.SCORES)
@@ -146,8 +148,15 @@ def score(run: RunDir, ws: Workspace, factors: EKFACFactors, aspects: Sequence[s
         if bad.size:
             raise FloatingPointError(f"aspect {aspect!r}: non-finite influence scores for {bad.size} training examples "
                                      f"(first: {ws.train_records[bad[0]].source or bad[0]}); try a larger --damping")
+    sigma = None
+    if with_self_influence:
+        from trustrepair.methods.scoring import self_influence
+
+        with run.timed("self_influence"):
+            sigma = self_influence(ws.tail, factors, ws.train, damping=run.config.damping, task=ws.task,
+                                   batch_size=ws.batch_size, progress=run.progress).double().cpu().numpy()
     with run.timed("embeddings"):
-        scores = Scores(per_aspect, ws.response_embeddings(ws.train))
+        scores = Scores(per_aspect, ws.response_embeddings(ws.train), sigma)
     arrays = scores.to_arrays()
 
     def save():
@@ -168,9 +177,9 @@ def select(run: RunDir, scores: Scores, oracle: dict[str, list[int]] | None = No
     path = run.path(RunDir.SELECTION)
     if path.is_file():
         return read_json(path, Selection.from_json)
-    targets = dict(scores.per_aspect)
+    targets = scores.for_selection(cfg.selection_scores)
     if len(cfg.aspects) > 1:
-        targets[COMMON] = common_scores(scores.per_aspect)
+        targets[COMMON] = common_scores(dict(targets))
     subsets = {}
     with run.timed("select"):
         for target, values in targets.items():

@@ -79,8 +79,8 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def scores_jsonl(inputs: PreparedRun, per_aspect: dict[str, np.ndarray]) -> str:
-    """The text of ``scores.jsonl`` (module docstring)."""
+def scores_jsonl(inputs: PreparedRun, per_aspect: dict[str, np.ndarray], self_influence: np.ndarray | None = None) -> str:
+    """The text of ``scores.jsonl`` (module docstring), with a ``self_influence`` field per row when given."""
     ranks = {a: _ranks(v) for a, v in per_aspect.items()}
     lines = []
     for i, (index, source) in enumerate(zip(inputs.train_index, inputs.train_sources)):
@@ -88,6 +88,8 @@ def scores_jsonl(inputs: PreparedRun, per_aspect: dict[str, np.ndarray]) -> str:
         for aspect, values in per_aspect.items():
             row[aspect] = float(values[i])
             row[f"{aspect}_rank"] = int(ranks[aspect][i])
+        if self_influence is not None:
+            row["self_influence"] = float(self_influence[i])
         lines.append(json.dumps(row) + "\n")
     return "".join(lines)
 
