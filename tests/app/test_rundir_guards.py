@@ -135,3 +135,20 @@ def test_a_model_with_a_nan_weight_is_refused_by_parameter_name(finished_run, tm
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and "non-finite weights: model.layers.0.mlp.down_proj.weight (1 of" in line, line
     assert not (tmp_path / "fresh" / "scores.jsonl").exists()
+
+
+def test_settings_newer_than_a_run_directory_count_as_their_defaults(tmp_path):
+    """A run directory written before a setting existed (its config.json lacks the key) is reused when that
+    setting is requested at its default, and refused when it is requested at another value."""
+    from trustrepair.app.rundir import RunDir
+    from trustrepair.app.settings import DemoConfig
+    from trustrepair.engine.storage import read_json, write_json
+
+    run = RunDir(tmp_path / "run", DemoConfig(), progress=False)
+    saved = read_json(run.path(RunDir.SETTINGS))
+    del saved["selection_scores"]
+    write_json(run.path(RunDir.SETTINGS), saved)
+    write_json(run.path(RunDir.SELECTION), {})  # a result: the settings can no longer be replaced
+    RunDir(tmp_path / "run", DemoConfig(), progress=False)
+    with pytest.raises(ValueError, match="made with other settings .*selection_scores"):
+        RunDir(tmp_path / "run", DemoConfig(selection_scores="normalized"), progress=False)

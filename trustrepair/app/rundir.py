@@ -9,6 +9,7 @@ which computed the same result, wait; an error on rank 0 is raised on every rank
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -22,6 +23,12 @@ from trustrepair.engine.distributed import fail_together, is_main_process, progr
 from trustrepair.engine.storage import read_json, write_json
 
 logger = logging.getLogger(__name__)
+
+
+def _defaults(config: DemoConfig | AttributeConfig) -> dict:
+    """The settings of ``config``'s class that have a plain default, as its ``to_json`` writes them."""
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
 
 
 class RunDir:
@@ -58,7 +65,7 @@ class RunDir:
         path = self.dir / settings_file
         wanted = config.to_json()
         if path.is_file():
-            saved = read_json(path)
+            saved = {**_defaults(config), **read_json(path)}  # a setting newer than the file had its default
             changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
             if changed and not self._has_results(settings_file):
                 logger.info("run directory %s has no results yet; replacing its settings %s", self.dir, changed)
