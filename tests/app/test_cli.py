@@ -33,7 +33,7 @@ OTHER_VALUES = {
     "damping": ("0.01", 0.01),
     "subset_size": ("8", 8),
     "eta": ("2.5", 2.5),
-    "selection_scores": ("normalized", "normalized"),
+    "selection_scores": ("raw", "raw"),
     "tolerance": ("0.02", 0.02),
     "beta_probes": ("6", 6),
     "figure_target": ("bias", "bias"),

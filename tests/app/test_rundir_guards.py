@@ -137,9 +137,9 @@ def test_a_model_with_a_nan_weight_is_refused_by_parameter_name(finished_run, tm
     assert not (tmp_path / "fresh" / "scores.jsonl").exists()
 
 
-def test_settings_newer_than_a_run_directory_count_as_their_defaults(tmp_path):
-    """A run directory written before a setting existed (its config.json lacks the key) is reused when that
-    setting is requested at its default, and refused when it is requested at another value."""
+def test_settings_newer_than_a_run_directory_are_read_as_what_it_used(tmp_path):
+    """A run directory written before selection_scores existed (its config.json lacks the key) selected by
+    raw scores: it is reused for 'raw' and refused for the new default, 'normalized'."""
     from trustrepair.app.rundir import RunDir
     from trustrepair.app.settings import DemoConfig
     from trustrepair.engine.storage import read_json, write_json
@@ -149,6 +149,6 @@ def test_settings_newer_than_a_run_directory_count_as_their_defaults(tmp_path):
     del saved["selection_scores"]
     write_json(run.path(RunDir.SETTINGS), saved)
     write_json(run.path(RunDir.SELECTION), {})  # a result: the settings can no longer be replaced
-    RunDir(tmp_path / "run", DemoConfig(), progress=False)
+    RunDir(tmp_path / "run", DemoConfig(selection_scores="raw"), progress=False)
     with pytest.raises(ValueError, match="made with other settings .*selection_scores"):
-        RunDir(tmp_path / "run", DemoConfig(selection_scores="normalized"), progress=False)
+        RunDir(tmp_path / "run", DemoConfig(), progress=False)

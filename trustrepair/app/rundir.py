@@ -9,7 +9,6 @@ which computed the same result, wait; an error on rank 0 is raised on every rank
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -18,17 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from trustrepair.app.settings import AttributeConfig, DemoConfig
+from trustrepair.app.settings import SETTINGS_BEFORE_THEY_EXISTED, AttributeConfig, DemoConfig
 from trustrepair.engine.distributed import fail_together, is_main_process, progress_enabled
 from trustrepair.engine.storage import read_json, write_json
 
 logger = logging.getLogger(__name__)
-
-
-def _defaults(config: DemoConfig | AttributeConfig) -> dict:
-    """The settings of ``config``'s class that have a plain default, as its ``to_json`` writes them."""
-    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
-            for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
 
 
 class RunDir:
@@ -65,7 +58,7 @@ class RunDir:
         path = self.dir / settings_file
         wanted = config.to_json()
         if path.is_file():
-            saved = {**_defaults(config), **read_json(path)}  # a setting newer than the file had its default
+            saved = {**SETTINGS_BEFORE_THEY_EXISTED, **read_json(path)}
             changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
             if changed and not self._has_results(settings_file):
                 logger.info("run directory %s has no results yet; replacing its settings %s", self.dir, changed)

@@ -38,9 +38,10 @@ class DemoConfig:
     subset_size: int = field(default=16, metadata={"help": "training examples per repair subset (16: the planted "
                                                            "sweep's held-out choice, benchmarks/RESULTS.md)"})
     eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
-    selection_scores: str = field(default="raw", metadata={
+    selection_scores: str = field(default="normalized", metadata={
         "help": "scores the DPP and top-k subsets are chosen by: 'raw' influence or 'normalized' (divided by "
-                "the root of each example's self-influence, RelatIF; trustrepair.normalized_influence)"})
+                "the root of each example's self-influence, RelatIF; trustrepair.normalized_influence; the "
+                "planted sweep's held-out choice, benchmarks/RESULTS.md)"})
     tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
     beta_probes: int = field(default=4, metadata={"help": "held-out perplexity probes per beta search (the "
                                                           "query-half objective is then measured at the "
@@ -85,6 +86,9 @@ class DemoConfig:
 
 STRATEGIES = ("dpp", "topk", "random")  # the selection strategies of trustrepair.methods.selection
 SELECTION_SCORES = ("raw", "normalized")  # DemoConfig.selection_scores
+SETTINGS_BEFORE_THEY_EXISTED = {"selection_scores": "raw"}
+"""Settings added after run directories were already written, with the value those runs used: a saved
+config.json without the key is read with it (so such a run is reused or refused for what it really did)."""
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 BUILTIN_ASPECTS = ("truthfulness", "ethics", "bias")  # trustrepair.data.ASPECTS, without importing torch
