@@ -35,7 +35,9 @@ def test_concurrent_single_threaded_eigh_equals_one_after_another():
     finally:
         torch.set_num_threads(before)
     for (s, n), q, r in zip(items, concurrent, sequential):
-        assert torch.equal(q, r)
+        # bit-identical under MKL on Intel CPUs; on AMD EPYC MKL's one-thread syevd differs in the last bits
+        # between a worker thread and the main one, so the comparison is to float64 rounding
+        assert torch.allclose(q, r, rtol=0, atol=1e-12), float((q - r).abs().max())
         cov = s / n
         values = torch.diagonal(q.T @ cov @ q)
         assert torch.allclose(q @ torch.diag(values) @ q.T, cov, rtol=0, atol=1e-10 * float(cov.abs().max()))
