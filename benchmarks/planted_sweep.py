@@ -57,7 +57,7 @@ from trustrepair.engine.ekfac import EKFACFactors
 from trustrepair.engine.storage import read_json, write_json, write_text
 from trustrepair.methods.repair_step import BetaPoint, RepairDelta, pbrf_repair, search_beta
 from trustrepair.methods.ground_truth import ranking_metrics
-from trustrepair.methods.scoring import normalized_influence, self_influence
+from trustrepair.methods.scoring import self_influence
 from trustrepair.methods.selection import select
 
 from benchmarks.common import cpu_name
@@ -175,13 +175,14 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
     cfg = dataclasses.replace(run.config, subset_size=setting.subset_size, eta=setting.eta)
     repair_factors = factors if setting.damping_scale == 1.0 else ScaledDamping(factors, setting.damping_scale)
     repaired, repairs, extra = {}, {}, {}
+    chosen_by = dataclasses.replace(scores, self_influence=sigma.numpy()).for_selection(
+        "normalized" if setting.normalized else "raw")
     for aspect in cfg.aspects:
         measure, post_objective = stages.objective(cfg.aspects, ws, aspect, sft.post)
         baseline = BetaPoint(0.0, post_objective, sft.post.perplexity)
         repaired[aspect], repairs[aspect], extra[aspect] = {}, {}, {}
-        values = scores.per_aspect[aspect]
+        values = chosen_by[aspect]
         if setting.normalized:
-            values = normalized_influence(torch.as_tensor(values, dtype=torch.float64), sigma).numpy()
             extra[aspect]["ranking"] = ranking_metrics(values, planted[aspect])
         for strategy in setting.strategies:
             subset = [int(i) for i in select(strategy, values, cfg.subset_size,

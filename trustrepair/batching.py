@@ -74,10 +74,15 @@ def padded_batches(examples: Sequence[Example], batch_size: int, desc: str = "",
             bar.update(len(rows))
 
 
+def padded_slots(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
+    """Token slots of right-padded ``batches``: the sum over batches of rows x longest row."""
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+
 def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
-    """Share of the padded token slots (sum over batches of rows x longest row) that are padding."""
+    """Share of the padded token slots (:func:`padded_slots`) that are padding."""
     real = sum(lengths[i] for batch in batches for i in batch)
-    slots = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    slots = padded_slots(lengths, batches)
     return 1.0 - real / slots if slots else 0.0
 
 

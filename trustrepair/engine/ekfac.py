@@ -166,16 +166,19 @@ class EKFACFactors:
                 out[name] = f.q_s @ scaled @ f.q_a.T
         return out
 
-    def divide_projected(self, projected: Mapping[str, torch.Tensor],
-                         damping: float | None = None) -> dict[str, torch.Tensor]:
+    def divide_projected(self, projected: Mapping[str, torch.Tensor], damping: float | None = None, *,
+                         in_place: bool = False) -> dict[str, torch.Tensor]:
         """P / (Lambda + lambda) for gradients already in the eigenbasis: the damped inverse Fisher in
         eigenbasis coordinates, before the rotation back (e.g. to factorise it, :mod:`trustrepair.engine.lowrank`).
-        In the factors' dtype and on their device."""
+        In the factors' dtype and on their device; ``in_place`` divides each P itself when it already is
+        (no second buffer of its size)."""
         out = {}
         for name, p in projected.items():
             f = self._factors(name)
             self._check_shape(name, p)
-            out[name] = p.to(device=f.q_a.device, dtype=f.q_a.dtype) / (f.lambda_ + self.damping(name, damping))
+            p = p.to(device=f.q_a.device, dtype=f.q_a.dtype)
+            denominator = f.lambda_ + self.damping(name, damping)
+            out[name] = p.div_(denominator) if in_place else p / denominator
         return out
 
     def precondition(self, grads: Mapping[str, torch.Tensor],

@@ -53,7 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trustrepair.engine.layout import aligned
-from trustrepair.batching import example_length, length_sorted_batches, padded_batches
+from trustrepair.batching import example_length, length_sorted_batches, padded_batches, padded_slots
 from trustrepair.engine.capture import TokenCapture
 from trustrepair.engine.examples import as_example, as_examples, check_token_ids, describe_rows, unlabelled
 from trustrepair.engine.ops.blocking import cache_blocked
@@ -397,11 +397,8 @@ def _preconditioned_contractions(factors: EKFACFactors, layers: list[TrackedLaye
 
     def compute(name):
         p = grads[name] if projected else factors.project({name: grads[name]})[name]
-        if name in eigen and projected:  # the caller's own buffer (Q d_out d_in): divided in place
-            f = factors.modules[name]
-            return p.div_(f.lambda_.to(p.dtype) + factors.damping(name, damping))
-        if name in eigen:
-            return factors.divide_projected({name: p}, damping)[name]
+        if name in eigen:  # projected grads are the caller's own buffer (Q d_out d_in): divided in place
+            return factors.divide_projected({name: p}, damping, in_place=True)[name]
         if name not in low:
             return factors.precondition_projected({name: p}, damping)[name]
         f = factors.modules[name]
@@ -449,7 +446,7 @@ def _pass_tokens(examples, batch_size: int) -> int:
     """Token slots of the training pass over all ranks (rows x longest row, summed over the length-sorted
     batches of the whole set): the same number on every rank, so every rank chooses the same basis."""
     lengths = [example_length(ex) for ex in examples]
-    return sum(len(rows) * max(lengths[i] for i in rows) for rows in length_sorted_batches(lengths, batch_size))
+    return padded_slots(lengths, length_sorted_batches(lengths, batch_size))
 
 
 def _score_pass(model, layers, examples, task, batch_size, progress, n_cols, contract, dtype,
