@@ -130,6 +130,19 @@ def test_beta_search_lands_near_the_boundary_in_four_probes(slope, curvature):
     assert len(points) <= 4
 
 
+@pytest.mark.parametrize("slope,curvature", [(-1.0, 1.0), (-50.0, 1e4), (-1e-3, 1.0)])
+def test_beta_search_follows_a_perplexity_that_falls_before_it_rises(slope, curvature):
+    """The held-out perplexity first falls (ascent on planted examples unlike the held-out data lowered its
+    loss), then rises: four probes still land within 10% of the boundary past the dip (growing 4x per
+    falling probe, as before, ended at 6% of it for slope -1)."""
+    (best, points, _), _ = _toy_search(0.01, curvature, slope=slope, max_probes=4)
+    target = math.log1p(0.01)
+    boundary = (-slope + math.sqrt(slope * slope + 4 * curvature * target)) / (2 * curvature)
+    assert math.log(points[0].perplexity / 10.0) < 0 or slope > -0.01
+    assert 0.9 * boundary <= best.beta <= boundary * (1 + 1e-9)
+    assert len(points) <= 4
+
+
 @pytest.mark.parametrize("slope,curvature", [(50.0, 0.0), (200.0, 0.0), (20.0, 2e4)])
 def test_beta_search_recovers_from_a_first_probe_far_past_the_boundary(slope, curvature):
     """beta0 = 1e-3 raises the perplexity 2-25x the tolerance (as a step on all 30 blocks of SmolLM2 did):

@@ -299,8 +299,11 @@ def _next_probe(rises: Sequence[tuple[float, float]], target: float) -> float | 
     inadmissible ones) the model d = b beta + c beta^2 is solved
     exactly and its root taken; with one probe of rise d_1 > 0 the step is beta_1 (aim / d_1)^0.75,
     between the linear (exponent 1) and the quadratic (exponent 1/2) extrapolation; while the perplexity
-    does not rise at all beta grows 4x. A guess outside the bracket (largest admissible, smallest
-    inadmissible) is replaced by the bracket's geometric midpoint.
+    does not rise at all beta grows 4x. Falling probes (d < 0: ascent on the subset lowered the held-out
+    loss, as for subsets of planted examples unlike the held-out data) are anchors too: with b < 0 and
+    c > 0 the model's root lies beyond its dip, and it is taken, at most 16x the largest probe, while no
+    probe has risen. A guess outside the bracket (largest admissible, smallest inadmissible) is replaced by
+    the bracket's geometric midpoint.
     """
     aim = 0.97 * target
     admissible = sorted((p for p in rises if p[1] <= target), key=lambda p: p[0])
@@ -315,18 +318,25 @@ def _next_probe(rises: Sequence[tuple[float, float]], target: float) -> float | 
         candidates = [low, high]
     else:  # every probe overshot: the two smallest are the nearest the boundary, from above
         candidates = too_far[:2]
-    anchors = [p for p in candidates if p[0] > 0 and 1e-9 < p[1] < math.inf]
+    anchors = [p for p in candidates if p[0] > 0 and 1e-9 < abs(p[1]) < math.inf]
+    guess = None
     if len(anchors) == 2:
         (x1, y1), (x2, y2) = anchors
         c = (y2 / x2 - y1 / x1) / (x2 - x1)
         b = y1 / x1 - c * x1
         disc = b * b + 4 * c * aim
-        guess = 2 * aim / (b + math.sqrt(disc)) if disc >= 0 and b + math.sqrt(disc) > 0 else x2 * aim / y2
-    elif len(anchors) == 1:
+        if disc >= 0 and b + math.sqrt(disc) > 0:
+            guess = 2 * aim / (b + math.sqrt(disc))
+        elif y2 > 0:
+            guess = x2 * aim / y2
+    elif len(anchors) == 1 and anchors[0][1] > 0:
         x1, y1 = anchors[0]
         guess = x1 * (aim / y1) ** 0.75
-    else:
-        guess = 4.0 * max(p[0] for p in rises) if high is None else 0.5 * high[0]
+    largest = max(p[0] for p in rises)
+    if guess is None:
+        guess = 4.0 * largest if high is None else 0.5 * high[0]
+    elif high is None and low[1] <= 0:
+        guess = min(guess, 16.0 * largest)
     if high is not None and not low[0] < guess < high[0]:
         guess = math.sqrt(max(low[0], 1e-3 * high[0]) * high[0])
     if any(abs(guess - p[0]) <= 1e-3 * guess for p in rises):
