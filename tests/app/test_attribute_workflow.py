@@ -248,3 +248,29 @@ def test_bfloat16_model(workdir, tmp_path):
     assert report["repaired"]["perplexity"] <= report["input"]["perplexity"] * 1.01 + 1e-9
     values = [json.loads(line)["pairs"] for line in (run / "scores.jsonl").read_text().splitlines()]
     assert all(v == v and abs(v) < float("inf") for v in values) and any(v != 0 for v in values)
+
+
+@pytest.mark.parametrize("selection", ["normalized", "raw"])
+def test_repair_chooses_its_subset_by_the_selection_scores(workdir, tmp_path, selection):
+    """Default (normalized): scores.jsonl carries each example's self-influence sigma and `repair`'s top-k
+    subset is the top of score / sqrt(sigma); raw: no sigma is computed and the subset is the raw top."""
+    run = tmp_path / "run"
+    assert main(["attribute", "--model", str(workdir / "llama"), "--train", str(write_train(tmp_path, "chat")),
+                 "--aspects", str(workdir / "pairs.jsonl"), "--selection-scores", selection, "--out", str(run),
+                 "--quiet"]) == 0
+    assert main(["repair", "--out", str(run), "--strategy", "topk", "--subset-size", "6", "--beta-probes", "1",
+                 "--quiet"]) == 0
+    rows = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
+    scores = torch.tensor([r["pairs"] for r in rows], dtype=torch.float64)
+    if selection == "normalized":
+        sigma = torch.tensor([r["self_influence"] for r in rows], dtype=torch.float64)
+        assert bool((sigma > 0).all())
+        chosen_by = scores / sigma.sqrt()
+    else:
+        assert all("self_influence" not in r for r in rows)
+        chosen_by = scores
+    expected = sorted(int(i) for i in torch.argsort(-chosen_by, stable=True)[:6])
+    if selection == "normalized":  # the two orders disagree here, so the check can tell them apart
+        assert expected != sorted(int(i) for i in torch.argsort(-scores, stable=True)[:6])
+    record = json.loads((run / "repair.json").read_text())["record"]
+    assert sorted(record["subset"]) == expected

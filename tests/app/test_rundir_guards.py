@@ -152,3 +152,22 @@ def test_settings_newer_than_a_run_directory_are_read_as_what_it_used(tmp_path):
     RunDir(tmp_path / "run", DemoConfig(selection_scores="raw"), progress=False)
     with pytest.raises(ValueError, match="made with other settings .*selection_scores"):
         RunDir(tmp_path / "run", DemoConfig(), progress=False)
+
+
+def test_an_attribute_run_older_than_selection_scores_repairs_by_raw_scores(tmp_path):
+    """attribute.json written before AttributeConfig.selection_scores existed: `repair` reads the run as
+    'raw' (its scores have no self-influences), a rerun of `attribute` at the new default is refused."""
+    from trustrepair.app.rundir import RunDir
+    from trustrepair.app.settings import AttributeConfig
+    from trustrepair.app.workflow import load_settings, open_run
+    from trustrepair.engine.storage import read_json, write_json
+
+    cfg = AttributeConfig(model=str(tmp_path / "model"), train=(str(tmp_path / "train.jsonl"),))
+    run = open_run(tmp_path / "run", cfg, progress=False)
+    saved = read_json(run.path(RunDir.ATTRIBUTE_SETTINGS))
+    del saved["selection_scores"]
+    write_json(run.path(RunDir.ATTRIBUTE_SETTINGS), saved)
+    assert load_settings(tmp_path / "run").selection_scores == "raw"
+    run.path(RunDir.SCORES).write_bytes(b"")  # a result: the settings can no longer be replaced
+    with pytest.raises(ValueError, match="made with other settings .*selection_scores"):
+        open_run(tmp_path / "run", cfg, progress=False)

@@ -85,7 +85,7 @@ class DemoConfig:
 
 
 STRATEGIES = ("dpp", "topk", "random")  # the selection strategies of trustrepair.methods.selection
-SELECTION_SCORES = ("raw", "normalized")  # DemoConfig.selection_scores
+SELECTION_SCORES = ("raw", "normalized")  # DemoConfig / AttributeConfig.selection_scores
 SETTINGS_BEFORE_THEY_EXISTED = {"selection_scores": "raw"}
 """Settings added after run directories were already written, with the value those runs used: a saved
 config.json without the key is read with it (so such a run is reused or refused for what it really did)."""
@@ -156,6 +156,10 @@ class AttributeConfig:
                                                                       "perplexity when no --eval is given"})
     fisher: str = field(default="empirical", metadata={"help": "'empirical' or 'sampled' Fisher for EK-FAC"})
     damping: float | None = field(default=None, metadata={"help": "absolute damping; None = 0.1 x mean(Lambda)"})
+    selection_scores: str = field(default="normalized", metadata={
+        "help": "scores `repair` chooses its subsets by: 'raw' influence or 'normalized' (divided by the root "
+                "of each example's self-influence, one more pass over the training data; the planted demo's "
+                "held-out choice, benchmarks/RESULTS.md)"})
     batch_size: int = field(default=8, metadata={"help": "sequences per batch"})
     score_chunk: int = field(default=2048, metadata={"help": "training examples scored (and saved) per chunk; a "
                                                              "crash resumes from the last saved chunk"})
@@ -188,6 +192,8 @@ class AttributeConfig:
         _check_fraction("perplexity_fraction", self.perplexity_fraction)
         if self.fisher not in ("empirical", "sampled"):
             raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}")
+        if self.selection_scores not in SELECTION_SCORES:
+            raise ValueError(f"selection_scores must be 'raw' or 'normalized', got {self.selection_scores!r}")
         if self.format not in (None, "chat", "plain"):
             raise ValueError(f"format must be 'chat' or 'plain', got {self.format!r}")
         if self.device not in DEVICES:

@@ -17,14 +17,18 @@ Run directory (``--out``), besides ``attribute.json`` (the settings) and ``timin
     scores.partial/chunk-*.safetensors   scores of each chunk of ``score_chunk`` examples (removed at the end)
     scores.safetensors            the scores per aspect and the embeddings (what ``repair`` reads)
     scores.jsonl                  one line per analysed training example, in input order:
-                                  {"index", "source", "<aspect>": score, "<aspect>_rank": r, ...}
+                                  {"index", "source", "<aspect>": score, "<aspect>_rank": r, ...,
+                                  "self_influence": sigma (with selection_scores = normalized)}
     base.json                     the ``--base-model``'s log-odds and perplexity (with --base-model)
     repair/delta.safetensors, repair.json   the last repair (a :class:`RepairDelta` and its record)
 
 Scores: gamma(z) = -grad F^T (G + lambda I)^-1 grad L(z) in nats of the aspect's log-odds per unit step,
 **positive = detrimental** (raising the example's loss is predicted to lower, i.e. improve, F); rank 1 is
 the most detrimental example. ``index`` is the example's position in the ``--train`` files (in the
-order given); examples held out for perplexity have no line.
+order given); examples held out for perplexity have no line. ``self_influence`` is
+sigma(z) = grad L(z)^T (G + lambda I)^-1 grad L(z); with ``selection_scores = "normalized"`` (the
+default) ``repair`` chooses its subsets by gamma(z) / sqrt(sigma(z)) (RelatIF), the ranks stay those of
+gamma.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import numpy as np
 from trustrepair.app import stages
 from trustrepair.app.records import COMMON, HALVES, AspectLogOdds, Evaluation, RepairRecord, Scores
 from trustrepair.app.rundir import RunDir
-from trustrepair.app.settings import AttributeConfig, RepairOptions
+from trustrepair.app.settings import SETTINGS_BEFORE_THEY_EXISTED, AttributeConfig, RepairOptions
 from trustrepair.app.inputs import PreparedRun
 from trustrepair.app.user_workspace import load_model, load_user_workspace
 from trustrepair.engine.storage import read_json, write_json, write_text
@@ -67,7 +71,7 @@ def load_settings(out_dir) -> AttributeConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} holds no attribute run ({path.name} is missing); run "
                                 f"`trustrepair attribute --model DIR --train FILE --out {out_dir}` first")
-    return read_json(path, lambda saved: AttributeConfig(**saved))
+    return read_json(path, lambda saved: AttributeConfig(**{**SETTINGS_BEFORE_THEY_EXISTED, **saved}))
 
 
 # -- attribute -----------------------------------------------------------------------------------------
@@ -127,9 +131,11 @@ def attribute(run: RunDir) -> Path:
     cfg = run.config
     inputs = load_user_workspace(run, cfg)
     factors = stages.fit(run, inputs.workspace)
-    scores = stages.score(run, inputs.workspace, factors, inputs.aspects, chunk=cfg.score_chunk)
+    scores = stages.score(run, inputs.workspace, factors, inputs.aspects, chunk=cfg.score_chunk,
+                          with_self_influence=cfg.selection_scores == "normalized")
 
-    run.publish(lambda: write_text(run.path(SCORES_JSONL), scores_jsonl(inputs, scores.per_aspect)))
+    run.publish(lambda: write_text(run.path(SCORES_JSONL), scores_jsonl(inputs, scores.per_aspect,
+                                                                        scores.self_influence)))
     _evaluate_base(run, cfg, inputs)
     return run.path(SCORES_JSONL)
 
@@ -217,7 +223,8 @@ def repair(run: RunDir, options: RepairOptions, save_model: Path | None = None) 
     target = resolve_target(options, inputs.aspects)
     factors = EKFACFactors.load(run.path(RunDir.FACTORS))
     scores = _read_scores(run, inputs.aspects)
-    values = common_scores(scores.per_aspect) if target == COMMON else scores.per_aspect[target]
+    chosen_by = scores.for_selection(cfg.selection_scores)
+    values = common_scores(chosen_by) if target == COMMON else chosen_by[target]
     with run.timed("repair"):
         subset = [int(i) for i in select(options.strategy, values, options.subset_size, embeddings=scores.embeddings,
                                          eta=options.eta, seed=cfg.seed)]
