@@ -6,7 +6,7 @@ factors and its influence scores are loaded once (from a copy in ``WORK/seed-N``
 only read), and then, for each setting below, only the demo's selection, repair and held-out evaluation are
 re-run, per aspect, with the library's own functions: ``selection.select`` on the seed's scores,
 ``stages.repair_subset`` (the Newton direction and the beta search under the demo's perplexity tolerance,
-which measures only the query half) and ``stages._repaired_evaluation`` on the held-out half. The numbers
+which measures only the query half) and ``stages.repaired_evaluation`` on the held-out half. The numbers
 are those of the planted report (:mod:`trustrepair.app.planted_report`): per seed ``seed_summary`` against
 the seed's ``gold.json``, over the seeds ``aggregate``: the held-out fraction of the damage undone,
 f = mean(post - repaired) / mean(post - gold), ± the pair-sampling SE of the mean over seeds (delta method),
@@ -48,7 +48,7 @@ import torch
 
 from trustrepair.app import stages
 from trustrepair.app.pipeline import HIDDEN_STORE, seed_dir_name
-from trustrepair.app.planted_report import _combine, aggregate, fraction_undone, seed_summary
+from trustrepair.app.planted_report import over_seeds, aggregate, fraction_undone, seed_summary
 from trustrepair.app.planted_stages import GOLD, RANKING, planted_by_aspect
 from trustrepair.app.records import EvaluationRecord
 from trustrepair.app.rundir import RunDir
@@ -197,7 +197,7 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
                                                      strategy=strategy)
             delta.apply(ws.tail)
             try:
-                repaired[aspect][strategy] = stages._repaired_evaluation(run, ws, aspect, record)
+                repaired[aspect][strategy] = stages.repaired_evaluation(run, ws, aspect, record)
             finally:
                 delta.revert(ws.tail)
             repairs[aspect][strategy] = record
@@ -267,7 +267,7 @@ def differences(run_dir: Path, results: dict, setting: Setting, aspect: str) -> 
                                  gold[aspect]["aspects"][aspect]["heldout"])
         values.append(diff)
         ses.append(se)
-    return _combine(values, ses) if values else None
+    return over_seeds(values, ses) if values else None
 
 
 def table(run_dir: Path, results: dict, header: str) -> str:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trustrepair.app.planted_report import _combine, fraction_undone
+from trustrepair.app.planted_report import over_seeds, fraction_undone
 
 
 def test_fraction_undone_is_one_at_the_gold_and_zero_at_the_post():
@@ -41,8 +41,8 @@ def test_fraction_undone_refuses_too_few_or_mismatched_pairs():
 
 
 def test_combine_over_seeds():
-    row = _combine([1.0, 2.0, 4.0], [0.3, 0.4, 0.0])
+    row = over_seeds([1.0, 2.0, 4.0], [0.3, 0.4, 0.0])
     assert row["mean"] == pytest.approx(7 / 3) and (row["min"], row["max"]) == (1.0, 4.0)
     assert row["se"] == pytest.approx(0.5 / 3)
     assert row["seed_se"] == pytest.approx(np.std([1, 2, 4], ddof=1) / math.sqrt(3))
-    assert _combine([2.0], [0.1])["seed_se"] is None
+    assert over_seeds([2.0], [0.1])["seed_se"] is None

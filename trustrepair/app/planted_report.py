@@ -87,7 +87,10 @@ def seed_summary(gold: Mapping, evaluation: EvaluationRecord, repairs: Repairs, 
     return out
 
 
-def _combine(values: Sequence[float], ses: Sequence[float] | None = None) -> dict:
+def over_seeds(values: Sequence[float], ses: Sequence[float] | None = None) -> dict:
+    """One quantity over the seeds: its ``mean``, ``min``, ``max``, ``per_seed`` values and ``seed_se``
+    (std / sqrt(seeds); None for one seed), and with each seed's pair-sampling ``ses`` the SE of the mean,
+    sqrt(sum se_s^2) / seeds (the seeds' held-out pairs are independent)."""
     v = np.asarray(values, dtype=np.float64)
     out = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
            "seed_se": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None,
@@ -106,26 +109,26 @@ def aggregate(per_seed: Sequence[Mapping]) -> dict:
     out = {}
     for aspect in per_seed[0]:
         seeds = [s[aspect] for s in per_seed]
-        held = _combine([s["damage"]["heldout"]["post_minus_gold"] for s in seeds],
+        held = over_seeds([s["damage"]["heldout"]["post_minus_gold"] for s in seeds],
                         [s["damage"]["heldout"]["se"] for s in seeds])
         damage = {"post_minus_gold": held["mean"], "se": held["se"], "heldout": held,
-                  "query": _combine([s["damage"]["query"]["post_minus_gold"] for s in seeds],
+                  "query": over_seeds([s["damage"]["query"]["post_minus_gold"] for s in seeds],
                                     [s["damage"]["query"]["se"] for s in seeds]),
-                  "heldout_without_all": _combine([s["damage"]["heldout_without_all"]["post_minus_gold"] for s in seeds],
+                  "heldout_without_all": over_seeds([s["damage"]["heldout_without_all"]["post_minus_gold"] for s in seeds],
                                                   [s["damage"]["heldout_without_all"]["se"] for s in seeds]),
                   "levels": {k: float(np.mean([s["levels"][k] for s in seeds])) for k in ("pre", "post", "gold")}}
         ranking = {}
         for method in seeds[0]["ranking"]:
             rows = [s["ranking"][method] for s in seeds]
             ranking[method] = {m: float(np.mean([r[m] for r in rows])) for m in ("precision_at_k", "recall_at_2k", "auc")}
-            ranking[method]["spread"] = {m: _combine([r[m] for r in rows]) for m in ("precision_at_k", "auc")}
+            ranking[method]["spread"] = {m: over_seeds([r[m] for r in rows]) for m in ("precision_at_k", "auc")}
             ranking[method]["other_planted_in_top_k"] = {
                 b: float(np.mean([r["other_planted_in_top_k"][b] for r in rows])) for b in rows[0]["other_planted_in_top_k"]}
         undone = {}
         for strategy in (s for s in STRATEGIES if s in seeds[0]["undone"]):
             rows = [s["undone"][strategy] for s in seeds]
-            fraction = _combine([r["fraction"] for r in rows], [r["se"] for r in rows])
-            below = _combine([r["repaired_minus_gold"] for r in rows], [r["repaired_minus_gold_se"] for r in rows])
+            fraction = over_seeds([r["fraction"] for r in rows], [r["se"] for r in rows])
+            below = over_seeds([r["repaired_minus_gold"] for r in rows], [r["repaired_minus_gold_se"] for r in rows])
             undone[strategy] = {"fraction": fraction["mean"], "se": fraction["se"],
                                 "perplexity_change_pct": float(np.mean([r["perplexity_change_pct"] for r in rows])),
                                 "worst_perplexity_change_pct": float(min(r["perplexity_change_pct"] for r in rows)),

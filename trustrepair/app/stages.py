@@ -268,7 +268,7 @@ def repair(run: RunDir, ws: Workspace, factors: EKFACFactors, selection: Selecti
     return repairs
 
 
-def _repaired_evaluation(run: RunDir, ws: Workspace, target: str, record: RepairRecord) -> Evaluation:
+def repaired_evaluation(run: RunDir, ws: Workspace, target: str, record: RepairRecord) -> Evaluation:
     """:meth:`Workspace.evaluation` of the model with ``target``'s repair applied, plus the held-out
     values per pair (for standard errors), reusing what its beta search already measured at the chosen
     beta (the perplexity; for a single aspect its query-half log-odds, which is that target's objective)."""
@@ -299,7 +299,7 @@ def evaluate(run: RunDir, ws: Workspace, repairs: Repairs, sft_result: SFTResult
                 delta = RepairDelta.load(run.repair_path(target, strategy))
                 delta.apply(ws.tail)
                 try:
-                    repaired[target][strategy] = _repaired_evaluation(run, ws, target, record)
+                    repaired[target][strategy] = repaired_evaluation(run, ws, target, record)
                 finally:
                     delta.revert(ws.tail)
     result = EvaluationRecord(sft_result.pre, sft_result.post, repaired, post_pairs)
