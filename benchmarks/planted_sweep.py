@@ -24,7 +24,8 @@ module), DPP subsets only, plus top-k at the defaults for reference:
 * repair damping 10x and 0.1x the default (the Newton direction only; the scores that chose the subsets
   keep the demo's damping);
 * selection scores normalised by the root of each example's self-influence
-  (``scoring.normalized_influence``, RelatIF), DPP and top-k at subset 16.
+  (``scoring.normalized_influence``, RelatIF), DPP and top-k at subset 16;
+* from the normalised DPP / top-k at subset 16: 8 beta probes instead of 4, DPP eta 100, subset 32.
 
 Refits (trained blocks, empirical vs sampled Fisher) need a new SFT and fit per seed and are not run.
 
@@ -77,6 +78,7 @@ class Setting:
     damping_scale: float = 1.0
     strategies: tuple[str, ...] = ("dpp",)
     normalized: bool = False  # select by the scores over sqrt(self-influence) (scoring.normalized_influence)
+    beta_probes: int | None = None  # perplexity probes of the beta search (None: the demo's)
     against: str = "default"  # the setting whose same strategy the "vs" column subtracts
 
 
@@ -94,6 +96,13 @@ SETTINGS = (  # in the order they run: the default first, then by the brief's pr
     Setting("normalized, dpp 16", "selection scores", subset_size=16, normalized=True, against="subset 16"),
     Setting("normalized, top-k 16", "selection scores", subset_size=16, strategies=("topk",), normalized=True,
             against="top-k at subset 16"),
+    Setting("normalized, dpp 16, 8 probes", "beta probes", subset_size=16, normalized=True, beta_probes=8,
+            against="normalized, dpp 16"),
+    Setting("normalized, top-k 16, 8 probes", "beta probes", subset_size=16, strategies=("topk",),
+            normalized=True, beta_probes=8, against="normalized, top-k 16"),
+    Setting("normalized, dpp 16, eta 100", "DPP eta", subset_size=16, eta=100.0, normalized=True,
+            against="normalized, dpp 16"),
+    Setting("normalized, dpp 32", "subset size", subset_size=32, normalized=True, against="normalized, dpp 16"),
 )
 
 
@@ -172,7 +181,8 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
     into ``extra``), its repair and its held-out evaluation; returns ``{"evaluation": EvaluationRecord json, "repairs": {...}, "extra": {...}}``."""
     from trustrepair.app.records import repairs_to_json
 
-    cfg = dataclasses.replace(run.config, subset_size=setting.subset_size, eta=setting.eta)
+    cfg = dataclasses.replace(run.config, subset_size=setting.subset_size, eta=setting.eta,
+                              beta_probes=setting.beta_probes or run.config.beta_probes)
     repair_factors = factors if setting.damping_scale == 1.0 else ScaledDamping(factors, setting.damping_scale)
     repaired, repairs, extra = {}, {}, {}
     chosen_by = dataclasses.replace(scores, self_influence=sigma.numpy()).for_selection(
