@@ -221,7 +221,7 @@ def render_markdown(planted: Mapping, n_seeds: int, seed_dirs: Sequence[str], ti
     rows = [[a, *("yes" if v else "**no**" for v in planted[a]["verdicts"].values())] for a in aspects]
     lines += _table(["Aspect", *next(iter(planted.values()))["verdicts"]], rows)
     lines += ["## Per seed", "", *(f"- [{d}]({d}/report.md)" for d in seed_dirs), "",
-              "## Wall time per seed and stage (s)", ""]
+              "## Wall time per stage, summed over the seeds (s; each seed's timings.json has its own)", ""]
     lines += _table(["Stage", "Seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]
                     + [["**total**", f"**{sum(timings.values()):.1f}**"]])
     return "\n".join(lines)
