@@ -13,7 +13,7 @@ f = mean(post - repaired) / mean(post - gold), ± the pair-sampling SE of the me
 the seed SE, and the perplexity change. ``vs default`` is each setting's f minus the default's, its SE
 from the same held-out pairs (paired: ``fraction_undone`` of the difference of the repaired values).
 
-One axis at a time from the demo's defaults (subset 32, eta 10, Newton, damping 0.1 x mean Lambda per
+One axis at a time from the first sweep's defaults (subset 32, eta 10, Newton, damping 0.1 x mean Lambda per
 module), DPP subsets only, plus top-k at the defaults for reference:
 
 * subset size 16 / 64 (and top-k at 16, the reference at the smaller size);
