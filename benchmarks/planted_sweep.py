@@ -53,7 +53,7 @@ from trustrepair.app.planted_report import over_seeds, aggregate, fraction_undon
 from trustrepair.app.planted_stages import GOLD, RANKING, planted_by_aspect
 from trustrepair.app.records import EvaluationRecord
 from trustrepair.app.rundir import RunDir
-from trustrepair.app.settings import SETTINGS_BEFORE_THEY_EXISTED, DemoConfig
+from trustrepair.app.settings import DemoConfig, as_written
 from trustrepair.engine.ekfac import EKFACFactors
 from trustrepair.engine.storage import read_json, write_json, write_text
 from trustrepair.methods.repair_step import BetaPoint, RepairDelta, pbrf_repair, search_beta
@@ -226,7 +226,7 @@ def sweep_seed(source: Path, work: Path, settings, results: dict, save) -> None:
     if not todo:
         return
     work_copy(source, work / name)
-    saved = {**SETTINGS_BEFORE_THEY_EXISTED, **read_json(work / name / RunDir.SETTINGS)}
+    saved = as_written(read_json(work / name / RunDir.SETTINGS))
     cfg = DemoConfig(**{k: tuple(v) if k == "aspects" else v for k, v in saved.items()})
     run = RunDir(work / name, cfg, progress=False)
     start = time.perf_counter()

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from trustrepair.app.settings import SETTINGS_BEFORE_THEY_EXISTED, AttributeConfig, DemoConfig
+from trustrepair.app.settings import AttributeConfig, DemoConfig, as_written
 from trustrepair.engine.distributed import fail_together, is_main_process, progress_enabled
 from trustrepair.engine.storage import read_json, write_json
 
@@ -58,7 +58,7 @@ class RunDir:
         path = self.dir / settings_file
         wanted = config.to_json()
         if path.is_file():
-            saved = {**SETTINGS_BEFORE_THEY_EXISTED, **read_json(path)}
+            saved = as_written(read_json(path))
             changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
             if changed and not self._has_results(settings_file):
                 logger.info("run directory %s has no results yet; replacing its settings %s", self.dir, changed)

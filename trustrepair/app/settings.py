@@ -63,10 +63,8 @@ class DemoConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_sft < 5 or self.n_pairs < 5:
             raise ValueError("n_sft and n_pairs must be >= 5 so that both halves of the 80/20 split are non-empty")
-        if self.fisher not in ("empirical", "sampled"):
-            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}")
-        if self.selection_scores not in SELECTION_SCORES:
-            raise ValueError(f"selection_scores must be 'raw' or 'normalized', got {self.selection_scores!r}")
+        _check_choice("fisher", self.fisher, FISHERS)
+        _check_choice("selection_scores", self.selection_scores, SELECTION_SCORES)
         if self.planted < 0:
             raise ValueError(f"planted must be >= 0 (0 = the clean demo), got {self.planted}")
         if self.seeds < 1:
@@ -86,9 +84,16 @@ class DemoConfig:
 
 STRATEGIES = ("dpp", "topk", "random")  # the selection strategies of trustrepair.methods.selection
 SELECTION_SCORES = ("raw", "normalized")  # DemoConfig / AttributeConfig.selection_scores
+FISHERS = ("empirical", "sampled")  # DemoConfig / AttributeConfig.fisher
 SETTINGS_BEFORE_THEY_EXISTED = {"selection_scores": "raw"}
-"""Settings added after run directories were already written, with the value those runs used: a saved
-config.json without the key is read with it (so such a run is reused or refused for what it really did)."""
+"""Settings added after run directories were already written, with the value those runs used."""
+
+
+def as_written(saved: dict) -> dict:
+    """Settings read from a run directory's file, with every setting added since it was written set to what
+    that run used (:data:`SETTINGS_BEFORE_THEY_EXISTED`), so the run is reused or refused for what it really
+    did."""
+    return {**SETTINGS_BEFORE_THEY_EXISTED, **saved}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 BUILTIN_ASPECTS = ("truthfulness", "ethics", "bias")  # trustrepair.data.ASPECTS, without importing torch
@@ -107,6 +112,11 @@ def _aspect(value: str) -> str:
         raise ValueError(f"unknown aspect {value!r}: built-in aspects are {list(BUILTIN_ASPECTS)}; any other value "
                          "must be the path of a trust file ({\"prompt\", \"proponent\", \"opponent\"} JSON lines)")
     return _absolute(value)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be {choices[0]!r} or {choices[1]!r}, got {value!r}")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -190,10 +200,8 @@ class AttributeConfig:
             raise ValueError(f"last_blocks must be >= 1, got {self.last_blocks}")
         _check_fraction("query_fraction", self.query_fraction)
         _check_fraction("perplexity_fraction", self.perplexity_fraction)
-        if self.fisher not in ("empirical", "sampled"):
-            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}")
-        if self.selection_scores not in SELECTION_SCORES:
-            raise ValueError(f"selection_scores must be 'raw' or 'normalized', got {self.selection_scores!r}")
+        _check_choice("fisher", self.fisher, FISHERS)
+        _check_choice("selection_scores", self.selection_scores, SELECTION_SCORES)
         if self.format not in (None, "chat", "plain"):
             raise ValueError(f"format must be 'chat' or 'plain', got {self.format!r}")
         if self.device not in DEVICES:

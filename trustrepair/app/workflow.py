@@ -42,7 +42,7 @@ import numpy as np
 from trustrepair.app import stages
 from trustrepair.app.records import COMMON, HALVES, AspectLogOdds, Evaluation, RepairRecord, Scores
 from trustrepair.app.rundir import RunDir
-from trustrepair.app.settings import SETTINGS_BEFORE_THEY_EXISTED, AttributeConfig, RepairOptions
+from trustrepair.app.settings import AttributeConfig, RepairOptions, as_written
 from trustrepair.app.inputs import PreparedRun
 from trustrepair.app.user_workspace import load_model, load_user_workspace
 from trustrepair.engine.storage import read_json, write_json, write_text
@@ -71,7 +71,7 @@ def load_settings(out_dir) -> AttributeConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} holds no attribute run ({path.name} is missing); run "
                                 f"`trustrepair attribute --model DIR --train FILE --out {out_dir}` first")
-    return read_json(path, lambda saved: AttributeConfig(**{**SETTINGS_BEFORE_THEY_EXISTED, **saved}))
+    return read_json(path, lambda saved: AttributeConfig(**as_written(saved)))
 
 
 # -- attribute -----------------------------------------------------------------------------------------
