@@ -67,7 +67,7 @@ def stack_queries(queries: Sequence[Mapping[str, Example]], pad_token_id: int = 
 
 
 def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of the labelled tokens of each row.
+    """Summed log-probability of the labelled tokens of each row, from logits at every position.
 
     Args:
         logits: (B, T, V) next-token logits (position t predicts token t+1).
@@ -85,6 +85,37 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         ignore_index=IGNORE_INDEX, reduction="none",
     ).view(shift_labels.shape)
     return -token_nll.sum(dim=1)
+
+
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), each (N,): the positions t whose next token t+1 carries a label, in row-major order.
+
+    Position (rows[i], cols[i]) predicts ``labels[rows[i], cols[i] + 1]``.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+
+
+def summed_log_probs(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int, *,
+                     sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-row sums of next-token log-probabilities, from logits at the labelled positions only.
+
+    Args:
+        logits: (N, V) logits at the labelled positions (:func:`labelled_positions` order).
+        targets: (N,) the labelled next tokens.
+        rows: (N,) the batch row of each position.
+        n_rows: B, the number of rows in the batch.
+        sample: replace ``targets`` by draws from softmax(logits) (true Fisher); the draws carry no gradient.
+    Returns:
+        (B,) sum over a row's positions of log softmax(logits)[target], float32 at least (half-precision
+        logits are upcast before the softmax); 0 for a row without labels.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if sample:
+        with torch.no_grad():
+            targets = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=generator).squeeze(1)
+    token_log_probs = -F.cross_entropy(logits, targets, reduction="none")
+    return token_log_probs.new_zeros(n_rows).index_add(0, rows, token_log_probs)
 
 
 class Task:
@@ -130,7 +161,23 @@ class Task:
 
 
 class CausalLMTask(Task):
-    """Task for Hugging Face causal LMs (``model(input_ids, attention_mask).logits``)."""
+    """Task for Hugging Face causal LMs (``model(input_ids, attention_mask).logits``).
+
+    With ``labelled_logits_only`` (the default) the LM head runs only at the N positions whose next token
+    carries a label: a forward pre-hook on ``model.get_output_embeddings()`` gathers its (B, T, H) input
+    to (1, N, H), so whatever the model does after the head (logit soft-capping, scaling) still applies.
+    Positions without a label contribute nothing to any loss or measurement, so the values and gradients
+    are those of the all-position logits (up to float reassociation), while the head's cost (V x H
+    multiply-adds per token each way, and a (B, T, V) logits tensor) shrinks to the labelled share.
+    Without an output embedding, or if the head's input is not (B, T, H), every position's logits are
+    computed as before. Analysing the LM head itself needs its input at every position: pass
+    ``labelled_logits_only=False`` then.
+    """
+
+    labelled_logits_only: bool = True
+
+    def __init__(self, labelled_logits_only: bool = True):
+        self.labelled_logits_only = labelled_logits_only
 
     def vocab_size(self, model):
         """Rows of the input embedding (``model.get_input_embeddings()``), or ``None`` without one."""
@@ -141,6 +188,7 @@ class CausalLMTask(Task):
         return getattr(embedding, "num_embeddings", None)
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's logits output for ``batch`` ((B, T, V) unless a gathering hook is active)."""
         device = next(model.parameters()).device
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         return out.logits if hasattr(out, "logits") else out
@@ -152,26 +200,57 @@ class CausalLMTask(Task):
         return model.base_model(input_ids=batch["input_ids"].to(device),
                                 attention_mask=batch["attention_mask"].to(device)).last_hidden_state
 
+    def labelled_logits(self, model: torch.nn.Module, batch: Batch
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (N, V), rows (N,), cols (N,)) at the :func:`labelled_positions` of ``batch``."""
+        device = next(model.parameters()).device
+        labels = batch["labels"].to(device)
+        rows, cols = labelled_positions(labels)
+        head = _output_embeddings(model) if self.labelled_logits_only else None
+        gathered = []
+
+        def gather(_module, args):
+            hidden = args[0] if args else None
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
+                return None
+            gathered.append(True)
+            return (hidden[rows, cols].unsqueeze(0), *args[1:])
+
+        handle = head.register_forward_pre_hook(gather) if head is not None else None
+        try:
+            logits = self.logits(model, batch)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if not gathered:
+            return logits[:, :-1][rows, cols], rows, cols
+        if len(gathered) != 1 or tuple(logits.shape[:2]) != (1, rows.shape[0]):
+            raise RuntimeError(
+                f"{type(model).__name__} ran its output embedding {len(gathered)} times or reshaped its output "
+                f"(logits {tuple(logits.shape)} for {rows.shape[0]} labelled positions); use "
+                "CausalLMTask(labelled_logits_only=False) for this model")
+        return logits[0], rows, cols
+
+    def _log_probs(self, model, batch, sample=False, generator=None) -> torch.Tensor:
+        logits, rows, cols = self.labelled_logits(model, batch)
+        targets = batch["labels"].to(logits.device)[:, 1:][rows, cols]
+        return summed_log_probs(logits, targets, rows, batch["labels"].shape[0], sample=sample, generator=generator)
+
     def train_loss(self, model, batch, sample=False, generator=None):
-        logits = self.logits(model, batch)
-        labels = batch["labels"].to(logits.device)
-        if sample:
-            with torch.no_grad():
-                probs = torch.softmax(logits[:, :-1, :].detach().float(), dim=-1)
-                drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-                drawn = drawn.view(probs.shape[:2])
-                keep = labels[:, 1:] != IGNORE_INDEX
-                labels = labels.clone()
-                labels[:, 1:] = torch.where(keep, drawn, torch.full_like(drawn, IGNORE_INDEX))
-        return -sequence_log_probs(logits, labels)
+        return -self._log_probs(model, batch, sample=sample, generator=generator)
 
     def token_logits(self, model, batch):
-        logits = self.logits(model, batch)
-        keep = batch["labels"][:, 1:].to(logits.device) != IGNORE_INDEX
-        return logits[:, :-1][keep]
+        return self.labelled_logits(model, batch)[0]
 
     def measurement(self, model, batch):
-        logits = self.logits(model, batch)
-        log_probs = sequence_log_probs(logits, batch["labels"].to(logits.device))
+        log_probs = self._log_probs(model, batch)
         n_queries = log_probs.shape[0] // 2
         return log_probs[n_queries:] - log_probs[:n_queries]
+
+
+def _output_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, torch.nn.Module) else None

@@ -76,8 +76,8 @@ def lambda_reference(factors, grads_per_example):
 
 
 class RecordingSampledTask(CausalLMTask):
-    """Draws sampled-Fisher targets exactly like CausalLMTask but records them per example and pass, so the
-    brute-force reference can reuse the same targets."""
+    """Draws sampled-Fisher targets from the model's own distribution (as CausalLMTask does, one draw per
+    position) and records them per example and pass, so the brute-force reference can reuse the same targets."""
 
     def __init__(self):
         self.drawn = []  # one dict per training_loss call: input_ids tuple -> labels

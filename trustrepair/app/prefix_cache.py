@@ -21,10 +21,9 @@ import copy
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch
+from trustrepair.task import CausalLMTask, labelled_positions, pad_batch
 
 
 def _base_and_layers(model: torch.nn.Module):
@@ -132,33 +131,6 @@ def pad_hidden_batch(examples: Sequence[dict], pad_token_id: int = 0) -> dict:
     return batch
 
 
-def labelled_log_probs(hidden: torch.Tensor, head, labels: torch.Tensor, *, sample: bool = False,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Summed next-token log-probabilities of the labelled tokens, computing logits only where needed.
-
-    Args:
-        hidden: (B, T, H) final hidden states; position t predicts token t+1.
-        head: maps (N, H) rows to (N, V) logits.
-        labels: (B, T) with -100 where no loss is taken.
-        sample: draw targets from the model's own distribution at the labelled positions (true Fisher).
-    Returns:
-        (B,) per-row sums, float32 at least (logits are upcast before the softmax).
-    """
-    targets = labels[:, 1:].to(hidden.device)
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    logits = head(hidden[rows, cols])
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    if sample:
-        with torch.no_grad():
-            picked = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=generator).squeeze(1)
-    else:
-        picked = targets[rows, cols]
-    token_log_probs = -F.cross_entropy(logits, picked, reduction="none")
-    out = token_log_probs.new_zeros(labels.shape[0])
-    return out.index_add(0, rows, token_log_probs)
-
-
 class TailTask(CausalLMTask):
     """:class:`CausalLMTask` for a :class:`TailLM` fed with batches that carry cached ``hidden`` states.
 
@@ -172,16 +144,7 @@ class TailTask(CausalLMTask):
         device = next(model.parameters()).device
         return model(batch["hidden"].to(device), batch["attention_mask"].to(device))
 
-    def train_loss(self, model, batch, sample=False, generator=None):
+    def labelled_logits(self, model: TailLM, batch: dict):
         hidden = self.final_hidden(model, batch)
-        return -labelled_log_probs(hidden, model.head, batch["labels"], sample=sample, generator=generator)
-
-    def token_logits(self, model, batch):
-        hidden = self.final_hidden(model, batch)
-        rows, cols = (batch["labels"][:, 1:].to(hidden.device) != IGNORE_INDEX).nonzero(as_tuple=True)
-        return model.head(hidden[rows, cols])
-
-    def measurement(self, model, batch):
-        log_probs = labelled_log_probs(self.final_hidden(model, batch), model.head, batch["labels"])
-        n_queries = log_probs.shape[0] // 2
-        return log_probs[n_queries:] - log_probs[:n_queries]
+        rows, cols = labelled_positions(batch["labels"].to(hidden.device))
+        return model.head(hidden[rows, cols]), rows, cols

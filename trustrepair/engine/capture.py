@@ -147,7 +147,9 @@ class TokenCapture:
         x = inputs[0]
         if tuple(x.shape[:-1]) != tuple(self._mask.shape):
             raise ValueError(f"module {layer.name!r} got an input of shape {tuple(x.shape)}; token capture needs "
-                             f"(batch, tokens, d_in) matching the token mask {tuple(self._mask.shape)}")
+                             f"(batch, tokens, d_in) matching the token mask {tuple(self._mask.shape)}; "
+                             "to analyse a model's LM head, pass task=CausalLMTask(labelled_logits_only=False) "
+                             "(by default the head runs on the labelled positions only)")
         a = layer.fold_activations(x.detach(), self._token_mask(x.device))
         if not output.requires_grad:
             output.requires_grad_(True)
