@@ -75,10 +75,12 @@ def make_data(cfg, seed=1):
 # Measurement
 # ----------------------------------------------------------------------------------------------------
 
-def floor_pass(model, train, batch_size, modules=None):
+def floor_pass(model, train, batch_size, modules=None, task=None):
     """One forward + backward over the training set, weights frozen, gradients to the analysed layers'
     outputs only (the graph starts at the first analysed outputs), nothing else computed. ``modules``: the
-    analysed layers (names for ``find_modules``; default every block linear)."""
+    analysed layers (names for ``find_modules``; default every block linear). ``task``: the loss (default
+    :class:`CausalLMTask`, whose LM head runs at the labelled positions only, as in every trustrepair pass;
+    ``CausalLMTask(labelled_logits_only=False)`` is the all-position loss a kronfluence task computes)."""
     layers = find_modules(model, modules)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -91,7 +93,7 @@ def floor_pass(model, train, batch_size, modules=None):
             leaves.append(output)
 
     handles = [layer.module.register_forward_hook(mark) for layer in layers]
-    task = CausalLMTask()
+    task = task or CausalLMTask()
     try:
         for start in range(0, len(train), batch_size):
             leaves.clear()
@@ -109,13 +111,14 @@ def floor_pass(model, train, batch_size, modules=None):
 # ----------------------------------------------------------------------------------------------------
 
 def kronfluence_pairwise(model, train, queries, *, modules, damping=None, batch_size=8, fisher="empirical",
-                         dtype=torch.float32, output_dir=None):
+                         dtype=torch.float32, output_dir=None, labelled_logits_only=False):
     """kronfluence's EK-FAC pairwise scores (n_query, n_train) in *kronfluence's* sign (negative =
     detrimental) and, per phase, {"wall", "cpu"} seconds and peak extra "mib" (:class:`KronfluenceAnchor`:
     ``dtype`` sets every kronfluence accumulation dtype; ``damping=None`` is kronfluence's
-    0.1 x mean(Lambda) heuristic, as trustrepair's default)."""
+    0.1 x mean(Lambda) heuristic, as trustrepair's default; ``labelled_logits_only``: see
+    :func:`benchmarks.kronfluence_anchor.kronfluence_task`)."""
     with KronfluenceAnchor(model, train, queries, batch_size, modules=modules, fisher=fisher, damping=damping,
-                           dtype=dtype, output_dir=output_dir) as anchor:
+                           dtype=dtype, output_dir=output_dir, labelled_logits_only=labelled_logits_only) as anchor:
         phases = {**anchor.fit(), "pairwise": anchor.pairwise()}
     timings = {name: {"wall": t.seconds, "cpu": t.cpu_seconds, "mib": t.peak_mib} for name, t in phases.items()}
     return phases["pairwise"].value, timings

@@ -7,15 +7,19 @@ dialogues (seeded subsample, plain format, at most 128 tokens, loss on the final
 0.1 x mean(Lambda) per layer everywhere; batch 8. Layer sets: ``--layers last2`` (the linears of blocks
 28-29) or ``--layers all`` (every block linear). Every library runs the full model's forward and
 backward, as :func:`trustrepair.fit_ekfac` does on a user's model, with the same summed token
-cross-entropy over all-position logits (``model(...).logits``); the row "trustrepair, prefix cache"
+cross-entropy. trustrepair's default :class:`~trustrepair.task.CausalLMTask` runs the LM head at the
+labelled positions only; kronfluence and dattri-llm get the all-position logits (``model(...).logits``)
+a user of theirs writes, and the row "kronfluence, labelled-logit task" gives kronfluence trustrepair's
+task, so that the engines also meet on the same loss code. The row "trustrepair, prefix cache"
 instead runs the frozen blocks before the first analysed one once (``trustrepair.app.prefix_cache``:
-hidden states cached, then only the tail runs, logits at labelled positions only), its caching counted
+hidden states cached, then only the tail runs), its caching counted
 in its fit and pairwise rows; the row "trustrepair, prefix store" is the full-model path with one
 :class:`trustrepair.PrefixStore` given to ``fit_ekfac`` and then to ``pairwise_influence``, so that the
 scoring pass over the training set replays the frozen blocks the fit recorded.
 
 The floor is one forward + backward over the training set with every weight frozen and gradients taken
-to the analysed layers' outputs only (the graph starts at the first analysed outputs). Times are process
+to the analysed layers' outputs only (the graph starts at the first analysed outputs), LM head at the
+labelled positions; the all-position floor is reported beside it. Times are process
 CPU seconds (both of the machine's cores are used by torch, so CPU seconds count the work done whatever
 else ran) and wall seconds, per phase and per stage (each library's own stages: trustrepair's timings,
 kronfluence's three factor calls, dattri-llm's fit with its eigendecompositions timed inside).
@@ -36,6 +40,7 @@ import os
 import platform
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,10 +48,10 @@ import torch
 from benchmarks.benchmark_ekfac import floor_pass
 from benchmarks.common import Timing, cpu_name, pearson, spearman, timed
 from benchmarks.kronfluence_anchor import FIT_PHASES, KronfluenceAnchor
-from trustrepair.task import IGNORE_INDEX, pad_batch, sequence_log_probs
+from trustrepair.task import IGNORE_INDEX, CausalLMTask, pad_batch, sequence_log_probs
 
 HEADING = "## EK-FAC on the real default model vs kronfluence and dattri-llm (issue 18)"
-LIBRARIES = ("trustrepair", "store", "prefix", "kronfluence", "dattri")
+LIBRARIES = ("trustrepair", "store", "prefix", "kronfluence", "kronfluence-labelled", "dattri")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,8 +150,12 @@ def prefix_phases(model, train, queries, names, batch_size) -> dict:
 # kronfluence 1.0.1 and dattri-llm 0.1.0
 # ----------------------------------------------------------------------------------------------------
 
-def kronfluence_phases(model, train, queries, names, batch_size) -> dict:
-    with KronfluenceAnchor(model, train, queries, batch_size, modules=names) as anchor:
+def kronfluence_phases(model, train, queries, names, batch_size, labelled_logits_only=False) -> dict:
+    """kronfluence's fit and pairwise; ``labelled_logits_only``: its task computes the losses with
+    trustrepair's :class:`CausalLMTask` (LM head at the labelled positions), the engines then compared on
+    the same loss code (row "kronfluence, labelled-logit task")."""
+    with KronfluenceAnchor(model, train, queries, batch_size, modules=names,
+                           labelled_logits_only=labelled_logits_only) as anchor:
         stages = anchor.fit()
         pairwise = anchor.pairwise()
     fit = Timing(None, sum(t.seconds for t in stages.values()), sum(t.cpu_seconds for t in stages.values()),
@@ -230,9 +239,11 @@ def _padded_rows(examples):
 # ----------------------------------------------------------------------------------------------------
 
 PHASES = {"trustrepair": trustrepair_phases, "store": store_phases, "prefix": prefix_phases,
-          "kronfluence": kronfluence_phases, "dattri": dattri_phases}
+          "kronfluence": kronfluence_phases, "dattri": dattri_phases,
+          "kronfluence-labelled": partial(kronfluence_phases, labelled_logits_only=True)}
 LABELS = {"trustrepair": "trustrepair", "store": "trustrepair, prefix store", "prefix": "trustrepair, prefix cache",
-          "kronfluence": "kronfluence 1.0.1", "dattri": "dattri-llm 0.1.0"}
+          "kronfluence": "kronfluence 1.0.1", "dattri": "dattri-llm 0.1.0",
+          "kronfluence-labelled": "kronfluence 1.0.1, labelled-logit task"}
 
 
 def loadavg() -> str:
@@ -248,7 +259,10 @@ def run(args) -> str:
     load_before = loadavg()
     floor_pass(model, train[:args.batch_size], args.batch_size, names)  # warm-up
     floor = timed(lambda: floor_pass(model, train, args.batch_size, names))
-    print(f"floor {floor.seconds:.1f} s wall / {floor.cpu_seconds:.1f} s CPU", flush=True)
+    all_positions = timed(lambda: floor_pass(model, train, args.batch_size, names,
+                                             CausalLMTask(labelled_logits_only=False)))
+    print(f"floor {floor.seconds:.1f} s wall / {floor.cpu_seconds:.1f} s CPU (all-position logits "
+          f"{all_positions.seconds:.1f} / {all_positions.cpu_seconds:.1f})", flush=True)
     results = {}
     for lib in args.libraries:
         if lib in ("prefix", "store") and first_block(names) == 0:
@@ -258,14 +272,17 @@ def run(args) -> str:
         print(f"{lib}: fit {r['fit'].seconds:.1f} / {r['fit'].cpu_seconds:.1f} s, pairwise "
               f"{r['pairwise'].seconds:.1f} / {r['pairwise'].cpu_seconds:.1f} s; stages {r['fit stages']} "
               f"{r['pairwise stages']}; loadavg {loadavg()}", flush=True)
-    return report(args, results, floor, len(train), n_tokens, len(queries), names, load_before)
+    return report(args, results, floor, all_positions, len(train), n_tokens, len(queries), names, load_before)
 
 
-def report(args, results, floor, n_train, n_tokens, n_queries, names, load_before) -> str:
+def report(args, results, floor, all_positions, n_train, n_tokens, n_queries, names, load_before) -> str:
     lines = [f"### {'last 2 blocks' if args.layers == 'last2' else 'all 30 blocks'} ({len(names)} linear layers)", "",
              "| library | fit CPU s | fit wall s | fit x floor (CPU) | pairwise CPU s | pairwise wall s | "
              "kronfluence / this, fit (CPU) | kronfluence / this, pairwise (CPU) |", "|---|---|---|---|---|---|---|---|",
-             f"| floor (one forward + backward) | {floor.cpu_seconds:.1f} | {floor.seconds:.1f} | 1.00 | | | | |"]
+             f"| floor (one forward + backward, LM head at the labelled positions) | {floor.cpu_seconds:.1f} | "
+             f"{floor.seconds:.1f} | 1.00 | | | | |",
+             f"| floor with all-position logits | {all_positions.cpu_seconds:.1f} | {all_positions.seconds:.1f} | "
+             f"{all_positions.cpu_seconds / floor.cpu_seconds:.2f} | | | | |"]
     kron = results.get("kronfluence")
     for lib, r in results.items():
         ratio = (lambda phase: f"{kron[phase].cpu_seconds / r[phase].cpu_seconds:.2f}x") if kron else (lambda _: "")

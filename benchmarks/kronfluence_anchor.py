@@ -31,7 +31,8 @@ class KronfluenceAnchor:
     ``find_modules``). Call :meth:`cleanup` (or use it as a context manager) to delete the factors."""
 
     def __init__(self, model, train, queries, batch_size: int, *, modules=None, fisher: str = "empirical",
-                 damping: float | None = None, dtype: torch.dtype = torch.float32, output_dir=None):
+                 damping: float | None = None, dtype: torch.dtype = torch.float32, output_dir=None,
+                 labelled_logits_only: bool = False):
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments
 
@@ -46,8 +47,9 @@ class KronfluenceAnchor:
                                            gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype,
                                            lambda_dtype=dtype)
         self.tmp = tempfile.TemporaryDirectory()
-        self.analyzer = Analyzer("anchor", prepare_model(copy.deepcopy(model), kronfluence_task(modules)),
-                                 kronfluence_task(modules), cpu=self.device.type == "cpu", disable_tqdm=True,
+        task = kronfluence_task(modules, labelled_logits_only)
+        self.analyzer = Analyzer("anchor", prepare_model(copy.deepcopy(model), task),
+                                 task, cpu=self.device.type == "cpu", disable_tqdm=True,
                                  output_dir=output_dir or self.tmp.name)
 
     def __enter__(self):
@@ -88,32 +90,39 @@ class KronfluenceAnchor:
         return timing
 
 
-def kronfluence_task(modules):
+def kronfluence_task(modules, labelled_logits_only: bool = False):
     """A kronfluence ``Task`` for this repository's causal-LM conventions (summed token losses; the trust
     measurement log P(o|m) - log P(p|m) summed over the batch), tracking ``modules``. The measurement runs
     the model twice (opponent, proponent), so kronfluence needs ``has_shared_parameters=True`` (without
-    it, it silently mis-scores)."""
+    it, it silently mis-scores). By default the logits are the model's at every position, as a kronfluence
+    user writes the task; ``labelled_logits_only=True`` computes the losses with trustrepair's
+    :class:`CausalLMTask` instead (LM head at the labelled positions only), the same values with less work."""
     from kronfluence.task import Task as KronfluenceTask
+
+    from trustrepair.task import CausalLMTask
+
+    labelled = CausalLMTask()
+
+    def log_probs(model, batch, prefix="", sample=False):
+        batch = {key: batch[prefix + key] for key in ("input_ids", "attention_mask", "labels")}
+        if labelled_logits_only:
+            return -labelled.train_loss(model, batch, sample=sample)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        if sample:
+            with torch.no_grad():
+                probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
+                drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
+            labels = labels.clone()
+            labels[:, 1:] = torch.where(labels[:, 1:] != IGNORE_INDEX, drawn, labels[:, 1:])
+        return sequence_log_probs(logits, labels)
 
     class LMTask(KronfluenceTask):
         def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"]
-            if sample:
-                with torch.no_grad():
-                    probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
-                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
-                labels = labels.clone()
-                labels[:, 1:] = torch.where(labels[:, 1:] != IGNORE_INDEX, drawn, labels[:, 1:])
-            return -sequence_log_probs(logits, labels).sum()
+            return -log_probs(model, batch, sample=sample).sum()
 
         def compute_measurement(self, batch, model):
-            log_p = {}
-            for side in ("opponent", "proponent"):
-                logits = model(input_ids=batch[f"{side}_input_ids"],
-                               attention_mask=batch[f"{side}_attention_mask"]).logits
-                log_p[side] = sequence_log_probs(logits, batch[f"{side}_labels"])
-            return (log_p["opponent"] - log_p["proponent"]).sum()
+            return (log_probs(model, batch, "opponent_") - log_probs(model, batch, "proponent_")).sum()
 
         def get_influence_tracked_modules(self):
             return list(modules)
