@@ -18,7 +18,8 @@ pytest.importorskip("kronfluence", reason="kronfluence 1.0.1 is not installed (b
 from benchmarks.benchmark_ekfac import kronfluence_pairwise  # noqa: E402
 
 
-def test_pairwise_and_aggregated_scores_agree_with_kronfluence(tmp_path):
+@pytest.mark.parametrize("labelled_logits_only", [False, True], ids=["kronfluence-all-positions", "kronfluence-labelled"])
+def test_pairwise_and_aggregated_scores_agree_with_kronfluence(tmp_path, labelled_logits_only):
     model = make_tiny_neox(seed=7)
     train = make_examples(20, seed=31)
     queries = make_queries(4, seed=32)
@@ -27,7 +28,7 @@ def test_pairwise_and_aggregated_scores_agree_with_kronfluence(tmp_path):
     ours = pairwise_influence(model, factors, train, queries, damping=damping, progress=False)
     aggregated = influence(model, factors, train, {"all": queries}, damping=damping, progress=False)["all"]
     theirs, _ = kronfluence_pairwise(model, train, queries, modules=list(factors.modules), damping=damping,
-                                     dtype=torch.float64, output_dir=tmp_path)
+                                     dtype=torch.float64, output_dir=tmp_path, labelled_logits_only=labelled_logits_only)
     theirs = -theirs.double()
     pearson = float(torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1])
     assert pearson >= 0.999, f"Pearson {pearson:.6f} against kronfluence"

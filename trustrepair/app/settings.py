@@ -37,7 +37,9 @@ class DemoConfig:
     damping: float | None = field(default=None, metadata={"help": "absolute damping; None = 0.1 x mean(Lambda)"})
     subset_size: int = field(default=16, metadata={"help": "training examples per repair subset (16: the planted "
                                                            "sweep's held-out choice, benchmarks/RESULTS.md)"})
-    eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
+    eta: float = field(default=100.0, metadata={"help": "DPP trade-off: weight of log(sum of scores) (100: the "
+                                                        "planted sweep's held-out choice; on the planted data its "
+                                                        "subsets are nearly top-k's, benchmarks/RESULTS.md)"})
     selection_scores: str = field(default="normalized", metadata={
         "help": "scores the DPP and top-k subsets are chosen by: 'raw' influence or 'normalized' (divided by "
                 "the root of each example's self-influence, RelatIF; trustrepair.normalized_influence; the "
@@ -225,7 +227,9 @@ class RepairOptions:
     strategy: str = field(default="dpp", metadata={"help": "subset selection: dpp, topk or random"})
     subset_size: int = field(default=32, metadata={"help": "training examples in the repair subset"})
     tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
-    eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
+    eta: float = field(default=100.0, metadata={"help": "DPP trade-off: weight of log(sum of scores) (100: the "
+                                                        "planted sweep's held-out choice; on the planted data its "
+                                                        "subsets are nearly top-k's, benchmarks/RESULTS.md)"})
     beta_probes: int = field(default=4, metadata={"help": "perplexity probes of the step-size search"})
 
     def __post_init__(self):
