@@ -227,9 +227,7 @@ class RepairOptions:
     strategy: str = field(default="dpp", metadata={"help": "subset selection: dpp, topk or random"})
     subset_size: int = field(default=32, metadata={"help": "training examples in the repair subset"})
     tolerance: float = field(default=0.01, metadata={"help": "allowed relative perplexity increase"})
-    eta: float = field(default=100.0, metadata={"help": "DPP trade-off: weight of log(sum of scores) (100: the "
-                                                        "planted sweep's held-out choice; on the planted data its "
-                                                        "subsets are nearly top-k's, benchmarks/RESULTS.md)"})
+    eta: float = field(default=10.0, metadata={"help": "DPP trade-off: weight of log(sum of scores)"})
     beta_probes: int = field(default=4, metadata={"help": "perplexity probes of the step-size search"})
 
     def __post_init__(self):
