@@ -18,9 +18,10 @@ module), DPP subsets only, plus top-k at the defaults for reference:
 
 * subset size 16 / 64 (and top-k at 16, the reference at the smaller size);
 * DPP eta 0 / 1 / 100;
-* repair method PBRF (``repair_step.pbrf_repair``: 10 plain gradient steps, lr 1e-4, proximal 1e-3, warm-
-  started at beta x the Newton step, the KL term on ``--pbrf-kl`` seeded SFT examples), searched over beta
-  like the Newton step;
+* repair method PBRF (``repair_step.pbrf_repair`` as ``repair(method="pbrf")`` runs it: 4 EK-FAC-preconditioned
+  gradient steps from theta_post at lr 1, the first of which is the Newton step, the proximal weight the
+  damping per module, the KL term on ``PBRF_KL_EXAMPLES`` seeded SFT examples), searched over beta like the
+  Newton step; at the first sweep's defaults and at the demo's (normalised scores, DPP 16, eta 100);
 * repair damping 10x and 0.1x the default (the Newton direction only; the scores that chose the subsets
   keep the demo's damping);
 * selection scores normalised by the root of each example's self-influence
@@ -64,6 +65,7 @@ from trustrepair.methods.selection import select
 from benchmarks.common import cpu_name
 
 PBRF_KL_EXAMPLES = 64
+PBRF_STEPS = 4  # repair(method="pbrf")'s default
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ SETTINGS = (  # in the order they run: the default first, then by the brief's pr
     Setting("normalized, dpp 16, eta 100", "DPP eta", subset_size=16, eta=100.0, normalized=True,
             against="normalized, dpp 16"),
     Setting("normalized, dpp 32", "subset size", subset_size=32, normalized=True, against="normalized, dpp 16"),
+    Setting("normalized, dpp 16, eta 100, PBRF", "method", subset_size=16, eta=100.0, normalized=True,
+            method="pbrf", against="normalized, dpp 16, eta 100"),
 )
 
 
@@ -136,7 +140,8 @@ def work_copy(source: Path, work: Path) -> Path:
 
 def _pbrf_search(ws, factors, subset, measure, baseline, cfg: DemoConfig, kl_examples):
     """A PBRF repair searched over beta like the Newton step (same first probe, same tolerance and probes);
-    returns ``(delta, record, relative change from the Newton warm start at the chosen beta)``."""
+    returns ``(delta, record, {relative change from the Newton step at the chosen beta, the solver's last
+    learning rate (below 1: steps were refused), J})``."""
     from trustrepair.app.records import RepairRecord
     from trustrepair.engine.layers import find_modules
     from trustrepair.methods.repair_step import newton_direction
@@ -149,7 +154,8 @@ def _pbrf_search(ws, factors, subset, measure, baseline, cfg: DemoConfig, kl_exa
     @functools.lru_cache(maxsize=None)
     def at(beta: float) -> RepairDelta:
         return pbrf_repair(ws.tail, ws.train, subset, beta=beta, layers=layers, kl_examples=kl_examples,
-                           task=ws.task, batch_size=ws.batch_size, init=direction.scaled(beta))
+                           task=ws.task, batch_size=ws.batch_size, proximal=None, steps=PBRF_STEPS, lr=1.0,
+                           factors=factors, damping=cfg.damping)
 
     best, points, base = search_beta(at, ws.tail, lambda _m: ws.perplexity(), measure, tolerance=cfg.tolerance,
                                      beta0=stages.initial_beta(ws, direction), max_probes=cfg.beta_probes,
@@ -160,7 +166,9 @@ def _pbrf_search(ws, factors, subset, measure, baseline, cfg: DemoConfig, kl_exa
     size = sum(float(v.double().pow(2).sum()) for v in newton.deltas.values()) ** 0.5
     record = RepairRecord(best.beta, subset, best.metric, best.perplexity, [base, *points],
                           time.perf_counter() - start)
-    return delta, record, moved / size if size > 0 else 0.0
+    return delta, record, {"pbrf_change_from_newton": moved / size if size > 0 else 0.0,
+                           "pbrf_final_lr": delta.metadata.get("final_lr"),
+                           "pbrf_objective": delta.metadata.get("objective")}
 
 
 def seed_self_influence(run: RunDir, ws, factors: EKFACFactors) -> torch.Tensor:
@@ -198,8 +206,8 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
             subset = [int(i) for i in select(strategy, values, cfg.subset_size,
                                              embeddings=scores.embeddings, eta=cfg.eta, seed=cfg.seed)]
             if setting.method == "pbrf":
-                delta, record, moved = _pbrf_search(ws, factors, subset, measure, baseline, cfg, kl_examples)
-                extra[aspect][strategy] = {"pbrf_change_from_newton": moved}
+                delta, record, extra[aspect][strategy] = _pbrf_search(ws, factors, subset, measure, baseline, cfg,
+                                                                      kl_examples)
             else:
                 delta, record = stages.repair_subset(ws, repair_factors, subset, measure, baseline,
                                                      damping=cfg.damping, tolerance=cfg.tolerance,

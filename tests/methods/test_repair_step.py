@@ -83,6 +83,52 @@ def test_pbrf_raises_subset_loss_and_keeps_the_rest_close(fitted):
         pbrf_repair(model, train, subset, beta=1.0, layers=layers, kl_examples=[])
 
 
+DAMPING = 0.1
+
+
+def test_pbrf_first_preconditioned_step_is_the_newton_step(fitted):
+    model, train, _, factors = fitted
+    layers = find_modules(model, list(factors.modules))
+    subset, kl = [1, 2, 5], [train[i] for i in range(8, 20)]
+    beta = 1e-4
+    # an absolute damping: the default 0.1 x mean(Lambda) of this random model is ~1e-7 on q/k projections,
+    # along which the damped Newton step is far too long for J and would be refused
+    first = pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl, proximal=None, steps=1,
+                        lr=1.0, factors=factors, damping=DAMPING)
+    newton = newton_direction(model, factors, train, subset, damping=DAMPING).scaled(beta)
+    assert first.metadata["final_lr"] == 1.0, "the Newton step must lower J at a small beta (accepted)"
+    for name, value in newton.deltas.items():
+        torch.testing.assert_close(first.deltas[name], value, rtol=1e-5, atol=1e-6 * float(value.abs().max()))
+    with pytest.raises(ValueError, match="proximal=None"):
+        pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl, proximal=None)
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl, steps=0)
+
+
+def test_pbrf_steps_after_newton_approach_the_pbrf_minimiser(fitted):
+    model, train, _, factors = fitted
+    layers = find_modules(model, list(factors.modules))
+    subset, kl = [1, 2, 5], [train[i] for i in range(8, 20)]
+    beta = 1e-3  # the Newton step is accepted, and this random model's exact KL still bends away from EK-FAC's
+
+    def solve(steps):
+        return pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl, proximal=None,
+                           steps=steps, lr=1.0, factors=factors, damping=DAMPING)
+
+    def distance(a, b):
+        return sum(float((a.deltas[n] - b.deltas[n]).pow(2).sum()) for n in a.deltas) ** 0.5
+
+    newton, refined, solved = solve(1), solve(4), solve(40)
+    size = sum(float(v.pow(2).sum()) for v in solved.deltas.values()) ** 0.5
+    assert newton.metadata["final_lr"] == 1.0
+    assert distance(newton, solved) > 0.2 * size, "the test needs a Newton step away from the PBRF minimiser"
+    assert refined.metadata["objective"] < newton.metadata["objective"]
+    assert solved.metadata["objective"] <= refined.metadata["objective"]
+    assert distance(refined, solved) < 0.85 * distance(newton, solved), "the later steps must approach it"
+    default = repair(model, factors, train, subset, beta=beta, method="pbrf", kl_examples=kl, damping=DAMPING)
+    assert distance(default, refined) == 0.0, "repair(method='pbrf') is 4 preconditioned steps at lr 1"
+
+
 def _toy_search(tolerance, curvature, gain=-1.0, trace=False, calls=None, slope=0.0, max_probes=6):
     """A one-weight model whose 'perplexity' is 10 * exp(slope * w + curvature * w^2) and metric gain * w."""
     model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False))

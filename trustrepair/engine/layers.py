@@ -101,6 +101,17 @@ class TrackedLayer:
             return torch.cat([weight, self.module.bias.detach().unsqueeze(1)], dim=1)
         return weight.clone()
 
+    def folded_grad(self) -> torch.Tensor:
+        """The parameters' ``.grad`` as one (d_out, folded_in) matrix, the layout of :meth:`folded_weight`
+        (zeros where a parameter has no gradient)."""
+        weight, bias = self.module.weight, self.module.bias
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        grad = grad if isinstance(self.module, nn.Linear) else grad.T
+        if self.has_bias:
+            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+            return torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
+        return grad.clone()
+
     @torch.no_grad()
     def add_(self, delta: torch.Tensor, alpha: float = 1.0) -> None:
         """In place: W <- W + alpha * delta, delta (d_out, folded_in); the last column goes to the bias."""

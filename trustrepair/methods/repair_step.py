@@ -6,11 +6,13 @@ Two methods, both anchored at the post-SFT parameters theta_post (paper Sec. 3.4
       theta = theta_post + beta * sum_{z in S} (G + lambda I)^{-1} grad L(z),
   reusing the fitted factors. The step is linear in beta, so a beta search evaluates one direction at
   many scales without recomputing anything.
-* ``"pbrf"`` (Eq. 4): a few gradient-descent steps on the Proximal Bregman Response Function
-      mean_tokens KL(p_post || p_theta) - beta * sum_{z in S} L(z) + lambda/2 ||theta - theta_post||^2,
-  where the KL over a sample of SFT tokens is the Bregman divergence of the cross-entropy in function
-  space: it holds the model's predictions on ordinary data in place while the subset's loss rises.
-  The iteration starts from theta_post; the post-SFT log-probabilities are computed once, in float32.
+* ``"pbrf"`` (Eq. 4): a few EK-FAC-preconditioned gradient steps on the Proximal Bregman Response Function
+      (1/|K|) sum_{x in K} KL_x(p_post || p_theta) - beta * sum_{z in S} L(z) + lambda/2 ||theta - theta_post||^2,
+  where the KL, summed over each SFT example's labelled tokens, is the Bregman divergence of the
+  cross-entropy in function space: it holds the model's predictions on ordinary data in place while the
+  subset's loss rises. The iteration starts from theta_post, and its first step is the Newton step; the
+  later ones correct it where EK-FAC's curvature differs from the exact KL's. The post-SFT
+  log-probabilities are computed once, in float32.
 
 Only the parameters of the analysed modules move. A repair is a :class:`RepairDelta` (module name ->
 additive change of its folded (d_out, d_in [+1]) weight, bias in the last column, the layout of
@@ -190,8 +192,10 @@ def newton_direction(model: torch.nn.Module, factors, train: Sequence, subset, *
 
 
 def _token_log_probs(model, task: Task, batch) -> torch.Tensor:
-    """(N, V) float32 log-softmax at the labelled positions of ``batch`` (order of ``task.token_logits``)."""
-    return torch.log_softmax(task.token_logits(model, batch).float(), dim=-1)
+    """(N, V) log-softmax at the labelled positions of ``batch`` (order of ``task.token_logits``), in float32
+    or the logits' dtype where wider."""
+    logits = task.token_logits(model, batch)
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def _layer_parameters(layers: Sequence[TrackedLayer]) -> list[torch.nn.Parameter]:
@@ -204,69 +208,125 @@ def _layer_parameters(layers: Sequence[TrackedLayer]) -> list[torch.nn.Parameter
 
 
 def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], *, beta: float,
-                layers: Sequence[TrackedLayer], kl_examples: Sequence, proximal: float = 1e-3,
+                layers: Sequence[TrackedLayer], kl_examples: Sequence, proximal: float | None = 1e-3,
                 steps: int = 10, lr: float = 1e-4, task: Task | None = None, batch_size: int = 8,
-                init: RepairDelta | None = None, progress: bool = False) -> RepairDelta:
-    """Minimise the PBRF objective (Eq. 4) over the ``layers``' parameters for ``steps`` gradient steps.
+                init: RepairDelta | None = None, factors=None, damping: float | None = None,
+                progress: bool = False) -> RepairDelta:
+    """Minimise the PBRF objective (Eq. 4) over the ``layers``' parameters by ``steps`` gradient steps.
 
-    Plain gradient descent, not Adam: the objective's gradient at theta_post is exactly the ascent term
-    (the KL and proximal terms are stationary there), and Adam's per-coordinate normalisation would
-    blow rounding noise up to full-size steps when beta is small.
+        J(theta) = (1/|K|) sum_{x in K} sum_t KL(p_post(.|x_<t) || p_theta(.|x_<t))
+                   - beta sum_{z in S} L(z) + sum_l lambda_l / 2 ||W_l - W_l,post||^2
+
+    with K the ``kl_examples``, t their labelled tokens and L the summed per-example loss. The KL is summed
+    per example and averaged over examples, as the loss L, the SFT objective and the per-example Fisher G
+    of the EK-FAC factors are, so that J's Gauss-Newton Hessian at theta_post is G + lambda I: Eq. 5's
+    Newton step is the minimiser of J's quadratic model.
+
+    Two iterations, both plain (not Adam: Adam's per-coordinate normalisation would blow rounding noise
+    up to full-size steps when beta is small):
+
+    * ``factors`` given: EK-FAC-preconditioned descent, Delta <- Delta - lr (G + lambda I)^{-1} grad J,
+      with lambda the factors' ``damping`` per module, also the proximal weight when ``proximal=None``. The
+      gradient of J at theta_post is exactly the ascent term (the KL and proximal terms are stationary
+      there), so from theta_post one step at ``lr=1`` is ``beta * newton_direction``; later steps follow the
+      exact KL on K where EK-FAC approximates it. A step that does not lower J is undone and ``lr``
+      halved (it still counts as a step); after an accepted one ``lr`` doubles again, up to its start.
+    * ``factors=None``: gradient descent on the raw gradient, ``proximal`` a float.
+
+    Precision: the post-SFT log-probabilities and the KL in float32 at least (the model's dtype if wider);
+    J is compared in float64.
 
     The model is restored to theta_post before returning: apply the returned delta to use the repair.
 
     Args:
         beta: weight of the ascent term -beta * sum_S L(z).
         layers: the analysed layers (see :func:`trustrepair.engine.layers.find_modules`); nothing else moves.
-        kl_examples: SFT examples whose labelled tokens carry the mean KL(p_post || p_theta) term.
-        proximal: lambda of lambda/2 ||theta - theta_post||^2.
+        kl_examples: SFT examples whose labelled tokens carry the KL term.
+        proximal: lambda of the proximal term, one float for every layer; ``None`` takes the factors'
+            per-module damping (needs ``factors``).
         init: optional starting change (e.g. a scaled Newton step); the default starts at theta_post.
+        factors: EK-FAC factors of these layers to precondition the steps (:class:`EKFACFactors`).
+        damping: the preconditioner's damping, ``None`` for 0.1 x mean(Lambda) per module.
     """
     task = task or CausalLMTask()
     beta = finite("beta", beta, minimum=0, hint="the weight of the loss ascent on the subset")
-    lr = finite("lr", lr, positive=True, hint="the PBRF learning rate")
-    proximal = finite("proximal", proximal, minimum=0, hint="the weight of the proximal term")
+    lr = first_lr = finite("lr", lr, positive=True, hint="the PBRF learning rate")
+    if proximal is None and factors is None:
+        raise ValueError("proximal=None takes the EK-FAC damping per module: pass factors, or a proximal weight")
+    if proximal is not None:
+        proximal = finite("proximal", proximal, minimum=0, hint="the weight of the proximal term")
+    damping = check_damping(damping)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     subset = _check_subset(train, subset)
     if not kl_examples:
         raise ValueError("PBRF needs SFT examples for its KL term; pass kl_examples")
     kl_examples = as_examples(kl_examples, "kl_examples", vocab_size=task.vocab_size(model))
+    weights = {layer.name: (factors.damping(layer.name, damping) if proximal is None else proximal)
+               for layer in layers}
     params = _layer_parameters(layers)
     post = [p.detach().clone() for p in params]
     post_folded = {layer.name: layer.folded_weight() for layer in layers}
     kl_batches = [task.collate(chunk) for chunk in chunked(kl_examples, batch_size)]
     with torch.no_grad():
         post_log_probs = [_token_log_probs(model, task, b) for b in kl_batches]
-    n_kl_tokens = sum(lp.shape[0] for lp in post_log_probs)
-    if n_kl_tokens == 0:
+    if sum(lp.shape[0] for lp in post_log_probs) == 0:
         raise ValueError("kl_examples have no labelled tokens")
     subset_batches = [task.collate(chunk) for chunk in chunked(_subset_examples(model, task, train, subset), batch_size)]
+
+    def objective_and_gradient() -> tuple[float, dict[str, torch.Tensor]]:
+        """J at the current parameters and its gradient per layer in the folded layout."""
+        for p in params:
+            p.grad = None
+        value = 0.0
+        for batch, ref in zip(kl_batches, post_log_probs):
+            kl = (ref.exp() * (ref - _token_log_probs(model, task, batch))).sum() / len(kl_examples)
+            kl.backward()
+            value += float(kl.detach())
+        for batch in subset_batches:
+            ascent = -beta * task.train_loss(model, batch).sum()
+            ascent.backward()
+            value += float(ascent.detach())
+        grads = {}
+        with torch.no_grad():
+            for layer in layers:
+                moved = layer.folded_weight() - post_folded[layer.name]
+                value += weights[layer.name] / 2 * float(moved.double().pow(2).sum())
+                grads[layer.name] = layer.folded_grad() + weights[layer.name] * moved
+        return value, grads
+
     requires_grad = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    if init is not None:
-        init.apply(model)
-    optimizer = torch.optim.SGD(params, lr=lr)
     try:
+        if init is not None:
+            init.apply(model)
+        value, grads = objective_and_gradient()
         for _ in tqdm(range(steps), desc=f"PBRF beta={beta:.3g}", disable=not progress, leave=False):
-            optimizer.zero_grad(set_to_none=True)
-            for batch, ref in zip(kl_batches, post_log_probs):
-                current = _token_log_probs(model, task, batch)
-                kl = (ref.exp() * (ref - current)).sum() / n_kl_tokens
-                kl.backward()
-            for batch in subset_batches:
-                (-beta * task.train_loss(model, batch).sum()).backward()
-            with torch.no_grad():
-                for p, p0 in zip(params, post):
-                    p.grad.add_(p - p0, alpha=proximal)
-            optimizer.step()
+            step = grads if factors is None else factors.precondition(grads, damping=damping)
+            accepted = [p.detach().clone() for p in params]
+            for layer in layers:
+                layer.add_(step[layer.name], alpha=-lr)
+            trial, trial_grads = objective_and_gradient()
+            if factors is not None and not trial < value:
+                with torch.no_grad():
+                    for p, p0 in zip(params, accepted):
+                        p.copy_(p0)
+                lr /= 2
+                continue
+            if factors is not None:
+                lr = min(2 * lr, first_lr)
+            value, grads = trial, trial_grads
         deltas = {layer.name: layer.folded_weight() - post_folded[layer.name] for layer in layers}
     finally:
         with torch.no_grad():
             for p, p0, flag in zip(params, post, requires_grad):
                 p.copy_(p0)
                 p.requires_grad_(flag)
-    return RepairDelta(deltas, {"method": "pbrf", "beta": beta, "steps": steps, "lr": lr,
-                                "proximal": proximal, "subset_size": len(subset)})
+                p.grad = None
+    return RepairDelta(deltas, {"method": "pbrf", "beta": beta, "steps": steps, "lr": first_lr, "final_lr": lr,
+                                "proximal": proximal, "preconditioned": factors is not None,
+                                "objective": value, "subset_size": len(subset)})
 
 
 @dataclass
@@ -407,15 +467,17 @@ def search_beta(make_delta: Callable[[float], RepairDelta], model: torch.nn.Modu
 
 def repair(model: torch.nn.Module, factors, train: Sequence, subset, *, beta: float,
            method: str = "newton", damping: float | None = None, task: Task | None = None,
-           batch_size: int = 8, kl_examples: Sequence | None = None, steps: int = 10, lr: float = 1e-4,
-           proximal: float = 1e-3, progress: bool = False, check_fingerprint: bool = True) -> RepairDelta:
+           batch_size: int = 8, kl_examples: Sequence | None = None, steps: int = 4, lr: float = 1.0,
+           proximal: float | None = None, progress: bool = False, check_fingerprint: bool = True) -> RepairDelta:
     """Repair ``model`` on ``subset`` at step size ``beta``; returns the change (the model is unchanged).
 
     ``method="newton"``: beta * sum_S (G + lambda I)^{-1} grad L(z) with the EK-FAC ``factors`` and
     ``damping`` (None: 0.1 x mean eigenvalue correction per module). ``method="pbrf"``: ``steps``
-    gradient steps (learning rate ``lr``) on the PBRF objective over the analysed modules' parameters, warm-started at the Newton step,
-    with the KL term on ``kl_examples``. Apply the result with ``delta.apply(model)``; undo with
-    ``delta.revert(model)`` (exact: see :meth:`RepairDelta.revert`).
+    EK-FAC-preconditioned gradient steps (learning rate ``lr``) on the PBRF objective over the analysed
+    modules' parameters from theta_post (:func:`pbrf_repair`; the first step at ``lr=1`` is the Newton step),
+    the KL term on ``kl_examples``, the proximal weight ``proximal`` (None: the damping per module). Apply
+    the result with ``delta.apply(model)``; undo with ``delta.revert(model)`` (exact: see
+    :meth:`RepairDelta.revert`).
 
     ``subset`` is integer indices (distinct) or a boolean mask of length ``len(train)``. Every float
     argument must be finite. ``check_fingerprint=False`` lets factors fitted on other weights (same
@@ -424,13 +486,14 @@ def repair(model: torch.nn.Module, factors, train: Sequence, subset, *, beta: fl
     beta = finite("beta", beta, minimum=0, hint="the weight of the loss ascent on the subset")
     if method not in ("newton", "pbrf"):
         raise ValueError(f"unknown repair method {method!r}; choose 'newton' or 'pbrf'")
-    direction = newton_direction(model, factors, train, subset, task=task, damping=damping,
-                                 batch_size=batch_size, progress=progress, check_fingerprint=check_fingerprint)
-    newton = direction.scaled(beta)
+    if method == "pbrf":
+        damping = check_damping(damping)
+        factors.check_model(model, weights=check_fingerprint)
+        layers = find_modules(model, list(factors.modules))
+        return pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl_examples or [],
+                           proximal=proximal, steps=steps, lr=lr, task=task, batch_size=batch_size,
+                           factors=factors, damping=damping, progress=progress)
+    newton = newton_direction(model, factors, train, subset, task=task, damping=damping, batch_size=batch_size,
+                              progress=progress, check_fingerprint=check_fingerprint).scaled(beta)
     newton.metadata.update(method="newton", beta=beta)
-    if method == "newton":
-        return newton
-    layers = find_modules(model, list(factors.modules))
-    return pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl_examples or [],
-                       proximal=proximal, steps=steps, lr=lr, task=task, batch_size=batch_size,
-                       init=newton, progress=progress)
+    return newton
