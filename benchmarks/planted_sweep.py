@@ -23,7 +23,8 @@ module), DPP subsets only, plus top-k at the defaults for reference:
   damping per module, the KL term on ``PBRF_KL_EXAMPLES`` seeded SFT examples), searched over beta like the
   Newton step; at the first sweep's defaults and at the demo's (normalised scores, DPP 16, eta 100);
 * repair damping 10x and 0.1x the default (the Newton direction only; the scores that chose the subsets
-  keep the demo's damping);
+  keep the demo's damping); from the demo's defaults, 0.1x and 0.01x for the scores, the self-influences
+  and the repair alike ("rescored");
 * selection scores normalised by the root of each example's self-influence
   (``scoring.normalized_influence``, RelatIF), DPP and top-k at subset 16;
 * from the normalised DPP / top-k at subset 16: 8 beta probes instead of 4, DPP eta 100, subset 32.
@@ -82,6 +83,7 @@ class Setting:
     normalized: bool = False  # select by the scores over sqrt(self-influence) (scoring.normalized_influence)
     beta_probes: int | None = None  # perplexity probes of the beta search (None: the demo's)
     against: str = "default"  # the setting whose same strategy the "vs" column subtracts
+    rescore: bool = False  # the scores and self-influences that choose the subsets also at damping_scale
 
 
 SETTINGS = (  # in the order they run: the default first, then by the brief's priority
@@ -107,6 +109,10 @@ SETTINGS = (  # in the order they run: the default first, then by the brief's pr
     Setting("normalized, dpp 32", "subset size", subset_size=32, normalized=True, against="normalized, dpp 16"),
     Setting("normalized, dpp 16, eta 100, PBRF", "method", subset_size=16, eta=100.0, normalized=True,
             method="pbrf", against="normalized, dpp 16, eta 100"),
+    Setting("normalized, dpp 16, eta 100, damping 0.1x rescored", "damping", subset_size=16, eta=100.0,
+            normalized=True, damping_scale=0.1, rescore=True, against="normalized, dpp 16, eta 100"),
+    Setting("normalized, dpp 16, eta 100, damping 0.01x rescored", "damping", subset_size=16, eta=100.0,
+            normalized=True, damping_scale=0.01, rescore=True, against="normalized, dpp 16, eta 100"),
 )
 
 
@@ -121,6 +127,10 @@ class ScaledDamping(EKFACFactors):
     def damping(self, name: str, damping: float | None = None) -> float:
         value = super().damping(name, damping)
         return self.scale * value if damping is None else value
+
+    def to(self, device) -> "ScaledDamping":
+        # the scorers move the factors to the model's device: keep the scale (a plain copy would drop it)
+        return ScaledDamping(super().to(device), self.scale)
 
 
 def difference_vs(post, repaired, reference, gold) -> tuple[float, float]:
@@ -182,6 +192,25 @@ def seed_self_influence(run: RunDir, ws, factors: EKFACFactors) -> torch.Tensor:
     return torch.load(path)
 
 
+def rescored(run: RunDir, ws, factors: EKFACFactors, scores, scale: float) -> tuple:
+    """``(scores, self-influences)`` at ``scale`` x the demo's damping (``factors`` already scaled): the query
+    halves' aggregated influence (``scoring.influence``) and ``scoring.self_influence``, saved in the work
+    copy as ``rescored-{scale}.pt`` and read back on a rerun; the embeddings are the demo's."""
+    from trustrepair.methods.scoring import influence
+
+    path = run.path(f"rescored-{scale:g}.pt")
+    if not path.is_file():
+        trust = {a: ws.trust[a]["query"] for a in run.config.aspects}
+        values = influence(ws.tail, factors, ws.train, trust, damping=run.config.damping, task=ws.task,
+                           batch_size=run.config.batch_size, progress=False)
+        sigma = self_influence(ws.tail, factors, ws.train, damping=run.config.damping, task=ws.task,
+                               batch_size=ws.batch_size, progress=False)
+        torch.save({"scores": {a: v.double().cpu() for a, v in values.items()}, "sigma": sigma.double().cpu()}, path)
+    saved = torch.load(path)
+    return (dataclasses.replace(scores, per_aspect={a: saved["scores"][a].numpy() for a in run.config.aspects}),
+            saved["sigma"])
+
+
 def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Setting, kl_examples,
                 sigma: torch.Tensor, planted: dict[str, list[int]]) -> dict:
     """One seed, one setting: per aspect and strategy the subset (chosen from the scores, or from the
@@ -193,6 +222,8 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
                               beta_probes=setting.beta_probes or run.config.beta_probes)
     repair_factors = factors if setting.damping_scale == 1.0 else ScaledDamping(factors, setting.damping_scale)
     repaired, repairs, extra = {}, {}, {}
+    if setting.rescore:
+        scores, sigma = rescored(run, ws, repair_factors, scores, setting.damping_scale)
     chosen_by = dataclasses.replace(scores, self_influence=sigma.numpy()).for_selection(
         "normalized" if setting.normalized else "raw")
     for aspect in cfg.aspects:

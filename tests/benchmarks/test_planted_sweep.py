@@ -23,6 +23,8 @@ def test_scaled_damping_scales_only_the_default_and_the_preconditioner_follows()
     expected = 1.0 / (factors.modules["layer"].lambda_ + 3.5)  # identity eigenbases: elementwise
     torch.testing.assert_close(scaled.precondition(grad)["layer"], expected)
     assert scaled.modules["layer"].lambda_ is factors.modules["layer"].lambda_  # shared, not copied
+    moved = scaled.to("cpu")  # as the scorers do: the scale must survive the move
+    assert isinstance(moved, ScaledDamping) and moved.damping("layer") == pytest.approx(3.5)
 
 
 def test_difference_vs_is_the_difference_of_the_two_fractions_with_a_paired_se():
