@@ -178,7 +178,8 @@ def _pbrf_search(ws, factors, subset, measure, baseline, cfg: DemoConfig, kl_exa
                           time.perf_counter() - start)
     return delta, record, {"pbrf_change_from_newton": moved / size if size > 0 else 0.0,
                            "pbrf_final_lr": delta.metadata.get("final_lr"),
-                           "pbrf_objective": delta.metadata.get("objective")}
+                           "pbrf_objective": delta.metadata.get("objective"),
+                           "pbrf_trials": delta.metadata.get("trials")}
 
 
 def seed_self_influence(run: RunDir, ws, factors: EKFACFactors) -> torch.Tensor:

@@ -129,6 +129,20 @@ def test_pbrf_steps_after_newton_approach_the_pbrf_minimiser(fitted):
     assert distance(default, refined) == 0.0, "repair(method='pbrf') is 4 preconditioned steps at lr 1"
 
 
+def test_pbrf_line_search_shortens_a_newton_step_that_raises_the_objective(fitted):
+    model, train, _, factors = fitted
+    layers = find_modules(model, list(factors.modules))
+    subset, kl = [1, 2, 5], [train[i] for i in range(8, 20)]
+    # at this beta the exact KL along the Newton step bends far above EK-FAC's quadratic
+    short = pbrf_repair(model, train, subset, beta=0.01, layers=layers, kl_examples=kl, proximal=None, steps=2,
+                        lr=1.0, factors=factors, damping=DAMPING)
+    start, newton, second = short.metadata["trials"]
+    assert not newton["accepted"] and newton["objective"] > start["objective"]
+    assert second["accepted"] and 0.01 <= second["lr"] <= 0.5, "the retry is the interpolated, shorter step"
+    assert short.metadata["objective"] == second["objective"] < start["objective"]
+    assert max(float(d.abs().max()) for d in short.deltas.values()) > 0
+
+
 def _toy_search(tolerance, curvature, gain=-1.0, trace=False, calls=None, slope=0.0, max_probes=6):
     """A one-weight model whose 'perplexity' is 10 * exp(slope * w + curvature * w^2) and metric gain * w."""
     model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False))

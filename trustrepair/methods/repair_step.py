@@ -207,6 +207,9 @@ def _layer_parameters(layers: Sequence[TrackedLayer]) -> list[torch.nn.Parameter
     return params
 
 
+ARMIJO = 1e-4  # sufficient-decrease constant of the PBRF line search (Nocedal & Wright's usual value)
+
+
 def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], *, beta: float,
                 layers: Sequence[TrackedLayer], kl_examples: Sequence, proximal: float | None = 1e-3,
                 steps: int = 10, lr: float = 1e-4, task: Task | None = None, batch_size: int = 8,
@@ -229,9 +232,17 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
       with lambda the factors' ``damping`` per module, also the proximal weight when ``proximal=None``. The
       gradient of J at theta_post is exactly the ascent term (the KL and proximal terms are stationary
       there), so from theta_post one step at ``lr=1`` is ``beta * newton_direction``; later steps follow the
-      exact KL on K where EK-FAC approximates it. A step that does not lower J is undone and ``lr``
-      halved (it still counts as a step); after an accepted one ``lr`` doubles again, up to its start.
+      exact KL on K where EK-FAC approximates it.
     * ``factors=None``: gradient descent on the raw gradient, ``proximal`` a float.
+
+    Each step is a backtracking line search (Nocedal & Wright, Sec. 3.5): a step that lowers J by less
+    than ``ARMIJO`` x its predicted decrease is undone (it still counts as a step), and the next one tried
+    at the minimiser of the quadratic through J and its slope at the current point and J at the refused
+    step (kept within 1/100 to 1/2 of the refused step); after an accepted step ``lr`` doubles, up to its
+    start. Where the exact KL bends up faster than EK-FAC predicts, the solve so shortens the Newton step.
+
+    ``metadata["trials"]`` lists every evaluation of J: its ``lr``, J, the first-order prediction
+    J + lr x slope and whether the step was kept (the first entry is the start).
 
     Precision: the post-SFT log-probabilities and the KL in float32 at least (the model's dtype if wider);
     J is compared in float64.
@@ -295,6 +306,11 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
                 grads[layer.name] = layer.folded_grad() + weights[layer.name] * moved
         return value, grads
 
+    def descent(grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """The step direction (moved along by ``-lr``) and J's slope along it per unit ``lr`` (<= 0)."""
+        step = grads if factors is None else factors.precondition(grads, damping=damping)
+        return step, -sum(float((grads[n].double() * step[n].double()).sum()) for n in grads)
+
     requires_grad = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -302,21 +318,26 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
         if init is not None:
             init.apply(model)
         value, grads = objective_and_gradient()
+        step, slope = descent(grads)
+        trials = [{"lr": 0.0, "objective": value, "predicted": value, "accepted": True}]
         for _ in tqdm(range(steps), desc=f"PBRF beta={beta:.3g}", disable=not progress, leave=False):
-            step = grads if factors is None else factors.precondition(grads, damping=damping)
             accepted = [p.detach().clone() for p in params]
             for layer in layers:
                 layer.add_(step[layer.name], alpha=-lr)
             trial, trial_grads = objective_and_gradient()
-            if factors is not None and not trial < value:
+            trials.append({"lr": lr, "objective": trial, "predicted": value + lr * slope,
+                           "accepted": bool(trial <= value + ARMIJO * lr * slope)})
+            if not trials[-1]["accepted"]:  # NaN is refused too
                 with torch.no_grad():
                     for p, p0 in zip(params, accepted):
                         p.copy_(p0)
-                lr /= 2
+                curvature = (trial - value - slope * lr) / lr ** 2
+                shrunk = -slope / (2 * curvature) if math.isfinite(curvature) and curvature > 0 else lr / 2
+                lr = min(max(shrunk, lr / 100), lr / 2)
                 continue
-            if factors is not None:
-                lr = min(2 * lr, first_lr)
             value, grads = trial, trial_grads
+            step, slope = descent(grads)
+            lr = min(2 * lr, first_lr)
         deltas = {layer.name: layer.folded_weight() - post_folded[layer.name] for layer in layers}
     finally:
         with torch.no_grad():
@@ -326,7 +347,7 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
                 p.grad = None
     return RepairDelta(deltas, {"method": "pbrf", "beta": beta, "steps": steps, "lr": first_lr, "final_lr": lr,
                                 "proximal": proximal, "preconditioned": factors is not None,
-                                "objective": value, "subset_size": len(subset)})
+                                "objective": value, "trials": trials, "subset_size": len(subset)})
 
 
 @dataclass
