@@ -23,8 +23,8 @@ module), DPP subsets only, plus top-k at the defaults for reference:
   damping per module, the KL term on ``PBRF_KL_EXAMPLES`` seeded SFT examples), searched over beta like the
   Newton step; at the first sweep's defaults and at the demo's (normalised scores, DPP 16, eta 100);
 * repair damping 10x and 0.1x the default (the Newton direction only; the scores that chose the subsets
-  keep the demo's damping); from the demo's defaults, 0.1x and 0.01x for the scores, the self-influences
-  and the repair alike ("rescored");
+  keep the demo's damping); from the demo's defaults, 0.1x and 0.01x for the repair only, and for the
+  scores, the self-influences and the repair alike ("rescored");
 * selection scores normalised by the root of each example's self-influence
   (``scoring.normalized_influence``, RelatIF), DPP and top-k at subset 16;
 * from the normalised DPP / top-k at subset 16: 8 beta probes instead of 4, DPP eta 100, subset 32.
@@ -56,7 +56,7 @@ from trustrepair.app.planted_stages import GOLD, RANKING, planted_by_aspect
 from trustrepair.app.records import EvaluationRecord
 from trustrepair.app.rundir import RunDir
 from trustrepair.app.settings import DemoConfig, as_written
-from trustrepair.engine.ekfac import EKFACFactors
+from trustrepair.engine.ekfac import DAMPING_SCALE, EKFACFactors
 from trustrepair.engine.storage import read_json, write_json, write_text
 from trustrepair.methods.repair_step import BetaPoint, RepairDelta, pbrf_repair, search_beta
 from trustrepair.methods.ground_truth import ranking_metrics
@@ -113,24 +113,11 @@ SETTINGS = (  # in the order they run: the default first, then by the brief's pr
             normalized=True, damping_scale=0.1, rescore=True, against="normalized, dpp 16, eta 100"),
     Setting("normalized, dpp 16, eta 100, damping 0.01x rescored", "damping", subset_size=16, eta=100.0,
             normalized=True, damping_scale=0.01, rescore=True, against="normalized, dpp 16, eta 100"),
+    Setting("normalized, dpp 16, eta 100, repair damping 0.1x", "damping", subset_size=16, eta=100.0,
+            normalized=True, damping_scale=0.1, against="normalized, dpp 16, eta 100"),
+    Setting("normalized, dpp 16, eta 100, repair damping 0.01x", "damping", subset_size=16, eta=100.0,
+            normalized=True, damping_scale=0.01, against="normalized, dpp 16, eta 100"),
 )
-
-
-class ScaledDamping(EKFACFactors):
-    """``factors`` whose default damping (``damping=None``) is ``scale`` x 0.1 x mean(Lambda) per module;
-    an absolute damping is used as given. Shares the factors' tensors."""
-
-    def __init__(self, factors: EKFACFactors, scale: float):
-        super().__init__(factors.modules, factors.arguments, factors.fingerprint, factors.timings, factors.versions)
-        self.scale = float(scale)
-
-    def damping(self, name: str, damping: float | None = None) -> float:
-        value = super().damping(name, damping)
-        return self.scale * value if damping is None else value
-
-    def to(self, device) -> "ScaledDamping":
-        # the scorers move the factors to the model's device: keep the scale (a plain copy would drop it)
-        return ScaledDamping(super().to(device), self.scale)
 
 
 def difference_vs(post, repaired, reference, gold) -> tuple[float, float]:
@@ -221,7 +208,8 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
 
     cfg = dataclasses.replace(run.config, subset_size=setting.subset_size, eta=setting.eta,
                               beta_probes=setting.beta_probes or run.config.beta_probes)
-    repair_factors = factors if setting.damping_scale == 1.0 else ScaledDamping(factors, setting.damping_scale)
+    repair_factors = factors if setting.damping_scale == 1.0 else factors.with_damping_scale(
+        DAMPING_SCALE * setting.damping_scale)
     repaired, repairs, extra = {}, {}, {}
     if setting.rescore:
         scores, sigma = rescored(run, ws, repair_factors, scores, setting.damping_scale)
@@ -266,7 +254,7 @@ def sweep_seed(source: Path, work: Path, settings, results: dict, save) -> None:
     if not todo:
         return
     work_copy(source, work / name)
-    saved = as_written(read_json(work / name / RunDir.SETTINGS))
+    saved = as_written(read_json(work / name / RunDir.SETTINGS), DemoConfig)
     cfg = DemoConfig(**{k: tuple(v) if k == "aspects" else v for k, v in saved.items()})
     run = RunDir(work / name, cfg, progress=False)
     start = time.perf_counter()

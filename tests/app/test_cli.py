@@ -31,6 +31,7 @@ OTHER_VALUES = {
     "sft_lr": ("1e-3", 1e-3),
     "fisher": ("sampled", "sampled"),
     "damping": ("0.01", 0.01),
+    "repair_damping": ("0.05", 0.05),
     "subset_size": ("8", 8),
     "eta": ("2.5", 2.5),
     "selection_scores": ("raw", "raw"),

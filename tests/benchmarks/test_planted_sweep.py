@@ -1,30 +1,9 @@
-"""The planted sweep's own logic: the repair-only damping scale and the paired difference of two repairs."""
+"""The planted sweep's own logic: the paired difference of two repairs and the work copy."""
 import numpy as np
 import pytest
-import torch
 
-from benchmarks.planted_sweep import ScaledDamping, difference_vs, work_copy
+from benchmarks.planted_sweep import difference_vs, work_copy
 from trustrepair.app.planted_report import fraction_undone
-from trustrepair.engine.ekfac import EKFACFactors, ModuleFactors
-
-
-def _factors() -> EKFACFactors:
-    eye = torch.eye(3, dtype=torch.float64)
-    lam = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
-    return EKFACFactors({"layer": ModuleFactors(eye, torch.eye(2, dtype=torch.float64), lam, 10, 4)}, {}, {})
-
-
-def test_scaled_damping_scales_only_the_default_and_the_preconditioner_follows():
-    factors = _factors()
-    scaled = ScaledDamping(factors, 10.0)
-    assert scaled.damping("layer") == pytest.approx(10 * factors.damping("layer")) == pytest.approx(3.5)
-    assert scaled.damping("layer", 0.25) == 0.25  # an absolute damping is used as given
-    grad = {"layer": torch.ones(2, 3, dtype=torch.float64)}
-    expected = 1.0 / (factors.modules["layer"].lambda_ + 3.5)  # identity eigenbases: elementwise
-    torch.testing.assert_close(scaled.precondition(grad)["layer"], expected)
-    assert scaled.modules["layer"].lambda_ is factors.modules["layer"].lambda_  # shared, not copied
-    moved = scaled.to("cpu")  # as the scorers do: the scale must survive the move
-    assert isinstance(moved, ScaledDamping) and moved.damping("layer") == pytest.approx(3.5)
 
 
 def test_difference_vs_is_the_difference_of_the_two_fractions_with_a_paired_se():

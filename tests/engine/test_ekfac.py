@@ -262,6 +262,25 @@ def test_precondition_equals_dense_damped_inverse(damping):
         assert_rel(projected[name], expected, 1e-9, f"{name} from the eigenbasis")
 
 
+def test_with_damping_scale_changes_only_the_default_and_survives_the_move_the_scorers_make():
+    model = make_tiny_neox()
+    name = "gpt_neox.layers.0.attention.dense"
+    factors = fit_ekfac(model, make_examples(8, seed=3), fisher="empirical", progress=False, modules=[name])
+    scaled = factors.with_damping_scale(0.01)
+    lam = factors.modules[name].lambda_
+    assert scaled.damping(name) == pytest.approx(0.01 * float(lam.mean()), rel=1e-12)
+    assert factors.damping(name) == pytest.approx(0.1 * float(lam.mean()), rel=1e-12), "the original is unchanged"
+    assert scaled.damping(name, 0.25) == 0.25, "an absolute damping is used as given"
+    assert scaled.modules[name].lambda_ is lam, "tensors are shared, not copied"
+    moved = scaled.to("cpu")  # as scoring._prepare does
+    assert moved.damping_scale == 0.01 and moved.damping(name) == scaled.damping(name)
+    grad = {name: torch.randn(*lam.shape, generator=torch.Generator().manual_seed(1), dtype=lam.dtype)}
+    assert_rel(scaled.precondition(grad)[name], factors.precondition(grad, damping=scaled.damping(name))[name],
+               1e-12, name)
+    with pytest.raises(ValueError, match="damping_scale"):
+        factors.with_damping_scale(0.0)
+
+
 def test_precondition_rejects_bad_inputs():
     model = make_tiny_neox()
     factors = fit_ekfac(model, make_examples(6), fisher="empirical", progress=False,

@@ -58,7 +58,7 @@ class RunDir:
         path = self.dir / settings_file
         wanted = config.to_json()
         if path.is_file():
-            saved = as_written(read_json(path))
+            saved = as_written(read_json(path), type(config))
             changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
             if changed and not self._has_results(settings_file):
                 logger.info("run directory %s has no results yet; replacing its settings %s", self.dir, changed)

@@ -35,6 +35,9 @@ class DemoConfig:
     sft_lr: float = field(default=3e-4, metadata={"help": "SFT learning rate (AdamW)"})
     fisher: str = field(default="empirical", metadata={"help": "'empirical' or 'sampled' Fisher for EK-FAC"})
     damping: float | None = field(default=None, metadata={"help": "absolute damping; None = 0.1 x mean(Lambda)"})
+    repair_damping: float = field(default=0.1, metadata={
+        "help": "the repair step's damping as a multiple of mean(Lambda) per module where --damping is none "
+                "(the scores keep 0.1 x mean(Lambda))"})
     subset_size: int = field(default=16, metadata={"help": "training examples per repair subset (16: the planted "
                                                            "sweep's held-out choice, benchmarks/RESULTS.md)"})
     eta: float = field(default=100.0, metadata={"help": "DPP trade-off: weight of log(sum of scores) (100: the "
@@ -73,6 +76,9 @@ class DemoConfig:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.tolerance < 0:
             raise ValueError(f"tolerance is a relative perplexity increase and must be >= 0, got {self.tolerance}")
+        if not (math.isfinite(self.repair_damping) and self.repair_damping > 0):
+            raise ValueError(f"repair_damping must be a finite number > 0 (a multiple of mean(Lambda)), got "
+                             f"{self.repair_damping!r}")
         if not self.aspects:
             raise ValueError("choose at least one aspect")
         targets = (*self.aspects, "common") if len(self.aspects) > 1 else self.aspects
@@ -87,15 +93,16 @@ class DemoConfig:
 STRATEGIES = ("dpp", "topk", "random")  # the selection strategies of trustrepair.methods.selection
 SELECTION_SCORES = ("raw", "normalized")  # DemoConfig / AttributeConfig.selection_scores
 FISHERS = ("empirical", "sampled")  # DemoConfig / AttributeConfig.fisher
-SETTINGS_BEFORE_THEY_EXISTED = {"selection_scores": "raw"}
+SETTINGS_BEFORE_THEY_EXISTED = {"selection_scores": "raw", "repair_damping": 0.1}
 """Settings added after run directories were already written, with the value those runs used."""
 
 
-def as_written(saved: dict) -> dict:
-    """Settings read from a run directory's file, with every setting added since it was written set to what
-    that run used (:data:`SETTINGS_BEFORE_THEY_EXISTED`), so the run is reused or refused for what it really
-    did."""
-    return {**SETTINGS_BEFORE_THEY_EXISTED, **saved}
+def as_written(saved: dict, config: type) -> dict:
+    """Settings of ``config`` (:class:`DemoConfig` or :class:`AttributeConfig`) read from a run directory's
+    file, with every one of its settings added since it was written set to what that run used
+    (:data:`SETTINGS_BEFORE_THEY_EXISTED`), so the run is reused or refused for what it really did."""
+    names = {f.name for f in dataclasses.fields(config)}
+    return {**{k: v for k, v in SETTINGS_BEFORE_THEY_EXISTED.items() if k in names}, **saved}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 BUILTIN_ASPECTS = ("truthfulness", "ethics", "bias")  # trustrepair.data.ASPECTS, without importing torch

@@ -244,7 +244,8 @@ def repair_subset(ws: Workspace, factors: EKFACFactors, subset: list[int], measu
 
 
 def repair(run: RunDir, ws: Workspace, factors: EKFACFactors, selection: Selection, sft_result: SFTResult) -> Repairs:
-    """For every target and strategy: :func:`repair_subset`, and the saved delta."""
+    """For every target and strategy: :func:`repair_subset` (damped by ``repair_damping`` x mean(Lambda)
+    per module unless the settings give an absolute damping), and the saved delta."""
     from trustrepair.methods.repair_step import BetaPoint
 
     cfg = run.config
@@ -253,6 +254,7 @@ def repair(run: RunDir, ws: Workspace, factors: EKFACFactors, selection: Selecti
         return read_json(path, repairs_from_json)
     repairs: Repairs = {}
     post = sft_result.post
+    factors = factors.with_damping_scale(cfg.repair_damping)
     with run.timed("repair"):
         for target, by_strategy in selection.subsets.items():
             measure, post_objective = objective(cfg.aspects, ws, target, post)

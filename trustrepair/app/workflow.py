@@ -71,7 +71,7 @@ def load_settings(out_dir) -> AttributeConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} holds no attribute run ({path.name} is missing); run "
                                 f"`trustrepair attribute --model DIR --train FILE --out {out_dir}` first")
-    return read_json(path, lambda saved: AttributeConfig(**as_written(saved)))
+    return read_json(path, lambda saved: AttributeConfig(**as_written(saved, AttributeConfig)))
 
 
 # -- attribute -----------------------------------------------------------------------------------------

@@ -116,12 +116,14 @@ class EKFACFactors:
     """
 
     def __init__(self, modules: dict[str, ModuleFactors], arguments: dict, fingerprint: dict,
-                 timings: dict | None = None, versions: dict | None = None):
+                 timings: dict | None = None, versions: dict | None = None, damping_scale: float = DAMPING_SCALE):
         self.modules = modules
         self.arguments = arguments
         self.fingerprint = fingerprint
         self.timings = dict(timings or {})
         self.versions = dict(versions or _versions())
+        self.damping_scale = finite("damping_scale", damping_scale, positive=True,
+                                    hint="the default damping as a multiple of mean(Lambda)")
         self._verified: tuple | None = None  # (weak reference to a model, its tensor versions) that passed
 
     def __repr__(self) -> str:
@@ -132,10 +134,16 @@ class EKFACFactors:
         """The factors on ``device`` (a new object; tensors already there are not copied)."""
         moved = {name: ModuleFactors(f.q_a.to(device), f.q_s.to(device), f.lambda_.to(device), f.n_tokens,
                                      f.n_examples) for name, f in self.modules.items()}
-        return EKFACFactors(moved, self.arguments, self.fingerprint, self.timings, self.versions)
+        return EKFACFactors(moved, self.arguments, self.fingerprint, self.timings, self.versions, self.damping_scale)
+
+    def with_damping_scale(self, scale: float) -> "EKFACFactors":
+        """The same factors (tensors shared, not copied) whose default damping (``damping=None``) is
+        ``scale`` x mean(Lambda) per module instead of ``damping_scale``; not saved with the factors."""
+        return EKFACFactors(self.modules, self.arguments, self.fingerprint, self.timings, self.versions, scale)
 
     def damping(self, name: str, damping: float | None = None) -> float:
-        """The damping lambda of module ``name``: ``None`` -> 0.1 * mean(Lambda), a float -> itself.
+        """The damping lambda of module ``name``: ``None`` -> ``damping_scale`` (0.1 unless set by
+        :meth:`with_damping_scale`) x mean(Lambda), a float -> itself.
 
         Raises:
             ValueError: a negative or non-finite damping, or a zero damping where Lambda has zeros
@@ -143,10 +151,11 @@ class EKFACFactors:
         """
         lam = self._factors(name).lambda_
         if damping is None:
-            value = DAMPING_SCALE * float(lam.mean())
+            value = self.damping_scale * float(lam.mean())
             if value <= 0:
                 raise ValueError(f"Lambda of module {name!r} is all zero (no training example had a labelled "
-                                 f"token?), so the default damping 0.1 * mean(Lambda) is 0; pass damping > 0")
+                                 f"token?), so the default damping {self.damping_scale:g} * mean(Lambda) is 0; "
+                                 "pass damping > 0")
             return value
         value = check_damping(damping)
         if value == 0 and float(lam.min()) <= 0:
