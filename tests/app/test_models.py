@@ -227,14 +227,16 @@ def test_sft_first_step_loss_is_the_token_mean_over_the_accumulated_batch():
 def test_gradient_accumulation_matches_one_big_batch(order):
     """3 passes of 2 examples accumulated == 1 pass of all 6: the same weights after two AdamW steps
     (float64, because Adam's first steps divide by |gradient| + 1e-8 and amplify rounding where the
-    gradient is that small: the bound is 1e-6 of the learning rate)."""
+    gradient is that small: the bound is 1e-5 of the learning rate; an AVX2-only machine rounds to 2.7e-6 of
+    it, see conftest.FLOAT64_MODEL_RTOL; a loss mis-scaled by a factor k still moves every weight whose
+    |gradient| is below 1e-3 by more than 1e-5 x (1 - 1/k) of it)."""
     examples = sft_examples(n=6, seed=3)
     runs = [supervised_finetune(make_tiny_llama(vocab=VOCAB), examples, epochs=2, lr=1e-3, batch_size=b,
                                 grad_accum=a, order=order, progress=False)[0] for b, a in ((2, 3), (6, 1))]
     base = make_tiny_llama(vocab=VOCAB)
     for (name, pa), pb, p0 in zip(runs[0].named_parameters(), runs[1].parameters(), base.parameters()):
         assert (pb - p0).abs().max() > 1e-4, name                     # every weight moved ...
-        assert (pa - pb).abs().max() <= 1e-9, name                    # ... identically
+        assert (pa - pb).abs().max() <= 1e-8, name                    # ... identically
 
 
 def test_sft_is_seeded():

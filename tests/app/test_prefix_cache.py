@@ -17,7 +17,7 @@ def test_tail_matches_full_model(make_model, first_block):
     full, fast = CausalLMTask(), TailTask()
     want = full.train_loss(model, full.collate(examples))
     got = fast.train_loss(tail, fast.collate(cached))
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=0)  # summed losses ~20: 5.5e-10 relative seen on AVX2
 
     queries = make_queries(4)
     cached_q = [dict(zip(q, cache_prefix_hidden(model, [q["proponent"], q["opponent"]], first_block,

@@ -3,7 +3,7 @@ gradients, on awkward shapes (examples of 3..12 tokens, batches that split uneve
 import pytest
 import torch
 
-from conftest import assert_rel, make_examples, make_queries, make_tiny_llama, make_tiny_neox, per_example_gradients
+from conftest import FLOAT64_MODEL_RTOL, assert_rel, make_examples, make_queries, make_tiny_llama, make_tiny_neox, per_example_gradients
 from trustrepair.methods.baselines import gradient_norms_squared, gradient_similarity
 from trustrepair.task import CausalLMTask, stack_queries
 
@@ -40,7 +40,7 @@ def test_baselines_equal_explicit_per_example_gradients(make_model):
     expected = _explicit(model, names, train, trust)
     for method in expected:
         for aspect in trust:
-            assert_rel(got[method][aspect], expected[method][aspect], 1e-9, f"{method} {aspect}")
+            assert_rel(got[method][aspect], expected[method][aspect], FLOAT64_MODEL_RTOL, f"{method} {aspect}")
     cosine = torch.stack(list(got["gradient_cosine"].values()))
     assert bool((cosine.abs() <= 1 + 1e-12).all())
 

@@ -3,7 +3,7 @@ aggregated / pairwise identity, the large-damping limit, planted examples and ba
 import pytest
 import torch
 
-from conftest import assert_rel, make_examples, make_queries, make_tiny_llama, make_tiny_neox, per_example_gradients
+from conftest import FLOAT64_MODEL_RTOL, assert_rel, make_examples, make_queries, make_tiny_llama, make_tiny_neox, per_example_gradients
 from trustrepair import fit_ekfac, influence, normalized_influence, pairwise_influence, self_influence
 from trustrepair.engine.layers import find_modules
 from trustrepair.methods.scoring import (_pass_tokens, eigenbasis_is_cheaper, measurement_gradient, normalize_scores,
@@ -67,7 +67,7 @@ def test_aggregated_scores_equal_explicit_gradient_dot_products(setting):
             u = factors.precondition(grad_f)
             expected = torch.tensor([-dot(u, g) for g in train_grads], dtype=torch.float64)
             assert scores[aspect].shape == (len(train),)
-            assert_rel(scores[aspect], expected, 1e-8, f"aspect {aspect} of {aspects}")
+            assert_rel(scores[aspect], expected, FLOAT64_MODEL_RTOL, f"aspect {aspect} of {aspects}")
 
 
 def test_pairwise_scores_equal_explicit_and_low_rank_equals_truncated_svd(setting):
@@ -88,11 +88,11 @@ def test_pairwise_scores_equal_explicit_and_low_rank_equals_truncated_svd(settin
             u_low[n] = f.q_s @ (left @ right)[0] @ f.q_a.T
         for z, g in enumerate(train_grads):
             exact[q, z], truncated[q, z] = -dot(u, g), -dot(u_low, g)
-    assert_rel(pairwise, exact, 1e-8, "pairwise")
-    assert_rel(low, truncated, 1e-8, "rank-3 pairwise")
+    assert_rel(pairwise, exact, FLOAT64_MODEL_RTOL, "pairwise")
+    assert_rel(low, truncated, FLOAT64_MODEL_RTOL, "rank-3 pairwise")
     full_rank = pairwise_influence(model, factors, train, queries[:2], damping=damping, query_rank=1000,
                                    progress=False)
-    assert_rel(full_rank, exact[:2], 1e-8, "query_rank above every layer's rank is exact")
+    assert_rel(full_rank, exact[:2], FLOAT64_MODEL_RTOL, "query_rank above every layer's rank is exact")
 
 
 def test_scores_equal_explicit_in_either_basis(setting):
@@ -108,7 +108,7 @@ def test_scores_equal_explicit_in_either_basis(setting):
         u = [factors.precondition(query_grads[q], damping) for q in range(n_query)]
         expected = torch.tensor([[-dot(u[q], train_grads[z]) for z in range(n_train)] for q in range(n_query)],
                                 dtype=torch.float64)
-        assert_rel(got, expected, 1e-8, f"pairwise, {n_train} examples x {n_query} queries")
+        assert_rel(got, expected, FLOAT64_MODEL_RTOL, f"pairwise, {n_train} examples x {n_query} queries")
     one_example = influence(model, factors, train[:1], {"all": queries}, damping=damping, progress=False)["all"]
     assert all(eigenbasis_is_cheaper(_pass_tokens(train[:1], 8), 1, shape) for shape in shapes)
     grad_f = {n: sum(g[n] for g in query_grads) / len(queries) for n in query_grads[0]}
@@ -129,7 +129,7 @@ def test_pairwise_scores_of_queries_of_awkward_lengths_equal_explicit(setting):
     got = pairwise_influence(model, factors, train, queries, damping=0.05, batch_size=4, progress=False)
     expected = torch.tensor([[-dot(factors.precondition(q, 0.05), z) for z in train_grads] for q in query_grads],
                             dtype=torch.float64)
-    assert_rel(got, expected, 1e-8, "pairwise, awkward query lengths")
+    assert_rel(got, expected, FLOAT64_MODEL_RTOL, "pairwise, awkward query lengths")
 
 
 def test_self_influence_equals_explicit_and_normalizes_scores(setting):
