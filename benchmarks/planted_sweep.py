@@ -22,8 +22,9 @@ module), DPP subsets only, plus top-k at the defaults for reference:
   gradient steps from theta_post at lr 1, the first of which is the Newton step, the proximal weight the
   damping per module, the KL term on ``PBRF_KL_EXAMPLES`` seeded SFT examples), searched over beta like the
   Newton step; at the first sweep's defaults and at the demo's (normalised scores, DPP 16, eta 100);
-* repair damping 10x and 0.1x the default (the Newton direction only; the scores that chose the subsets
-  keep the demo's damping); from the demo's defaults, 0.1x and 0.01x for the repair only, and for the
+* repair damping 10x and 0.1x the demo's ``repair_damping`` (the Newton direction only; the scores that
+  chose the subsets keep their 0.1 x mean(Lambda); runs written before ``repair_damping`` existed read it as
+  0.1, which the step then used); from the demo's defaults, 0.1x and 0.01x for the repair only, and for the
   scores, the self-influences and the repair alike ("rescored");
 * selection scores normalised by the root of each example's self-influence
   (``scoring.normalized_influence``, RelatIF), DPP and top-k at subset 16;
@@ -208,11 +209,12 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
 
     cfg = dataclasses.replace(run.config, subset_size=setting.subset_size, eta=setting.eta,
                               beta_probes=setting.beta_probes or run.config.beta_probes)
-    repair_factors = factors if setting.damping_scale == 1.0 else factors.with_damping_scale(
-        DAMPING_SCALE * setting.damping_scale)
+    # the step damped as the demo's repair stage damps it (repair_damping), times the setting's scale
+    repair_factors = factors.with_damping_scale(run.config.repair_damping * setting.damping_scale)
     repaired, repairs, extra = {}, {}, {}
     if setting.rescore:
-        scores, sigma = rescored(run, ws, repair_factors, scores, setting.damping_scale)
+        scores, sigma = rescored(run, ws, factors.with_damping_scale(DAMPING_SCALE * setting.damping_scale), scores,
+                                 setting.damping_scale)
     chosen_by = dataclasses.replace(scores, self_influence=sigma.numpy()).for_selection(
         "normalized" if setting.normalized else "raw")
     for aspect in cfg.aspects:
@@ -226,8 +228,8 @@ def run_setting(run: RunDir, ws, factors: EKFACFactors, scores, sft, setting: Se
             subset = [int(i) for i in select(strategy, values, cfg.subset_size,
                                              embeddings=scores.embeddings, eta=cfg.eta, seed=cfg.seed)]
             if setting.method == "pbrf":
-                delta, record, extra[aspect][strategy] = _pbrf_search(ws, factors, subset, measure, baseline, cfg,
-                                                                      kl_examples)
+                delta, record, extra[aspect][strategy] = _pbrf_search(ws, repair_factors, subset, measure, baseline,
+                                                                      cfg, kl_examples)
             else:
                 delta, record = stages.repair_subset(ws, repair_factors, subset, measure, baseline,
                                                      damping=cfg.damping, tolerance=cfg.tolerance,

@@ -93,24 +93,24 @@ class TrackedLayer:
             return a
         return x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
 
-    def folded_weight(self) -> torch.Tensor:
-        """The layer's parameters as one (d_out, folded_in) matrix (a copy)."""
-        weight = self.module.weight.detach()
+    def _fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``weight`` (the module's own layout) and ``bias`` as one (d_out, folded_in) matrix (a copy)."""
         weight = weight if isinstance(self.module, nn.Linear) else weight.T
         if self.has_bias:
-            return torch.cat([weight, self.module.bias.detach().unsqueeze(1)], dim=1)
+            return torch.cat([weight, bias.unsqueeze(1)], dim=1)
         return weight.clone()
+
+    def folded_weight(self) -> torch.Tensor:
+        """The layer's parameters as one (d_out, folded_in) matrix (a copy)."""
+        bias = self.module.bias.detach() if self.has_bias else None
+        return self._fold(self.module.weight.detach(), bias)
 
     def folded_grad(self) -> torch.Tensor:
         """The parameters' ``.grad`` as one (d_out, folded_in) matrix, the layout of :meth:`folded_weight`
         (zeros where a parameter has no gradient)."""
-        weight, bias = self.module.weight, self.module.bias
-        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-        grad = grad if isinstance(self.module, nn.Linear) else grad.T
-        if self.has_bias:
-            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-            return torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
-        return grad.clone()
+        def grad(p):
+            return p.grad if p.grad is not None else torch.zeros_like(p)
+        return self._fold(grad(self.module.weight), grad(self.module.bias) if self.has_bias else None)
 
     @torch.no_grad()
     def add_(self, delta: torch.Tensor, alpha: float = 1.0) -> None:

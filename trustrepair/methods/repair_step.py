@@ -257,7 +257,8 @@ def pbrf_repair(model: torch.nn.Module, train: Sequence, subset: Sequence[int], 
             per-module damping (needs ``factors``).
         init: optional starting change (e.g. a scaled Newton step); the default starts at theta_post.
         factors: EK-FAC factors of these layers to precondition the steps (:class:`EKFACFactors`).
-        damping: the preconditioner's damping, ``None`` for 0.1 x mean(Lambda) per module.
+        damping: the preconditioner's damping, ``None`` for the factors' default (``damping_scale`` x
+            mean(Lambda) per module).
     """
     task = task or CausalLMTask()
     beta = finite("beta", beta, minimum=0, hint="the weight of the loss ascent on the subset")
@@ -508,7 +509,6 @@ def repair(model: torch.nn.Module, factors, train: Sequence, subset, *, beta: fl
     if method not in ("newton", "pbrf"):
         raise ValueError(f"unknown repair method {method!r}; choose 'newton' or 'pbrf'")
     if method == "pbrf":
-        damping = check_damping(damping)
         factors.check_model(model, weights=check_fingerprint)
         layers = find_modules(model, list(factors.modules))
         return pbrf_repair(model, train, subset, beta=beta, layers=layers, kl_examples=kl_examples or [],
